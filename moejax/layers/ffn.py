@@ -1,0 +1,62 @@
+"""Gated feed-forward networks: the dense FFN and the stacked expert FFN math.
+
+Gated FFN (Shazeer, 2020, "GLU Variants Improve Transformer"):
+  FFN(x) = (act(x W_gate) * (x W_up)) W_down,  act = SiLU (SwiGLU) or GELU (GeGLU).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
+
+# Fan-in truncated-normal init. Expert kernels are [E, in, out]: batch axis 0.
+dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+expert_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                               in_axis=1, out_axis=2, batch_axis=(0,))
+
+
+def gated_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+              activation: str) -> jax.Array:
+  """Dense gated FFN. x: [..., d]; w_gate, w_up: [d, f]; w_down: [f, d]."""
+  act = ACTIVATIONS[activation]
+  h = act(jnp.einsum("...d,df->...f", x, w_gate)) * jnp.einsum("...d,df->...f", x, w_up)
+  return jnp.einsum("...f,fd->...d", h, w_down)
+
+
+def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+               activation: str) -> jax.Array:
+  """Per-expert gated FFN on slot buffers.
+
+  x: [G, E, C, d]; w_gate, w_up: [E, d, f]; w_down: [E, f, d] -> [G, E, C, d].
+  """
+  act = ACTIVATIONS[activation]
+  h = act(jnp.einsum("gecd,edf->gecf", x, w_gate)) * jnp.einsum("gecd,edf->gecf", x, w_up)
+  return jnp.einsum("gecf,efd->gecd", h, w_down)
+
+
+class DenseFFN(nn.Module):
+  """Dense gated FFN with the MoE layer's interface: ``y, aux = DenseFFN(...)(x)``.
+
+  ``aux`` holds the same keys as the MoE layer's ('aux_losses', 'metrics'), empty.
+  """
+
+  d_ff: int
+  activation: str = "silu"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+    d = x.shape[-1]
+    w_gate = self.param("wi_gate", nn.with_logical_partitioning(dense_init, ("embed", "mlp")),
+                        (d, self.d_ff), self.param_dtype)
+    w_up = self.param("wi_up", nn.with_logical_partitioning(dense_init, ("embed", "mlp")),
+                      (d, self.d_ff), self.param_dtype)
+    w_down = self.param("wo", nn.with_logical_partitioning(dense_init, ("mlp", "embed")),
+                        (self.d_ff, d), self.param_dtype)
+    cast = lambda a: jnp.asarray(a, self.dtype)
+    y = gated_ffn(cast(x), cast(w_gate), cast(w_up), cast(w_down), self.activation)
+    return y, {"aux_losses": {}, "metrics": {}}

@@ -1,0 +1,106 @@
+"""The Mixture-of-Experts FFN layer (Flax linen).
+
+Design: *index dispatch*. Tokens are grouped [G, S, d]; the router (``moejax.routers``)
+returns per-expert slot buffers of token indices [G, E, C]; tokens are gathered into
+[G, E, C, d], every expert runs its gated FFN on its C slots
+('gecd,edf->gecf', 'gecf,efd->gecd'), and outputs are scatter-added back to tokens with
+their combine weights. Expert weights are stacked [E, d_model, d_ff] arrays whose leading
+axis carries the logical name 'expert', so expert parallelism shards it (see
+``moejax.parallel``). DeepSeekMoE shared experts run as one dense gated FFN of width
+num_shared_experts * expert_d_ff on every token.
+
+  y_t = sum_{e in routed(t)} g_{t,e} FFN_e(x_t)  [+ FFN_shared(x_t)]
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.layers.dispatch import combine, dispatch
+from moejax.layers.ffn import DenseFFN, dense_init, expert_ffn, expert_init
+from moejax.moe_config import MoEConfig
+from moejax.routers import route
+
+# expert_fn(x_slots [G, E, C, d], w_gate, w_up, w_down) -> [G, E, C, d]
+ExpertFn = Callable[..., jax.Array]
+
+
+def local_experts(cfg: MoEConfig) -> ExpertFn:
+  """All E experts on this device (the single-device path)."""
+  return lambda x, w_gate, w_up, w_down: expert_ffn(x, w_gate, w_up, w_down, cfg.activation)
+
+
+def moe_forward(x: jax.Array, router_kernel: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                w_down: jax.Array, cfg: MoEConfig, expert_fn: ExpertFn | None = None):
+  """Routes, dispatches, computes and combines one batch of token groups.
+
+  Args:
+    x: [G, S, d] tokens in compute dtype.
+    router_kernel: [d, E + N] gating weights (logits computed in float32).
+    w_gate, w_up: [E, d, f]; w_down: [E, f, d] (all E experts, or the local shard when
+      `expert_fn` exchanges slots between devices).
+    expert_fn: how slot buffers reach their experts; default computes all E locally.
+  Returns:
+    (y [G, S, d], aux_losses dict, metrics dict).
+  """
+  expert_fn = expert_fn or local_experts(cfg)
+  logits = jnp.einsum("gsd,dr->gsr", x.astype(jnp.float32), router_kernel.astype(jnp.float32))
+  routing = route(logits, cfg)
+  x_slots = dispatch(x, routing.dispatch_index, routing.slot_valid)  # [G, E, C, d]
+  y_slots = expert_fn(x_slots, w_gate, w_up, w_down)  # [G, E, C, d]
+  y = combine(y_slots, routing.dispatch_index, routing.combine_weight, x.shape[1])
+  return y, routing.aux_losses, routing.metrics
+
+
+def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
+  """[B, L, d] -> [G, S, d]; S = L when group_size is None."""
+  b, l, d = x.shape
+  s = l if group_size is None else group_size
+  if (b * l) % s:
+    raise ValueError(f"MoE input has {b}x{l}={b * l} tokens, not divisible by "
+                     f"moe.group_size={group_size}; choose a group_size dividing batch*length")
+  return x.reshape(b * l // s, s, d)
+
+
+class MoELayer(nn.Module):
+  """Sparse MoE FFN: ``y, aux = MoELayer(cfg)(x)`` with x [B, L, d].
+
+  ``aux = {'aux_losses': {name: weighted scalar}, 'metrics': {name: array}}``.
+  ``expert_fn`` swaps in an expert-parallel exchange (see ``moejax.parallel``).
+  """
+
+  cfg: MoEConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  expert_fn: ExpertFn | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+    if x.ndim != 3:
+      raise ValueError(f"MoELayer expects [batch, length, d_model], got shape {x.shape}")
+    cfg = self.cfg
+    d, e, f = x.shape[-1], cfg.num_experts, cfg.expert_d_ff
+    router_kernel = self.param(
+        "router", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                               ("embed", "router")),
+        (d, cfg.num_router_logits), self.param_dtype)
+    w_gate = self.param("wi_gate", nn.with_logical_partitioning(
+        expert_init, ("expert", "embed", "expert_mlp")), (e, d, f), self.param_dtype)
+    w_up = self.param("wi_up", nn.with_logical_partitioning(
+        expert_init, ("expert", "embed", "expert_mlp")), (e, d, f), self.param_dtype)
+    w_down = self.param("wo", nn.with_logical_partitioning(
+        expert_init, ("expert", "expert_mlp", "embed")), (e, f, d), self.param_dtype)
+    cast = lambda a: jnp.asarray(a, self.dtype)
+    groups = to_groups(cast(x), cfg.group_size)
+    y, aux_losses, metrics = moe_forward(groups, router_kernel, cast(w_gate), cast(w_up),
+                                         cast(w_down), cfg, self.expert_fn)
+    y = y.reshape(x.shape)
+    if cfg.num_shared_experts:
+      shared, _ = DenseFFN(cfg.num_shared_experts * f, cfg.activation, self.dtype,
+                           self.param_dtype, name="shared")(x)
+      y = y + shared
+    return y, {"aux_losses": aux_losses, "metrics": metrics}

@@ -1,0 +1,147 @@
+"""The frozen, validated configuration of one MoE layer.
+
+Configs are written as ``ml_collections.ConfigDict`` (see ``configs/``) and turned into
+this hashable dataclass with :meth:`MoEConfig.from_config`, so Flax modules and jitted
+functions can hold it as a static attribute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from moejax.errors import config_error
+
+ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
+ACTIVATIONS = ("silu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Hyper-parameters of one MoE layer and its router.
+
+  Attributes:
+    num_experts: E, the number of routed (real) experts.
+    expert_d_ff: hidden width of one expert's gated FFN.
+    router: registered router name (see ``moejax.routers.ROUTERS``).
+    top_k: experts per token for token-choice routers; the cap ``max_k`` for ``top_p``.
+      Unused by ``expert_choice``.
+    capacity_factor: token-choice: C = ceil(cf * S * k / E) slots per expert and group of
+      S tokens (GShard/Switch). expert_choice: C = ceil(cf * S / E), so cf is the mean
+      number of experts per token (Zhou et al., 2022).
+    dropless: token-choice routers only; C = S so no token is ever dropped.
+    router_order: 'softmax_topk' (softmax over all experts, keep the top-k probabilities
+      as they are; Switch/GShard/DeepSeek) or 'topk_softmax' (softmax over the top-k
+      logits only, i.e. renormalised top-k weights; Mixtral).
+    num_null_experts: AdaMoE null experts (identity-to-zero, no FLOPs), router `null_experts`.
+    num_shared_experts: DeepSeekMoE always-on shared experts, each `expert_d_ff` wide.
+    top_p: cumulative-probability threshold of the `top_p` router (Huang et al., 2024).
+    activation: 'silu' (SwiGLU experts) or 'gelu' (GeGLU experts).
+    group_size: tokens per routing group S; None means one group per sequence.
+    load_balance_weight: weight of the Switch load-balancing loss.
+    z_loss_weight: weight of the ST-MoE router z-loss.
+    dynamic_loss_weight: weight of the top-p router's entropy loss (Huang et al., 2024).
+    router_jitter: reserved for multiplicative jitter (must be 0 for now).
+    config_path: dotted path used in error messages; not part of equality.
+  """
+
+  num_experts: int = 8
+  expert_d_ff: int = 256
+  router: str = "topk"
+  top_k: int = 2
+  capacity_factor: float = 1.25
+  dropless: bool = False
+  router_order: str = "softmax_topk"
+  num_null_experts: int = 0
+  num_shared_experts: int = 0
+  top_p: float = 0.5
+  activation: str = "silu"
+  group_size: int | None = None
+  load_balance_weight: float = 0.01
+  z_loss_weight: float = 0.001
+  dynamic_loss_weight: float = 0.0
+  config_path: str = dataclasses.field(default="moe", compare=False, hash=False, repr=False)
+
+  def __post_init__(self):
+    validate_moe_config(self)
+
+  @classmethod
+  def from_config(cls, cfg: Any, path: str = "model.moe") -> "MoEConfig":
+    """Builds a validated MoEConfig from a ConfigDict/mapping; unknown keys are errors."""
+    values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    known = {f.name for f in dataclasses.fields(cls)} - {"config_path"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise config_error(f"{path}.{unknown[0]}", values[unknown[0]],
+                         f"unknown field; allowed fields are {sorted(known)}")
+    return cls(**values, config_path=path)
+
+  @property
+  def num_router_logits(self) -> int:
+    """Width of the gating projection: real experts plus null experts."""
+    return self.num_experts + self.num_null_experts
+
+  @property
+  def is_token_choice(self) -> bool:
+    return self.router != "expert_choice"
+
+  def capacity(self, group_size: int) -> int:
+    """Slots C per expert for a routing group of `group_size` tokens."""
+    s = group_size
+    if self.router == "expert_choice":
+      return min(s, math.ceil(self.capacity_factor * s / self.num_experts))
+    if self.dropless:
+      return s  # a token visits an expert at most once, so S slots never overflow
+    return min(s, math.ceil(self.capacity_factor * s * self.top_k / self.num_experts))
+
+
+def _check(cfg: MoEConfig, name: str, ok: bool, allowed: str) -> None:
+  if not ok:
+    raise config_error(f"{cfg.config_path}.{name}", getattr(cfg, name), allowed)
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_moe_config(cfg: MoEConfig) -> None:
+  """Raises ConfigError naming the first invalid field of `cfg`."""
+  from moejax.routers import ROUTERS  # local import: routers import this module
+
+  _check(cfg, "router", cfg.router in ROUTERS, f"allowed routers are {sorted(ROUTERS)}")
+  _check(cfg, "num_experts", _is_int(cfg.num_experts) and cfg.num_experts >= 1,
+         "must be an int >= 1")
+  _check(cfg, "expert_d_ff", _is_int(cfg.expert_d_ff) and cfg.expert_d_ff >= 1,
+         "must be an int >= 1")
+  _check(cfg, "num_null_experts", _is_int(cfg.num_null_experts) and cfg.num_null_experts >= 0,
+         "must be an int >= 0")
+  _check(cfg, "num_shared_experts",
+         _is_int(cfg.num_shared_experts) and cfg.num_shared_experts >= 0,
+         "must be an int >= 0")
+  total = cfg.num_router_logits
+  _check(cfg, "top_k", _is_int(cfg.top_k) and 1 <= cfg.top_k <= total,
+         f"must be an int in [1, num_experts + num_null_experts = {total}]")
+  _check(cfg, "capacity_factor",
+         isinstance(cfg.capacity_factor, (int, float)) and math.isfinite(cfg.capacity_factor)
+         and cfg.capacity_factor >= 0, "must be a finite number >= 0")
+  _check(cfg, "router_order", cfg.router_order in ROUTER_ORDERS, f"allowed: {ROUTER_ORDERS}")
+  _check(cfg, "activation", cfg.activation in ACTIVATIONS, f"allowed: {ACTIVATIONS}")
+  _check(cfg, "top_p", isinstance(cfg.top_p, (int, float)) and 0 < cfg.top_p <= 1,
+         "must be a number in (0, 1]")
+  _check(cfg, "group_size", cfg.group_size is None or (_is_int(cfg.group_size)
+                                                       and cfg.group_size >= 1),
+         "must be None or an int >= 1")
+  for name in ("load_balance_weight", "z_loss_weight", "dynamic_loss_weight"):
+    v = getattr(cfg, name)
+    _check(cfg, name, isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+           "must be a finite number >= 0")
+  _check(cfg, "num_null_experts", cfg.router == "null_experts" or cfg.num_null_experts == 0,
+         "null experts are only used by router='null_experts'; set it to 0")
+  _check(cfg, "num_null_experts", cfg.router != "null_experts" or cfg.num_null_experts >= 1,
+         "router='null_experts' needs num_null_experts >= 1")
+  _check(cfg, "num_shared_experts",
+         cfg.router != "shared_experts" or cfg.num_shared_experts >= 1,
+         "router='shared_experts' needs num_shared_experts >= 1 (DeepSeekMoE)")
+  _check(cfg, "dropless", not (cfg.dropless and cfg.router == "expert_choice"),
+         "expert_choice never drops by construction of its capacity; set dropless=False")

@@ -1,0 +1,197 @@
+"""The router contract shared by every routing algorithm.
+
+A router is a pure function ``route(logits, cfg) -> Routing``:
+
+  logits: f32[G, S, R]   gating logits for G groups of S tokens, R = cfg.num_router_logits
+                         (real experts first, then AdaMoE null experts if any).
+
+and returns slot buffers over the E *real* experts, each with C = cfg.capacity(S) slots:
+
+  dispatch_index: i32[G, E, C]  which token s of the group fills slot (e, c)
+  combine_weight: f32[G, E, C]  weight of that slot's expert output in token s's output
+  slot_valid:    bool[G, E, C]  False for empty slots (their weight is 0)
+
+so that for every token  y_s = sum_{e,c: dispatch_index[e,c] = s, valid} w[e,c] * FFN_e(x_s).
+The same buffers drive the single-device layer (gather/scatter) and expert parallelism
+(the E axis is what ``all_to_all`` splits across devices). Null experts never get slots.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from moejax.errors import config_error
+
+
+@flax.struct.dataclass
+class Routing:
+  """The routing decision for one batch of groups. See the module docstring for shapes."""
+
+  dispatch_index: jax.Array  # i32[G, E, C]
+  combine_weight: jax.Array  # f32[G, E, C]
+  slot_valid: jax.Array  # bool[G, E, C]
+  aux_losses: dict  # name -> f32[] (already multiplied by its config weight)
+  metrics: dict  # name -> f32[] or f32[E] (diagnostics, no gradient intended)
+
+
+class RouterFn(Protocol):
+
+  def __call__(self, logits: jax.Array, cfg) -> Routing:
+    ...
+
+
+ROUTERS: dict[str, RouterFn] = {}
+
+
+def register_router(name: str) -> Callable[[RouterFn], RouterFn]:
+  """Registers `fn` under `name` so configs can select it with ``moe.router=name``."""
+
+  def wrap(fn: RouterFn) -> RouterFn:
+    if name in ROUTERS:
+      raise ValueError(f"router {name!r} registered twice")
+    ROUTERS[name] = fn
+    return fn
+
+  return wrap
+
+
+def get_router(name: str) -> RouterFn:
+  if name not in ROUTERS:
+    raise config_error("moe.router", name, f"allowed routers are {sorted(ROUTERS)}")
+  return ROUTERS[name]
+
+
+def route(logits: jax.Array, cfg) -> Routing:
+  """Dispatches to the router named by ``cfg.router``."""
+  return get_router(cfg.router)(logits, cfg)
+
+
+# ----------------------------------------------------------------------------------------
+# Pieces shared by the token-choice routers.
+# ----------------------------------------------------------------------------------------
+
+
+def select_top_k(logits: jax.Array, k: int, order: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Top-k expert choice per token.
+
+  Args:
+    logits: f32[G, S, R].
+    k: experts per token.
+    order: 'softmax_topk': w = softmax(logits)[top-k] (weights sum to <= 1);
+      'topk_softmax': w = softmax(logits[top-k]) (weights sum to 1).
+  Returns:
+    (probs f32[G, S, R] = softmax(logits), expert_index i32[G, S, k], weight f32[G, S, k]).
+    Ties break towards the lower expert index (``lax.top_k``).
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+  top_logits, expert_index = jax.lax.top_k(logits, k)
+  if order == "topk_softmax":
+    weight = jax.nn.softmax(top_logits, axis=-1)
+  else:
+    weight = jnp.take_along_axis(probs, expert_index, axis=-1)
+  return probs, expert_index, weight
+
+
+def assign_slots(expert_index: jax.Array, weight: jax.Array, selected: jax.Array,
+                 num_experts: int, capacity: int):
+  """Places token-choice assignments into per-expert slots, dropping overflow.
+
+  Priority follows GShard: every token's 1st choice is placed before any 2nd choice, and
+  within one choice rank earlier tokens go first. Assignments to indices >= num_experts
+  (null experts) or with ``selected == False`` take no slot and do not count as dropped.
+
+  Args:
+    expert_index: i32[G, S, K]; weight: f32[G, S, K]; selected: bool[G, S, K].
+  Returns:
+    dispatch_index i32[G, E, C], combine_weight f32[G, E, C], slot_valid bool[G, E, C],
+    kept bool[G, S, K] (assignment got a slot).
+  """
+  g, s, k = expert_index.shape
+  e, c = num_experts, capacity
+  real = selected & (expert_index < e)
+  # Rank-major order 'gks' so that choice rank 0 of all tokens comes first.
+  idx_ks = jnp.swapaxes(expert_index, 1, 2).reshape(g, k * s)
+  real_ks = jnp.swapaxes(real, 1, 2).reshape(g, k * s)
+  onehot = jax.nn.one_hot(jnp.where(real_ks, idx_ks, e), e, dtype=jnp.int32)  # [G, KS, E]
+  position_ks = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)  # [G, KS]
+  kept_ks = real_ks & (position_ks < c)
+  token_ks = jnp.tile(jnp.arange(s, dtype=jnp.int32), k)[None].repeat(g, 0)  # [G, KS]
+  weight_ks = jnp.swapaxes(weight, 1, 2).reshape(g, k * s)
+  # Dropped assignments are written out of bounds and discarded by mode='drop'.
+  slot_e = jnp.where(kept_ks, idx_ks, e)
+  slot_c = jnp.where(kept_ks, position_ks, c)
+  group = jnp.broadcast_to(jnp.arange(g)[:, None], (g, k * s))
+  dispatch_index = jnp.zeros((g, e, c), jnp.int32).at[group, slot_e, slot_c].set(
+      token_ks, mode="drop")
+  combine_weight = jnp.zeros((g, e, c), weight.dtype).at[group, slot_e, slot_c].set(
+      weight_ks, mode="drop")
+  slot_valid = jnp.zeros((g, e, c), bool).at[group, slot_e, slot_c].set(True, mode="drop")
+  kept = jnp.swapaxes(kept_ks.reshape(g, k, s), 1, 2)
+  return dispatch_index, combine_weight, slot_valid, kept
+
+
+def z_loss(logits: jax.Array) -> jax.Array:
+  """Router z-loss (Zoph et al., 2022, ST-MoE): mean_t logsumexp(logits_t)^2."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+
+def load_balance_loss(probs: jax.Array, assigned: jax.Array) -> jax.Array:
+  """Switch-Transformer load-balancing loss (Fedus et al., 2021), generalised to top-k.
+
+  L = R * sum_r f_r * P_r, where f_r is the fraction of (token, choice) assignments that
+  went to expert r before capacity dropping and P_r the mean router probability of r.
+  Equals 1 under perfectly uniform routing.
+
+  Args:
+    probs: f32[G, S, R]; assigned: f32[G, S, R], 1 where the token chose expert r.
+  """
+  num = probs.shape[-1]
+  f = jnp.sum(assigned, axis=(0, 1)) / jnp.maximum(jnp.sum(assigned), 1.0)  # [R]
+  p = jnp.mean(probs, axis=(0, 1))  # [R]
+  return num * jnp.sum(f * p)
+
+
+def routing_metrics(slot_valid: jax.Array, probs: jax.Array, num_tokens: int,
+                    num_selected_real: jax.Array) -> dict:
+  """Diagnostics common to all routers.
+
+  expert_load f32[E]: share of processed (token, expert) pairs per expert (sums to 1).
+  dropped_fraction: dropped real assignments / selected real assignments.
+  experts_per_token: mean number of real experts that process a token.
+  router_entropy: mean entropy of the router distribution, in nats.
+  """
+  per_expert = jnp.sum(slot_valid, axis=(0, 2)).astype(jnp.float32)  # [E]
+  kept = jnp.sum(per_expert)
+  safe_p = jnp.where(probs > 0, probs, 1.0)
+  return {
+      "expert_load": per_expert / jnp.maximum(kept, 1.0),
+      "dropped_fraction": 1.0 - kept / jnp.maximum(num_selected_real.astype(jnp.float32), 1.0),
+      "experts_per_token": kept / num_tokens,
+      "router_entropy": -jnp.mean(jnp.sum(probs * jnp.log(safe_p), axis=-1)),
+  }
+
+
+def token_choice_routing(logits: jax.Array, probs: jax.Array, expert_index: jax.Array,
+                         weight: jax.Array, selected: jax.Array, cfg,
+                         balance_probs: jax.Array | None = None,
+                         balance_assigned: jax.Array | None = None) -> Routing:
+  """Capacity assignment, aux losses and metrics shared by all token-choice routers."""
+  g, s, _ = logits.shape
+  dispatch_index, combine_weight, slot_valid, _ = assign_slots(
+      expert_index, weight, selected, cfg.num_experts, cfg.capacity(s))
+  if balance_assigned is None:
+    balance_probs = probs
+    balance_assigned = jnp.sum(
+        jax.nn.one_hot(expert_index, probs.shape[-1]) * selected[..., None], axis=2)
+  aux = {
+      "load_balance_loss": cfg.load_balance_weight * load_balance_loss(
+          balance_probs, balance_assigned),
+      "z_loss": cfg.z_loss_weight * z_loss(logits),
+  }
+  num_selected_real = jnp.sum(selected & (expert_index < cfg.num_experts))
+  metrics = routing_metrics(slot_valid, probs, g * s, num_selected_real)
+  return Routing(dispatch_index, combine_weight, slot_valid, aux, metrics)

@@ -1,0 +1,21 @@
+"""DeepSeekMoE routing (Dai et al., 2024): shared experts + fine-grained routed experts.
+
+DeepSeekMoE splits each of N experts into m finer ones (E = m*N routed experts, each
+1/m as wide, k = m*K of them active) and adds K_s *shared* experts every token uses.
+The shared experts need no routing decision (the MoE layer applies them densely, see
+``moejax.layers.moe``); the routed part is softmax -> top-k with unnormalised gate values
+g_{i,t} = s_{i,t} (paper eq. 5), and the expert-level balance loss
+L = alpha * sum_i f_i P_i with f_i = E / (k T) * sum_t 1(token t chose i), which equals
+the Switch loss computed over assignments.
+"""
+
+import jax.numpy as jnp
+
+from moejax.routers.base import Routing, register_router, select_top_k, token_choice_routing
+
+
+@register_router("shared_experts")
+def route_shared_experts(logits, cfg) -> Routing:
+  probs, expert_index, weight = select_top_k(logits, cfg.top_k, cfg.router_order)
+  selected = jnp.ones(expert_index.shape, bool)
+  return token_choice_routing(logits, probs, expert_index, weight, selected, cfg)
