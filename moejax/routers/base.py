@@ -142,35 +142,43 @@ def z_loss(logits: jax.Array) -> jax.Array:
 def load_balance_loss(probs: jax.Array, assigned: jax.Array) -> jax.Array:
   """Switch-Transformer load-balancing loss (Fedus et al., 2021), generalised to top-k.
 
-  L = R * sum_r f_r * P_r, where f_r is the fraction of (token, choice) assignments that
-  went to expert r before capacity dropping and P_r the mean router probability of r.
-  Equals 1 under perfectly uniform routing.
+  Per group g: L_g = R * sum_r f_{g,r} * P_{g,r}, where f_{g,r} is the fraction of the
+  group's (token, choice) assignments that went to expert r before capacity dropping and
+  P_{g,r} the mean router probability of r; the loss is mean_g L_g (GShard computes it per
+  group too). Per-group means make the sharded loss (a mean over devices' groups) equal
+  the unsharded one. Equals 1 under perfectly uniform routing.
 
   Args:
     probs: f32[G, S, R]; assigned: f32[G, S, R], 1 where the token chose expert r.
   """
   num = probs.shape[-1]
-  f = jnp.sum(assigned, axis=(0, 1)) / jnp.maximum(jnp.sum(assigned), 1.0)  # [R]
-  p = jnp.mean(probs, axis=(0, 1))  # [R]
-  return num * jnp.sum(f * p)
+  f = jnp.sum(assigned, axis=1) / jnp.maximum(jnp.sum(assigned, axis=(1, 2))[:, None], 1.0)
+  p = jnp.mean(probs, axis=1)  # [G, R]
+  return num * jnp.mean(jnp.sum(f * p, axis=-1))
 
 
-def routing_metrics(slot_valid: jax.Array, probs: jax.Array, num_tokens: int,
+def routing_metrics(slot_valid: jax.Array, probs: jax.Array,
                     num_selected_real: jax.Array) -> dict:
-  """Diagnostics common to all routers.
+  """Diagnostics common to all routers, each a mean of per-group values (so a mean over
+  devices' groups equals the unsharded value).
 
   expert_load f32[E]: share of processed (token, expert) pairs per expert (sums to 1).
   dropped_fraction: dropped real assignments / selected real assignments.
   experts_per_token: mean number of real experts that process a token.
   router_entropy: mean entropy of the router distribution, in nats.
+
+  Args:
+    slot_valid: bool[G, E, C]; probs: f32[G, S, R]; num_selected_real: i32[G].
   """
-  per_expert = jnp.sum(slot_valid, axis=(0, 2)).astype(jnp.float32)  # [E]
-  kept = jnp.sum(per_expert)
+  s = probs.shape[1]
+  per_expert = jnp.sum(slot_valid, axis=2).astype(jnp.float32)  # [G, E]
+  kept = jnp.sum(per_expert, axis=1)  # [G]
+  selected = jnp.maximum(num_selected_real.astype(jnp.float32), 1.0)
   safe_p = jnp.where(probs > 0, probs, 1.0)
   return {
-      "expert_load": per_expert / jnp.maximum(kept, 1.0),
-      "dropped_fraction": 1.0 - kept / jnp.maximum(num_selected_real.astype(jnp.float32), 1.0),
-      "experts_per_token": kept / num_tokens,
+      "expert_load": jnp.mean(per_expert / jnp.maximum(kept, 1.0)[:, None], axis=0),
+      "dropped_fraction": jnp.mean(1.0 - kept / selected),
+      "experts_per_token": jnp.mean(kept) / s,
       "router_entropy": -jnp.mean(jnp.sum(probs * jnp.log(safe_p), axis=-1)),
   }
 
@@ -180,7 +188,7 @@ def token_choice_routing(logits: jax.Array, probs: jax.Array, expert_index: jax.
                          balance_probs: jax.Array | None = None,
                          balance_assigned: jax.Array | None = None) -> Routing:
   """Capacity assignment, aux losses and metrics shared by all token-choice routers."""
-  g, s, _ = logits.shape
+  s = logits.shape[1]
   dispatch_index, combine_weight, slot_valid, _ = assign_slots(
       expert_index, weight, selected, cfg.num_experts, cfg.capacity(s))
   if balance_assigned is None:
@@ -192,6 +200,6 @@ def token_choice_routing(logits: jax.Array, probs: jax.Array, expert_index: jax.
           balance_probs, balance_assigned),
       "z_loss": cfg.z_loss_weight * z_loss(logits),
   }
-  num_selected_real = jnp.sum(selected & (expert_index < cfg.num_experts))
-  metrics = routing_metrics(slot_valid, probs, g * s, num_selected_real)
+  num_selected_real = jnp.sum(selected & (expert_index < cfg.num_experts), axis=(1, 2))
+  metrics = routing_metrics(slot_valid, probs, num_selected_real)
   return Routing(dispatch_index, combine_weight, slot_valid, aux, metrics)

@@ -15,8 +15,7 @@ from moejax.routers.base import Routing, register_router, routing_metrics, z_los
 
 @register_router("expert_choice")
 def route_expert_choice(logits, cfg) -> Routing:
-  g, s, _ = logits.shape
-  c = cfg.capacity(s)
+  c = cfg.capacity(logits.shape[1])
   probs = jax.nn.softmax(logits, axis=-1)  # [G, S, E]
   scores_es = jnp.swapaxes(probs, 1, 2)  # [G, E, S]
   combine_weight, dispatch_index = jax.lax.top_k(scores_es, c)  # [G, E, C]
@@ -25,5 +24,5 @@ def route_expert_choice(logits, cfg) -> Routing:
       "load_balance_loss": jnp.zeros((), jnp.float32),
       "z_loss": cfg.z_loss_weight * z_loss(logits),
   }
-  metrics = routing_metrics(slot_valid, probs, g * s, jnp.sum(slot_valid))
+  metrics = routing_metrics(slot_valid, probs, jnp.sum(slot_valid, axis=(1, 2)))
   return Routing(dispatch_index.astype(jnp.int32), combine_weight, slot_valid, aux, metrics)
