@@ -77,6 +77,7 @@ class MoELayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   expert_fn: ExpertFn | None = None
+  mesh: jax.sharding.Mesh | None = None  # expert-parallel path when set (moejax.parallel)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
