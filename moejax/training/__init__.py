@@ -1,0 +1,1 @@
+"""Training: optimizer, train state placement, steps, checkpoints, and the loop."""
