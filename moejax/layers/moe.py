@@ -70,14 +70,19 @@ class MoELayer(nn.Module):
   """Sparse MoE FFN: ``y, aux = MoELayer(cfg)(x)`` with x [B, L, d].
 
   ``aux = {'aux_losses': {name: weighted scalar}, 'metrics': {name: array}}``.
-  ``expert_fn`` swaps in an expert-parallel exchange (see ``moejax.parallel``).
+  ``mesh`` (axes 'data', 'expert', 'model'): the routed experts run expert-parallel
+  under ``jax.shard_map`` -- token groups split over ('data', 'expert'), slots exchanged
+  with ``all_to_all`` over 'expert', expert hidden widths split over 'model' (see
+  ``moejax.parallel.expert_parallel``); outputs, aux losses and metrics equal the
+  unsharded layer's. Call it under ``jax.jit``. ``expert_fn`` replaces how slot buffers
+  reach their experts (default: all experts local, or the all_to_all exchange on a mesh).
   """
 
   cfg: MoEConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   expert_fn: ExpertFn | None = None
-  mesh: jax.sharding.Mesh | None = None  # expert-parallel path when set (moejax.parallel)
+  mesh: jax.sharding.Mesh | None = None  # expert-parallel path when set
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
@@ -97,8 +102,20 @@ class MoELayer(nn.Module):
         expert_init, ("expert", "expert_mlp", "embed")), (e, f, d), self.param_dtype)
     cast = lambda a: jnp.asarray(a, self.dtype)
     groups = to_groups(cast(x), cfg.group_size)
-    y, aux_losses, metrics = moe_forward(groups, router_kernel, cast(w_gate), cast(w_up),
-                                         cast(w_down), cfg, self.expert_fn)
+    weights = (router_kernel, cast(w_gate), cast(w_up), cast(w_down))
+    if self.mesh is None:
+      y, aux_losses, metrics = moe_forward(groups, *weights, cfg, self.expert_fn)
+    else:
+      # Imported here: moejax.parallel.expert_parallel builds on this module.
+      from moejax.parallel import expert_parallel as ep
+      if self.is_initializing():
+        # Init only needs shapes and often sees a dummy [1, L] batch that need not split
+        # over the mesh; the unsharded math creates exactly the same parameters.
+        ep.check_expert_parallel(self.mesh, cfg)
+        y, aux_losses, metrics = moe_forward(groups, *weights, cfg)
+      else:
+        y, aux_losses, metrics = ep.expert_parallel_forward(
+            groups, *weights, cfg, self.mesh, self.expert_fn, batch_shape=x.shape[:2])
     y = y.reshape(x.shape)
     if cfg.num_shared_experts:
       shared, _ = DenseFFN(cfg.num_shared_experts * f, cfg.activation, self.dtype,

@@ -87,10 +87,26 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict) -> None:
     """Saves `state` and this host's `data_state` at `step` (asynchronously if enabled)."""
-    meta = {"step": int(step), "data": gather_host_states(data_state),
-            "checksums": tree_checksums(state)}
+    self.save_all_hosts(step, state, gather_host_states(data_state))
+
+  def save_all_hosts(self, step: int, state, host_data_states: dict[str, Any]) -> None:
+    """Saves `state` with every host's data state ({'0': ..., '1': ...})."""
+    meta = {"step": int(step), "data": host_data_states, "checksums": tree_checksums(state)}
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+    """Restores step `step` into `abstract_state`'s shardings and verifies its checksums.
+
+    Returns (state, meta) with meta = {'step', 'data': per-host states, 'checksums'}.
+    """
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    state, meta = restored["state"], restored["meta"]
+    bad = _mismatched_leaves(meta["checksums"], tree_checksums(state))
+    if bad:
+      raise CheckpointError(f"checksum mismatch in {len(bad)} tensor(s), e.g. {bad[:3]}")
+    return state, meta
 
   def restore_latest(self, abstract_state) -> tuple[Any, dict, int] | None:
     """Restores the newest checkpoint that loads and verifies; None when there is none.
@@ -104,12 +120,7 @@ class Checkpointer:
     failures = []
     for step in reversed(steps):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        state, meta = restored["state"], restored["meta"]
-        bad = _mismatched_leaves(meta["checksums"], tree_checksums(state))
-        if bad:
-          raise CheckpointError(f"checksum mismatch in {len(bad)} tensor(s), e.g. {bad[:3]}")
+        state, meta = self.restore(step, abstract_state)
         data_state = meta["data"][str(jax.process_index())]
         if failures:
           log.warning("Fell back to checkpoint step %d after: %s", step, "; ".join(failures))

@@ -22,15 +22,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from moejax.config import ModelConfig, validate_config
+from moejax.convert.run_io import save_run_config
 from moejax.data import make_eval_iterator, make_train_iterator
-from moejax.models import Transformer
-from moejax.parallel import batch_sharding, logical_axis_rules, make_mesh, validate_mesh_for_moe
 from moejax.training.checkpoint import Checkpointer
+from moejax.training.experiment import build_experiment
 from moejax.training.metrics_log import MetricsWriter, router_summary, summarize
-from moejax.training.optim import learning_rate_schedule, make_optimizer
 from moejax.training.preemption import PreemptionGuard
-from moejax.training.state import count_params, create_train_state, state_shardings
+from moejax.training.state import count_params, create_train_state
 from moejax.training.step import make_eval_step, make_train_step
 
 log = logging.getLogger("moejax.train")
@@ -85,34 +83,26 @@ def evaluate(eval_step, params, data_cfg, batch_spec, num_batches: int) -> float
 
 
 def train(config, workdir: str, resume: bool = True, max_steps: int | None = None,
-          show_progress: bool = True) -> TrainResult:
+          show_progress: bool = True, devices=None) -> TrainResult:
   """Trains `config` in `workdir` (checkpoints in workdir/checkpoints, metrics.jsonl).
 
   Args:
     resume: restore the newest usable checkpoint in the workdir if there is one.
     max_steps: stop (after checkpointing) once this many steps ran in *this* call;
       for tests and time-sliced jobs. None trains to ``train.steps``.
+    devices: devices for the mesh (default: all of them).
   """
-  validate_config(config)
+  exp = build_experiment(config, devices=devices)
   tcfg = config.train
-  model_cfg = ModelConfig.from_config(config.model)
-  mesh = make_mesh(config.mesh)
-  validate_mesh_for_moe(mesh, model_cfg.moe)
-  rules = logical_axis_rules()
   primary = jax.process_index() == 0
-  model = Transformer(model_cfg, mesh=mesh)
-  tx = make_optimizer(tcfg)
-  schedule = learning_rate_schedule(tcfg)
   seq_len = config.data.seq_len
-
-  shardings, abstract = state_shardings(model, tx, seq_len, mesh, rules)
-  batch_spec = batch_sharding(mesh)
+  shardings, batch_spec = exp.state_shardings, exp.batch_sharding
   checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                               keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing)
   writer = MetricsWriter(workdir, enabled=primary)
   train_iter = make_train_iterator(config.data, jax.process_index(), jax.process_count())
 
-  restored = checkpointer.restore_latest(abstract) if resume else None
+  restored = checkpointer.restore_latest(exp.abstract_state) if resume else None
   if restored is not None:
     state, data_state, start = restored
     train_iter.set_state(data_state)
@@ -121,16 +111,17 @@ def train(config, workdir: str, resume: bool = True, max_steps: int | None = Non
     if checkpointer.all_steps():
       raise FileExistsError(f"{workdir} already holds checkpoints {checkpointer.all_steps()};"
                             " pass --resume or use a fresh --workdir")
-    state = create_train_state(model, tx, seq_len, tcfg.seed, shardings)
+    state = create_train_state(exp.model, exp.tx, seq_len, tcfg.seed, shardings)
     start = 0
   num_params = count_params(state.params)
   if primary:
-    log.info("Model: %s parameters; mesh %s", f"{num_params:,}", dict(mesh.shape))
+    save_run_config(config, workdir)  # what the tools (convert, analysis) read back
+    log.info("Model: %s parameters; mesh %s", f"{num_params:,}", dict(exp.mesh.shape))
 
-  train_step = jax.jit(make_train_step(model, tx, schedule, tcfg.nan_policy),
+  train_step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, tcfg.nan_policy),
                        in_shardings=(shardings, batch_spec), out_shardings=(shardings, None),
                        donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_spec))
+  eval_step = jax.jit(make_eval_step(exp.model), in_shardings=(shardings.params, batch_spec))
 
   losses, eval_losses = {}, {}
   tokens_per_step = config.data.global_batch_size * seq_len

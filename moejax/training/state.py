@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.parallel.rules import params_shardings
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -39,8 +41,8 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len:
                     mesh: jax.sharding.Mesh, rules) -> tuple[Any, TrainState]:
   """Returns (NamedSharding tree, abstract unboxed TrainState) without allocating."""
   abstract_boxed = jax.eval_shape(_boxed_init_fn(model, tx, seq_len), jax.random.key(0))
-  logical_specs = nn.get_partition_spec(abstract_boxed)
-  shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+  # Dims the mesh does not divide (e.g. a 259-row byte vocab on model=2) are replicated.
+  shardings = params_shardings(abstract_boxed, mesh, rules)
   abstract = nn.meta.unbox(abstract_boxed)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

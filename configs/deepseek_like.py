@@ -1,0 +1,52 @@
+"""DeepSeekMoE-16B's shape (Dai et al., 2024): fine-grained + shared experts.
+
+28 layers; layer 0 keeps a dense FFN (d_ff 10944), layers 1..27 are MoE with 64 routed
+experts of width 1408 (a quarter of a standard expert), top-6, plus 2 always-on shared
+experts; softmax -> top-k gates, unnormalised (router_order='softmax_topk').
+"""
+
+from moejax.config import base_config
+
+
+def get_config():
+  cfg = base_config()
+  m = cfg.model
+  m.vocab_size = 102400
+  m.d_model = 2048
+  m.num_layers = 28
+  m.num_heads = 16
+  m.num_kv_heads = 16
+  m.head_dim = 128
+  m.d_ff = 10944
+  m.moe_every = 1
+  m.first_moe_layer = 1
+  m.rope_theta = 1e4
+  m.rms_norm_eps = 1e-6
+  m.max_len = 4096
+  m.dtype = "bfloat16"
+  m.param_dtype = "float32"
+  m.remat = True
+  m.moe.router = "shared_experts"
+  m.moe.num_experts = 64
+  m.moe.num_shared_experts = 2
+  m.moe.expert_d_ff = 1408
+  m.moe.top_k = 6
+  m.moe.router_order = "softmax_topk"
+  m.moe.capacity_factor = 1.25
+  m.moe.load_balance_weight = 0.001  # expert-level balance factor of the paper
+  m.moe.z_loss_weight = 0.0
+
+  cfg.data.seq_len = 4096
+  cfg.data.global_batch_size = 512
+
+  cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model = -1, 8, 1
+
+  t = cfg.train
+  t.steps = 100_000
+  t.learning_rate = 4.2e-4
+  t.warmup_steps = 2000
+  t.log_every = 50
+  t.eval_every = 1000
+  t.eval_steps = 50
+  t.checkpoint_every = 1000
+  return cfg

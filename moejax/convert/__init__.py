@@ -1,0 +1,1 @@
+"""Checkpoint conversion: reshard, Hugging Face export/import, upcycle, merge experts."""

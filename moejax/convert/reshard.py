@@ -1,0 +1,43 @@
+"""Reshard a training checkpoint onto another mesh (e.g. another expert-parallel degree).
+
+Orbax restores each array straight into the target ``NamedSharding``s computed for the
+new mesh, so no host ever materialises the whole model; the result is written as a run
+(same step, same per-host input positions, fresh checksums, config.json with the new
+mesh) that ``moejax.train --workdir DST`` resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from moejax.convert.run_io import restore_state, save_run_config
+from moejax.training.checkpoint import Checkpointer
+
+
+def with_mesh(config, mesh_shape: dict[str, int]):
+  """A copy of `config` whose `mesh` section has the given axis sizes."""
+  new = copy.deepcopy(config)
+  with new.unlocked():
+    for axis, size in mesh_shape.items():
+      new.mesh[axis] = int(size)
+  return new
+
+
+def reshard_checkpoint(config, src: str, dst: str, mesh_shape: dict[str, int],
+                       step: int | None = None) -> int:
+  """Restores run `src` (newest step, or `step`) onto `mesh_shape` and writes run `dst`.
+
+  Returns the step written. `config` is the run's config; only its mesh is changed.
+  """
+  new_config = with_mesh(config, mesh_shape)
+  state, meta, step, _ = restore_state(new_config, src, step)
+  target = Checkpointer(os.path.join(os.path.abspath(dst), "checkpoints"), keep=1_000_000,
+                        async_save=False)
+  if target.all_steps():
+    target.close()
+    raise FileExistsError(f"{dst} already holds checkpoints; choose a fresh output workdir")
+  target.save_all_hosts(step, state, meta["data"])
+  target.close()
+  save_run_config(new_config, dst)
+  return step

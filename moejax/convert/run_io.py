@@ -1,0 +1,100 @@
+"""Reading and writing training runs (workdirs) for the conversion and analysis tools.
+
+A workdir written by ``moejax.train`` holds ``config.json`` (the full experiment config)
+and ``checkpoints/<step>/`` (Orbax). Tools read the config from there, restore params on
+the mesh the config names (or any other), and can write a fresh run whose step-0
+checkpoint holds given params -- ``moejax.train --workdir`` then fine-tunes from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import jax
+import ml_collections
+
+from moejax.training.checkpoint import Checkpointer
+from moejax.training.experiment import Experiment, build_experiment
+from moejax.training.state import TrainState
+
+CONFIG_FILE = "config.json"
+
+
+def checkpoint_dir(path: str) -> str:
+  """Accepts a run workdir (holding checkpoints/) or a checkpoints directory."""
+  inner = os.path.join(path, "checkpoints")
+  return inner if os.path.isdir(inner) else path
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    f.write(config.to_json(indent=2, sort_keys=True))
+  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file such as configs/tiny_cpu.py (as --config loads it)."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: pass --config with the run's config file")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_state(config, workdir: str, step: int | None = None,
+                  devices=None) -> tuple[TrainState, dict, int, Experiment]:
+  """Restores (state, meta, step, experiment) from the newest (or given) verified step."""
+  exp = build_experiment(config, devices=devices)
+  ckpt = Checkpointer(checkpoint_dir(workdir), keep=1_000_000, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {workdir}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"step {step} is not in {workdir}; available: {steps}")
+    state, meta = ckpt.restore(step, exp.abstract_state)
+  finally:
+    ckpt.close()
+  return state, meta, step, exp
+
+
+def write_run(config, workdir: str, params, step: int = 0,
+              host_data_states: dict | None = None, opt_state=None) -> int:
+  """Writes `workdir` as a run at `step` holding `params` (fresh optimizer state unless
+  given) and fresh input positions; returns the step. Refuses a workdir with checkpoints."""
+  from moejax.data import make_train_iterator
+
+  exp = build_experiment(config)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise FileExistsError(f"{workdir} already holds checkpoints; choose a fresh workdir")
+  params = jax.device_put(params, exp.state_shardings.params)
+  if opt_state is None:
+    opt_state = jax.jit(exp.tx.init, out_shardings=exp.state_shardings.opt_state)(params)
+  state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=params,
+                     opt_state=opt_state)
+  if host_data_states is None:
+    n = jax.process_count()
+    host_data_states = {str(i): make_train_iterator(config.data, i, n).get_state()
+                        for i in range(n)}
+  save_run_config(config, workdir)
+  ckpt = Checkpointer(ckpt_dir, keep=1_000_000, async_save=False)
+  ckpt.save_all_hosts(step, state, host_data_states)
+  ckpt.close()
+  return step

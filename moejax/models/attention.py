@@ -1,0 +1,102 @@
+"""Causal grouped-query self-attention with rotary embeddings, no biases.
+
+GQA (Ainslie et al., 2023): H query heads share H_kv key/value heads; query head
+h = j * G + r (G = H / H_kv, r < G) reads kv head j, exactly HF's ``repeat_kv`` order.
+
+  q = x W_q  [B, L, H, D_h]      k = x W_k, v = x W_v  [B, L, H_kv, D_h]
+  q, k = RoPE(q), RoPE(k)
+  A[b, h, l, m] = softmax_m( q_{b,l,h} . k_{b,m,j(h)} / sqrt(D_h) + causal(l, m) )   (float32)
+  out = (A v) W_o               [B, L, d]
+
+Parameters (``nn.with_logical_partitioning`` names):
+  q/kernel [d, H, D_h]     ('embed', 'heads', 'head_dim')
+  k/kernel [d, H_kv, D_h]  ('embed', 'kv_heads', 'head_dim')
+  v/kernel [d, H_kv, D_h]  ('embed', 'kv_heads', 'head_dim')
+  o/kernel [H, D_h, d]     ('heads', 'head_dim', 'embed')
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.models.rope import apply_rope
+
+
+def fan_in_init(in_axes: Sequence[int], out_axes: Sequence[int]):
+  """Truncated-normal variance scaling with Var = 1 / prod(shape[in_axes])."""
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                          in_axis=tuple(in_axes), out_axis=tuple(out_axes))
+
+
+class Projection(nn.Module):
+  """``y = einsum(equation, x, kernel)``: a bias-free linear map with a named kernel.
+
+  Attributes:
+    shape: kernel shape; names: its logical axis names; in_axes: the kernel axes that are
+    contracted with x (their product is the fan-in of the init).
+  """
+
+  shape: tuple[int, ...]
+  names: tuple[str, ...]
+  equation: str
+  in_axes: tuple[int, ...] = (0,)
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out_axes = tuple(i for i in range(len(self.shape)) if i not in self.in_axes)
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        fan_in_init(self.in_axes, out_axes), self.names), self.shape, self.param_dtype)
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+def causal_mask(length: int) -> jax.Array:
+  """bool [L, L]: query l may attend to key m iff m <= l."""
+  pos = jnp.arange(length)
+  return pos[None, :] <= pos[:, None]
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Masked softmax attention with grouped kv heads.
+
+  q: [B, L, H, D_h]; k, v: [B, M, H_kv, D_h]; mask: bool [L, M] -> [B, L, H, D_h].
+  Scores and softmax in float32; the weighted sum of v in v's dtype.
+  """
+  b, l, h, dh = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, l, hkv, h // hkv, dh)  # head h = j * G + r
+  scores = jnp.einsum("bljrk,bmjk->bjrlm", q, k, preferred_element_type=jnp.float32)
+  scores = scores.astype(jnp.float32) / jnp.sqrt(jnp.float32(dh))
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bjrlm,bmjk->bljrk", probs, v)
+  return out.reshape(b, l, h, dh)
+
+
+class Attention(nn.Module):
+  """Causal GQA self-attention: ``y = Attention(...)(x, cos, sin)``, x [B, L, d]."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+    proj = lambda shape, names, eq, name, in_axes=(0,): Projection(
+        shape, names, eq, in_axes, self.dtype, self.param_dtype, name=name)
+    q = proj((d, h, dh), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "q")(x)
+    k = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "k")(x)
+    v = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "v")(x)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = gqa_attention(q, k, v, causal_mask(x.shape[1]))
+    return proj((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o",
+                (0, 1))(out)

@@ -1,0 +1,174 @@
+"""Decoder-only transformer with dense or Mixture-of-Experts FFN layers (Flax linen).
+
+  logits, aux = Transformer(cfg, mesh).apply({'params': params}, tokens)
+  tokens i32[B, L] -> logits f32[B, L, V];
+  aux = {'aux_losses': {name: f32[] summed over the MoE layers},
+         'metrics': {'layers_i': {name: array}} for each MoE layer i only}
+
+Architecture (pre-norm; identical to Hugging Face ``MixtralForCausalLM`` when every layer
+is MoE with router='topk', router_order='topk_softmax', dropless=True):
+
+  h_0 = E[tokens]
+  a_i = h_i + Attn_i(RMSNorm(h_i))          causal GQA, RoPE (rotate_half), 1/sqrt(D_h)
+  h_{i+1} = a_i + FFN_i(RMSNorm(a_i))       FFN_i = dense SwiGLU or MoE (is_moe_layer(i))
+  logits = RMSNorm(h_N) W_lm                W_lm = E^T when tie_embeddings
+
+No biases anywhere. Norms, attention softmax and logits are float32; matmuls run in
+``cfg.dtype``; the residual stream h is kept in float32.
+
+Parameter tree (every leaf boxed by ``nn.with_logical_partitioning``) and the HF Mixtral
+tensor it corresponds to (torch ``Linear`` weights are [out, in], hence the transposes;
+per-layer names are relative to ``model.layers.{i}.``, MoE ones to its
+``block_sparse_moe.`` in transformers 4.x):
+
+  param                      shape         logical axes                  HF tensor
+  embed/embedding            [V, d]        (vocab, embed)                model.embed_tokens.weight
+  layers_{i}/attn_norm/scale [d]           (embed,)                      input_layernorm.weight
+  layers_{i}/attn/q/kernel   [d, H, Dh]    (embed, heads, head_dim)      self_attn.q_proj.weight.T
+  layers_{i}/attn/k/kernel   [d, Hkv, Dh]  (embed, kv_heads, head_dim)   self_attn.k_proj.weight.T
+  layers_{i}/attn/v/kernel   [d, Hkv, Dh]  (embed, kv_heads, head_dim)   self_attn.v_proj.weight.T
+  layers_{i}/attn/o/kernel   [H, Dh, d]    (heads, head_dim, embed)      self_attn.o_proj.weight.T
+  layers_{i}/ffn_norm/scale  [d]           (embed,)                      post_attention_layernorm
+  layers_{i}/ffn/router      [d, E+N]      (embed, router)               gate.weight.T
+  layers_{i}/ffn/wi_gate     [E, d, f]     (expert, embed, expert_mlp)   experts.{e}.w1.weight.T
+  layers_{i}/ffn/wi_up       [E, d, f]     (expert, embed, expert_mlp)   experts.{e}.w3.weight.T
+  layers_{i}/ffn/wo          [E, f, d]     (expert, expert_mlp, embed)   experts.{e}.w2.weight.T
+  layers_{i}/ffn/shared/{wi_gate [d, s], wi_up [d, s], wo [s, d]}   DeepSeekMoE shared experts
+  layers_{i}/ffn/{wi_gate [d, f], wi_up [d, f], wo [f, d]}          dense layers (embed / mlp)
+  final_norm/scale           [d]           (embed,)                      model.norm.weight
+  lm_head/kernel             [d, V]        (embed, vocab)                lm_head.weight.T
+
+The q/k/v/o transposes are reshaped: q_proj.weight is [H*Dh, d] and its row h*Dh + k is
+head h, dim k, so q/kernel = q_proj.weight.T.reshape(d, H, Dh) and o/kernel =
+o_proj.weight.T.reshape(H, Dh, d). The router is ``block_sparse_moe.gate`` in
+transformers 4.x and ``mlp.gate`` in 5.x; transformers 5.x also fuses the experts into
+``mlp.experts.gate_up_proj`` [E, 2f, d] (rows :f are w1, f: are w3) and
+``mlp.experts.down_proj`` [E, d, f] (= w2), i.e. wi_gate = gate_up_proj[:, :f].mT,
+wi_up = gate_up_proj[:, f:].mT, wo = down_proj.mT.
+
+Init: embedding ~ N(0, 1) when untied (a unit-RMS residual stream, as T5/MaxText), and
+N(0, 1/d) when tied so that the initial logits have unit variance; every kernel is
+fan-in truncated-normal variance scaling (Var = 1/fan_in); norm scales are 1.
+
+Causality: logits at position t depend only on tokens <= t for dense layers and for
+dropless MoE layers. Capacity-limited routing is *not* causal when a routing group spans
+several positions (a later token can take an expert slot an earlier token's 2nd choice
+wanted), a known property of GShard/Switch-style training.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.config import ModelConfig
+from moejax.layers import DenseFFN, MoELayer
+from moejax.models.attention import Attention, fan_in_init
+from moejax.models.norms import RMSNorm
+from moejax.models.rope import rope_angles
+
+
+def _dtype(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+class Block(nn.Module):
+  """One pre-norm transformer block: ``h, aux = Block(cfg, layer)(h, cos, sin)``."""
+
+  cfg: ModelConfig
+  layer: int
+  mesh: jax.sharding.Mesh | None = None
+
+  @nn.compact
+  def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array):
+    cfg = self.cfg
+    dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="attn_norm")(h)
+    y = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, param_dtype,
+                  name="attn")(x, cos, sin)
+    h = h + y.astype(h.dtype)
+    x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ffn_norm")(h)
+    if cfg.is_moe_layer(self.layer):
+      y, aux = MoELayer(cfg.moe, dtype, param_dtype, mesh=self.mesh, name="ffn")(x)
+    else:
+      y, aux = DenseFFN(cfg.d_ff, activation="silu", dtype=dtype, param_dtype=param_dtype,
+                        name="ffn")(x)
+    return h + y.astype(h.dtype), aux
+
+
+class Transformer(nn.Module):
+  """The decoder-only LM; see the module docstring for the math and the parameter tree.
+
+  Attributes:
+    cfg: the validated ModelConfig.
+    mesh: the device mesh, handed to the MoE layers for expert parallelism (None: all
+      experts on one device).
+  """
+
+  cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict]:
+    cfg = self.cfg
+    if tokens.ndim != 2:
+      raise ValueError(f"Transformer expects tokens of shape [batch, length], got {tokens.shape}")
+    length = tokens.shape[1]
+    if length > cfg.max_len:
+      raise ValueError(f"sequence length {length} exceeds model.max_len={cfg.max_len}")
+    dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    embed_std = cfg.d_model ** -0.5 if cfg.tie_embeddings else 1.0
+    embedding = Embed(cfg.vocab_size, cfg.d_model, embed_std, param_dtype, name="embed")()
+    h = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)  # [B, L, d]
+    cos, sin = rope_angles(jnp.arange(length), cfg.head_dim, cfg.rope_theta)  # [L, Dh]
+
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    aux_losses: dict[str, jax.Array] = {}
+    metrics: dict[str, dict] = {}
+    for i in range(cfg.num_layers):
+      name = f"layers_{i}"
+      h, aux = block_cls(cfg, i, self.mesh, name=name)(h, cos, sin)
+      if cfg.is_moe_layer(i):
+        for k, v in aux["aux_losses"].items():
+          aux_losses[k] = aux_losses.get(k, 0.0) + v
+        metrics[name] = aux["metrics"]
+
+    x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="final_norm")(h)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("bld,vd->blv", x, embedding.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = LMHead(cfg.vocab_size, dtype, param_dtype, name="lm_head")(x)
+    return logits.astype(jnp.float32), {"aux_losses": aux_losses, "metrics": metrics}
+
+
+class Embed(nn.Module):
+  """The token embedding table ``embedding`` [V, d] ('vocab', 'embed'), N(0, stddev^2)."""
+
+  vocab_size: int
+  d_model: int
+  stddev: float = 1.0
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param("embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(self.stddev), ("vocab", "embed")),
+                      (self.vocab_size, self.d_model), self.param_dtype)
+
+
+class LMHead(nn.Module):
+  """logits = x W, ``kernel`` [d, V] ('embed', 'vocab'); float32 accumulation and output."""
+
+  vocab_size: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        fan_in_init((0,), (1,)), ("embed", "vocab")), (x.shape[-1], self.vocab_size),
+                        self.param_dtype)
+    return jnp.einsum("bld,dv->blv", x.astype(self.dtype), kernel.astype(self.dtype),
+                      preferred_element_type=jnp.float32)

@@ -1,0 +1,46 @@
+"""Shared test fixtures' building blocks: a tiny, fast experiment config."""
+
+import os
+
+from moejax.convert.run_io import load_config_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+  """configs/<name>.py's get_config()."""
+  return load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
+
+
+def tiny_config(data_dir: str, steps: int = 8, learning_rate: float = 1e-3,
+                checkpoint_every: int = 4, mesh=(1, 1, 1), router: str = "topk", **moe):
+  """configs/tiny_cpu.py shrunk so a few steps compile and run in seconds."""
+  cfg = load_config("tiny_cpu")
+  with cfg.unlocked():
+    cfg.model.d_model = 32
+    cfg.model.num_layers = 2
+    cfg.model.num_heads = 2
+    cfg.model.num_kv_heads = 2
+    cfg.model.head_dim = 16
+    cfg.model.d_ff = 64
+    cfg.model.moe_every = 1
+    cfg.model.first_moe_layer = 1
+    cfg.model.moe.num_experts = 4
+    cfg.model.moe.expert_d_ff = 32
+    cfg.model.moe.top_k = 2
+    cfg.model.moe.router = router
+    for k, v in moe.items():
+      cfg.model.moe[k] = v
+    cfg.data.data_dir = data_dir
+    cfg.data.seq_len = 32
+    cfg.data.global_batch_size = 8
+    cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model = mesh
+    cfg.train.steps = steps
+    cfg.train.learning_rate = learning_rate
+    cfg.train.warmup_steps = 2
+    cfg.train.log_every = 1
+    cfg.train.eval_every = steps
+    cfg.train.eval_steps = 2
+    cfg.train.checkpoint_every = checkpoint_every
+    cfg.train.keep_checkpoints = 3
+  return cfg
