@@ -11,6 +11,7 @@ Exit codes: 0 done or preempted-and-saved, 2 bad config, 3 diverged (NaN/Inf).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -31,6 +32,9 @@ _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo",
 _DEBUG_NANS = flags.DEFINE_bool("debug_nans", False, "jax_debug_nans: raise at the first NaN.")
 _DISABLE_JIT = flags.DEFINE_bool("disable_jit", False, "Run op by op (slow; for debugging).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (else log lines).")
+_REPORT_LOSSES = flags.DEFINE_bool("report_losses", False,
+                                   "At the end, print 'losses: {step: loss}' JSON (every "
+                                   "process; for scripts comparing runs).")
 
 
 def initialize_runtime() -> None:
@@ -54,6 +58,7 @@ def initialize_runtime() -> None:
 def main(argv) -> int:
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO chatter
   if _CONFIG.value is None or _WORKDIR.value is None:
     print("error: --config and --workdir are required", file=sys.stderr)
     return 2
@@ -75,6 +80,8 @@ def main(argv) -> int:
         f"last loss {last if last is None else round(last, 4)}; "
         f"eval {({k: round(v, 4) for k, v in result.eval_losses.items()})}; "
         f"checkpoints in {_WORKDIR.value}/checkpoints")
+  if _REPORT_LOSSES.value:
+    print("losses: " + json.dumps({str(k): v for k, v in sorted(result.losses.items())}))
   return 0
 
 

@@ -114,9 +114,12 @@ def train(config, workdir: str, resume: bool = True, max_steps: int | None = Non
     state = create_train_state(exp.model, exp.tx, seq_len, tcfg.seed, shardings)
     start = 0
   num_params = count_params(state.params)
+  log.info("Process %d of %d processes: mesh %s over %d devices (%d local)",
+           jax.process_index(), jax.process_count(), dict(exp.mesh.shape), exp.mesh.size,
+           jax.local_device_count())
   if primary:
     save_run_config(config, workdir)  # what the tools (convert, analysis) read back
-    log.info("Model: %s parameters; mesh %s", f"{num_params:,}", dict(exp.mesh.shape))
+    log.info("Model: %s parameters", f"{num_params:,}")
 
   train_step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, tcfg.nan_policy),
                        in_shardings=(shardings, batch_spec), out_shardings=(shardings, None),
