@@ -44,3 +44,13 @@ def tiny_config(data_dir: str, steps: int = 8, learning_rate: float = 1e-3,
     cfg.train.checkpoint_every = checkpoint_every
     cfg.train.keep_checkpoints = 3
   return cfg
+
+
+# The same tiny model as `tiny_config`, as trainer command-line overrides of tiny_cpu.py.
+TINY_FLAGS = [
+    "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=2", "--config.model.head_dim=16", "--config.model.d_ff=64",
+    "--config.model.moe.num_experts=4", "--config.model.moe.expert_d_ff=32",
+    "--config.data.seq_len=32", "--config.data.global_batch_size=8",
+    "--config.train.log_every=1", "--config.train.eval_every=0",
+]

@@ -8,15 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import REPO
-
-TINY_FLAGS = [
-    "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-    "--config.model.num_kv_heads=2", "--config.model.head_dim=16", "--config.model.d_ff=64",
-    "--config.model.moe.num_experts=4", "--config.model.moe.expert_d_ff=32",
-    "--config.data.seq_len=32", "--config.data.global_batch_size=8",
-    "--config.train.log_every=1", "--config.train.eval_every=0",
-]
+from tests.helpers import REPO, TINY_FLAGS
 
 
 def _env(data_dir: str, devices: int) -> dict:

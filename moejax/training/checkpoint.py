@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from typing import Any
 
 import jax
@@ -124,12 +126,28 @@ class Checkpointer:
         data_state = meta["data"][str(jax.process_index())]
         if failures:
           log.warning("Fell back to checkpoint step %d after: %s", step, "; ".join(failures))
+          self._quarantine([s for s in steps if s > step])
         return state, data_state, step
       except Exception as e:  # noqa: BLE001 — any failure to load means "not usable"
         message = f"checkpoint step {step} in {self.directory} is unusable: {e}"
         log.error(message)
         failures.append(message)
     raise CheckpointError("no usable checkpoint:\n" + "\n".join(failures))
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unusable newer steps to <dir>/../quarantine/ (kept for inspection), so the
+    resumed run can save those step numbers again."""
+    quarantine = os.path.join(os.path.dirname(self.directory.rstrip("/")),
+                              "quarantine_checkpoints")
+    if jax.process_index() == 0:
+      os.makedirs(quarantine, exist_ok=True)
+      for step in steps:
+        target = os.path.join(quarantine, f"{step}.{int(time.time())}")
+        os.rename(os.path.join(self.directory, str(step)), target)
+        log.warning("Moved unusable checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("moejax_checkpoint_quarantine")
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -26,6 +26,7 @@ from moejax.convert.run_io import save_run_config
 from moejax.data import make_eval_iterator, make_train_iterator
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.experiment import build_experiment
+from moejax.training.faults import maybe_crash
 from moejax.training.metrics_log import MetricsWriter, router_summary, summarize
 from moejax.training.preemption import PreemptionGuard
 from moejax.training.state import count_params, create_train_state
@@ -58,6 +59,10 @@ def _global_batch(local: dict, sharding) -> dict:
 def _diverged_message(step: int, metrics: dict) -> str:
   lines = [f"Non-finite training loss/gradient at step {step} "
            f"(loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])})."]
+  offending = sorted({k.split("/")[1] for k in metrics if k.startswith("router/")
+                      and not np.all(np.isfinite(np.asarray(metrics[k], np.float64)))})
+  if offending:
+    lines.append(f"Non-finite router metrics first appear in MoE layer(s): {offending}.")
   lines.append("Per-layer router metrics and aux losses at that step:")
   for k in sorted(metrics):
     if k.startswith(("router/", "aux/")):
@@ -155,6 +160,7 @@ def train(config, workdir: str, resume: bool = True, max_steps: int | None = Non
     flush_pending()  # never checkpoint a diverged state
     checkpointer.save(step_no, state, train_iter.get_state())
     last_saved = step_no
+    maybe_crash("during_save", step_no)
 
   with PreemptionGuard() as guard:
     try:
@@ -163,6 +169,7 @@ def train(config, workdir: str, resume: bool = True, max_steps: int | None = Non
         state, dev_metrics = train_step(state, batch)
         step_no = step + 1
         pending.append((step_no, dev_metrics))
+        maybe_crash("after_step", step_no)
         window_steps += 1
         progress.update(1)
         if step_no % tcfg.log_every == 0 or step_no == end:

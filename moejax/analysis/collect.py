@@ -1,0 +1,199 @@
+"""Run a model over batches and capture per-layer routing and expert activations.
+
+The MoE layer itself is not touched: the model is applied with Flax
+``capture_intermediates`` to grab the output of every MoE block's ``ffn_norm`` (the MoE
+layer's input x [B, L, d]); routing (``moejax.routers.route``) and the expert FFNs
+(``dispatch`` + ``expert_ffn``) are then recomputed from the layer's params exactly as
+``moejax.layers.moe.moe_forward`` computes them. Everything is reduced on device to
+per-batch *sums* over the valid tokens (mask = 1) of a batch, so batches accumulate on the
+host with ``accumulate`` (sums add, maxima take the maximum).
+
+Per MoE layer, with m_t the token mask, A_{t,e} = 1 iff token t is processed by real
+expert e (it holds a valid slot of e), S_{t,e} = 1 iff the router selected e for t before
+capacity dropping, p_t = softmax(l_t) over all R = E + N router logits, g_{t,e} the
+combine weight and y_{t,e} = FFN_e(x_t) the expert's down-projection output:
+
+  tokens            sum_t m_t
+  processed [E]     sum_t m_t A_{t,e}                 (tokens per expert, after dropping)
+  selected [E]      sum_t m_t S_{t,e}                 (router choices, before dropping)
+  coactivation [E,E] sum_t m_t A_{t,i} A_{t,j}        (diagonal = processed)
+  unprocessed       sum_t m_t [sum_e A_{t,e} = 0]     (tokens no real expert processed)
+  entropy           sum_t m_t H(p_t)                  (nats)
+  prob [R]          sum_t m_t p_{t,r}                 (PreMoe expected selection)
+  gate_norm [E]     sum_t m_t A_{t,e} g_{t,e} ||y_{t,e}||_2   (EASY-EP importance)
+  max_abs [E]       max_{t: m_t A_{t,e}} max_k |y_{t,e,k}|   (super experts; a maximum)
+  logit_gram [E,E]  sum_t m_t l_{t,i} l_{t,j}          (MC-SMoE router-logit similarity)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from moejax.config import ModelConfig
+from moejax.layers.dispatch import dispatch
+from moejax.layers.ffn import expert_ffn
+from moejax.layers.moe import to_groups
+from moejax.moe_config import MoEConfig
+from moejax.routers import route, select_top_k
+
+MAX_KEYS = ("max_abs",)  # accumulated with max; every other key is a sum
+
+
+def _is_ffn_norm(module, method_name: str) -> bool:
+  return method_name == "__call__" and module.name == "ffn_norm"
+
+
+def moe_layer_inputs(model, params, tokens: jax.Array) -> tuple[jax.Array, dict[int, jax.Array]]:
+  """(logits [B, L, V], {i: x_i [B, L, d]}) with x_i the input of MoE layer i.
+
+  x_i is the output of block i's ``ffn_norm`` as captured by ``capture_intermediates``.
+  """
+  (logits, _), state = model.apply({"params": params}, tokens,
+                                   capture_intermediates=_is_ffn_norm,
+                                   mutable=["intermediates"])
+  inter = state["intermediates"]
+  return logits, {i: inter[f"layers_{i}"]["ffn_norm"]["__call__"][0]
+                  for i in model.cfg.moe_layers}
+
+
+def selected_experts(logits: jax.Array, processed: jax.Array, cfg: MoEConfig) -> jax.Array:
+  """S bool[G, S, E]: the real experts the router chose per token before capacity.
+
+  Token-choice routers pick by logits (top-k, or the top-p prefix capped at top_k, see
+  ``moejax.routers.top_p``); expert-choice has no per-token choice, so S = A (nothing is
+  dropped by construction).
+  """
+  e = cfg.num_experts
+  if not cfg.is_token_choice:
+    return processed
+  if cfg.router == "top_p":
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs, index = jax.lax.top_k(probs, cfg.top_k)  # [G, S, K]
+    chosen = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < cfg.top_p
+  else:
+    _, index, _ = select_top_k(logits, cfg.top_k, cfg.router_order)
+    chosen = jnp.ones(index.shape, bool)
+  onehot = jax.nn.one_hot(index, logits.shape[-1], dtype=jnp.float32)  # [G, S, K, R]
+  return jnp.sum(onehot * chosen[..., None], axis=2)[..., :e] > 0
+
+
+def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict[str, jax.Array]:
+  """Per-batch sums of one MoE layer (see the module docstring for every key).
+
+  Args:
+    x: [B, L, d] the layer input (ffn_norm output) in compute dtype.
+    mask: [B, L] 1 for tokens to count, 0 for padding.
+    ffn: the layer's params {'router' [d, R], 'wi_gate', 'wi_up' [E, d, f], 'wo' [E, f, d]}.
+  """
+  e = cfg.num_experts
+  xg = to_groups(x, cfg.group_size)  # [G, S, d]
+  g, s, _ = xg.shape
+  m = mask.reshape(g, s).astype(jnp.float32)  # [G, S]
+  logits = jnp.einsum("gsd,dr->gsr", xg.astype(jnp.float32),
+                      jnp.asarray(ffn["router"], jnp.float32))  # [G, S, R]
+  routing = route(logits, cfg)
+  di, valid, w = routing.dispatch_index, routing.slot_valid, routing.combine_weight  # [G,E,C]
+  c = di.shape[-1]
+  gi = jnp.arange(g)[:, None, None]
+  ei = jnp.arange(e)[None, :, None]
+  processed = jnp.zeros((g, s, e), jnp.int32).at[  # A: bool[G, S, E]
+      jnp.broadcast_to(gi, di.shape), di, jnp.broadcast_to(ei, di.shape)].max(
+          valid.astype(jnp.int32)) > 0
+  selected = selected_experts(logits, processed, cfg)
+
+  cast = lambda a: jnp.asarray(a, xg.dtype)
+  y = expert_ffn(dispatch(xg, di, valid), cast(ffn["wi_gate"]), cast(ffn["wi_up"]),
+                 cast(ffn["wo"]), cfg.activation).astype(jnp.float32)  # [G, E, C, d]
+  slot_m = jnp.take_along_axis(m, di.reshape(g, e * c), axis=1).reshape(g, e, c) * valid
+  y_norm = jnp.sqrt(jnp.sum(jnp.square(y), axis=-1))  # [G, E, C]
+  y_max = jnp.max(jnp.abs(y), axis=-1)  # [G, E, C]
+
+  a = processed.astype(jnp.float32) * m[..., None]  # [G, S, E]
+  probs = jax.nn.softmax(logits, axis=-1)
+  safe_p = jnp.where(probs > 0, probs, 1.0)
+  entropy = -jnp.sum(probs * jnp.log(safe_p), axis=-1)  # [G, S]
+  real = logits[..., :e]
+  return {
+      "tokens": jnp.sum(m),
+      "processed": jnp.sum(a, axis=(0, 1)),
+      "selected": jnp.sum(selected.astype(jnp.float32) * m[..., None], axis=(0, 1)),
+      "coactivation": jnp.einsum("gsi,gsj->ij", a, processed.astype(jnp.float32)),
+      "unprocessed": jnp.sum(m * (jnp.sum(processed, axis=-1) == 0)),
+      "entropy": jnp.sum(m * entropy),
+      "prob": jnp.sum(probs * m[..., None], axis=(0, 1)),
+      "gate_norm": jnp.sum(slot_m * w * y_norm, axis=(0, 2)),
+      "max_abs": jnp.max(jnp.where(slot_m > 0, y_max, 0.0), axis=(0, 2)),
+      "logit_gram": jnp.einsum("gsi,gsj->ij", real * m[..., None], real),
+  }
+
+
+@functools.lru_cache(maxsize=16)
+def batch_sums_fn(model_cfg: ModelConfig):
+  """A jitted ``f(params, tokens i32[B, L], mask [B, L]) -> {layer i: layer_sums}``.
+
+  Runs the single-device model (no mesh); cached per (hashable) ModelConfig.
+  """
+  from moejax.models import Transformer
+
+  model = Transformer(model_cfg)
+
+  def f(params, tokens, mask):
+    _, inputs = moe_layer_inputs(model, params, tokens)
+    return {i: layer_sums(x, mask, params[f"layers_{i}"]["ffn"], model_cfg.moe)
+            for i, x in inputs.items()}
+
+  return jax.jit(f)
+
+
+def accumulate(total: dict | None, new: dict) -> dict:
+  """Adds one batch's sums ({layer: {key: array}}) into float64 host totals."""
+  new = jax.device_get(new)
+  if total is None:
+    return {i: {k: np.asarray(v, np.float64) for k, v in d.items()} for i, d in new.items()}
+  for i, d in new.items():
+    for k, v in d.items():
+      op = np.maximum if k in MAX_KEYS else np.add
+      total[i][k] = op(total[i][k], np.asarray(v, np.float64))
+  return total
+
+
+def collect_sums(model_cfg: ModelConfig, params, batches: Iterable[dict],
+            num_batches: int | None = None, progress: bool = True) -> dict[int, dict]:
+  """Accumulated per-layer sums {MoE layer i: {key: np.ndarray}} over `batches`.
+
+  batches: dicts with 'inputs' i32[B, L] and optionally 'mask' [B, L] (default all ones).
+  """
+  if model_cfg.moe is None:
+    raise ValueError("the model has no MoE layers (model.moe_every=0): nothing to analyse")
+  fn = batch_sums_fn(model_cfg)
+  params = jax.device_put(params)  # once, not per batch
+  total = None
+  for batch in tqdm(batches, total=num_batches, disable=not progress, desc="batches",
+                    unit="batch", dynamic_ncols=True):
+    tokens = np.asarray(batch["inputs"], np.int32)
+    mask = np.asarray(batch.get("mask", np.ones(tokens.shape)), np.float32)
+    total = accumulate(total, fn(params, tokens, mask))
+  if total is None:
+    raise ValueError("no batches to analyse")
+  return total
+
+
+def split_batches(config, split: str, num_batches: int) -> Iterator[dict]:
+  """The first `num_batches` batches of data split `split`, in order (one host's view of
+  the global batch: ``make_eval_iterator`` with ``data.eval_split = split``)."""
+  from moejax.data import make_eval_iterator
+
+  data = copy.deepcopy(config.data)
+  with data.unlocked():
+    data.eval_split = split
+  for i, batch in enumerate(make_eval_iterator(data, 0, 1)):
+    if i >= num_batches:
+      return
+    yield batch
