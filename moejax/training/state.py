@@ -8,6 +8,7 @@ logical-axis rules turn it into ``NamedSharding``s for ``jax.jit``'s in/out shar
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +31,10 @@ def _boxed_init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: 
   """init(rng) -> TrainState whose params/opt_state still carry nn.Partitioned boxes."""
 
   def init(rng: jax.Array) -> TrainState:
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    # Enough rows that the MoE layers' routing groups tile the init batch exactly.
+    moe = getattr(getattr(model, "cfg", None), "moe", None)
+    group = getattr(moe, "group_size", None) or seq_len
+    tokens = jnp.zeros((group // math.gcd(group, seq_len), seq_len), jnp.int32)
     params = model.init(rng, tokens)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
