@@ -20,10 +20,15 @@ expert_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"
 
 def gated_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
               activation: str) -> jax.Array:
-  """Dense gated FFN. x: [..., d]; w_gate, w_up: [d, f]; w_down: [f, d]."""
+  """Dense gated FFN. x: [..., d]; w_gate, w_up: [d, f]; w_down: [f, d].
+
+  Tokens are flattened to [T, d] first: XLA's CPU backend runs the weight gradients of
+  2-D matmuls ~3x faster than those contracting several batch-like dims.
+  """
   act = ACTIVATIONS[activation]
-  h = act(jnp.einsum("...d,df->...f", x, w_gate)) * jnp.einsum("...d,df->...f", x, w_up)
-  return jnp.einsum("...f,fd->...d", h, w_down)
+  tokens = x.reshape(-1, x.shape[-1])  # [T, d]
+  h = act(jnp.einsum("td,df->tf", tokens, w_gate)) * jnp.einsum("td,df->tf", tokens, w_up)
+  return jnp.einsum("tf,fd->td", h, w_down).reshape(*x.shape[:-1], w_down.shape[-1])
 
 
 def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
