@@ -52,7 +52,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: Batch):
     grad_fn = jax.value_and_grad(lambda p: _forward(model, p, batch), has_aux=True)
     (loss, (ce, aux)), grads = grad_fn(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
