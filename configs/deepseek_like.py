@@ -1,8 +1,14 @@
-"""DeepSeekMoE-16B's shape (Dai et al., 2024): fine-grained + shared experts.
+"""DeepSeek-V2-Lite's shape (DeepSeek-AI, 2024): MLA attention + DeepSeekMoE experts.
 
-28 layers; layer 0 keeps a dense FFN (d_ff 10944), layers 1..27 are MoE with 64 routed
-experts of width 1408 (a quarter of a standard expert), top-6, plus 2 always-on shared
-experts; softmax -> top-k gates, unnormalised (router_order='softmax_topk').
+27 layers of width 2048; Multi-head Latent Attention with 16 heads, a 512-wide compressed
+KV latent, per-head 128 "nope" + 64 RoPE query/key dims and 128 value dims, queries
+projected directly (no q LoRA). Layer 0 keeps a dense FFN (d_ff 10944); layers 1..26 are
+DeepSeekMoE with 64 routed experts of width 1408, top-6, plus 2 always-on shared experts;
+softmax -> top-k gates, unnormalised (router_order='softmax_topk'), routed scaling 1.0.
+15.7B parameters (tests/test_config.py checks the count). Differences from the released
+model: default RoPE instead of YaRN (its 32k context extension), and capacity-limited
+routing for training (set model.moe.dropless=True to match HF DeepseekV2 exactly; see
+moejax.convert.hf_deepseek for export to transformers).
 """
 
 from moejax.config import base_config
@@ -13,10 +19,16 @@ def get_config():
   m = cfg.model
   m.vocab_size = 102400
   m.d_model = 2048
-  m.num_layers = 28
+  m.num_layers = 27
   m.num_heads = 16
-  m.num_kv_heads = 16
-  m.head_dim = 128
+  m.num_kv_heads = 16  # unused by MLA
+  m.head_dim = 128  # unused by MLA
+  m.attention = "mla"
+  m.q_lora_rank = 0
+  m.kv_lora_rank = 512
+  m.qk_nope_head_dim = 128
+  m.qk_rope_head_dim = 64
+  m.v_head_dim = 128
   m.d_ff = 10944
   m.moe_every = 1
   m.first_moe_layer = 1
@@ -32,8 +44,9 @@ def get_config():
   m.moe.expert_d_ff = 1408
   m.moe.top_k = 6
   m.moe.router_order = "softmax_topk"
+  m.moe.routed_scaling_factor = 1.0
   m.moe.capacity_factor = 1.25
-  m.moe.load_balance_weight = 0.001  # expert-level balance factor of the paper
+  m.moe.load_balance_weight = 0.001  # expert-level balance factor (V2-Lite aux_loss_alpha)
   m.moe.z_loss_weight = 0.0
 
   cfg.data.seq_len = 4096

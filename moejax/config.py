@@ -26,6 +26,7 @@ from moejax.errors import ConfigError, config_error
 from moejax.moe_config import MoEConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("gqa", "mla")
 NAN_POLICIES = ("stop", "skip")
 SECTIONS = ("model", "data", "mesh", "train")
 MESH_AXES = ("data", "expert", "model")  # == moejax.parallel.mesh.MESH_AXES
@@ -70,6 +71,16 @@ class ModelConfig:
     num_kv_heads: H_kv, key/value heads (grouped-query attention, Ainslie et al., 2023);
       H must be a multiple of H_kv; H_kv = H is multi-head, H_kv = 1 multi-query attention.
     head_dim: D_h, width of one attention head (need not equal d / H).
+    attention: 'gqa' (grouped-query attention, ``moejax.models.attention``) or 'mla'
+      (DeepSeek-V2 Multi-head Latent Attention, ``moejax.models.mla``; Liu et al., 2024).
+      MLA uses the five fields below instead of num_kv_heads / head_dim, which it ignores.
+    q_lora_rank: MLA only. r_q, rank of the low-rank query path x -> c_q -> q; 0 projects
+      queries directly from x (DeepSeek-V2-Lite).
+    kv_lora_rank: MLA only. r_kv, width of the compressed key/value latent c_kv.
+    qk_nope_head_dim: MLA only. D_n, per-head query/key dims without position encoding.
+    qk_rope_head_dim: MLA only. D_r, per-head query dims (and the one key shared by all
+      heads) carrying interleaved RoPE; even. Scores are scaled by (D_n + D_r)^-1/2.
+    v_head_dim: MLA only. D_v, per-head value width.
     d_ff: hidden width of the dense (non-MoE) gated FFN layers.
     moe_every: 0 for a dense model; else every ``moe_every``-th layer, counting from
       ``first_moe_layer``, is a MoE layer (see ``is_moe_layer``).
@@ -94,6 +105,12 @@ class ModelConfig:
   num_heads: int = 4
   num_kv_heads: int = 4
   head_dim: int = 32
+  attention: str = "gqa"
+  q_lora_rank: int = 0
+  kv_lora_rank: int = 64
+  qk_nope_head_dim: int = 32
+  qk_rope_head_dim: int = 16
+  v_head_dim: int = 32
   d_ff: int = 256
   moe_every: int = 0
   first_moe_layer: int = 0
@@ -161,6 +178,15 @@ def validate_model_config(cfg: ModelConfig) -> None:
   _check(cfg, "num_heads", cfg.num_heads % cfg.num_kv_heads == 0,
          f"must be divisible by {p}.num_kv_heads={cfg.num_kv_heads}")
   _check(cfg, "head_dim", cfg.head_dim % 2 == 0,
+         "must be even (rotary embeddings rotate pairs of dimensions)")
+  _check(cfg, "attention", cfg.attention in ATTENTIONS, f"allowed: {ATTENTIONS}")
+  # The MLA fields are checked whatever the attention (their defaults are valid).
+  _check(cfg, "q_lora_rank", _is_int(cfg.q_lora_rank) and cfg.q_lora_rank >= 0,
+         "must be an int >= 0 (0 = MLA queries projected directly from the residual stream)")
+  for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+    v = getattr(cfg, name)
+    _check(cfg, name, _is_int(v) and v >= 1, "must be an int >= 1")
+  _check(cfg, "qk_rope_head_dim", cfg.qk_rope_head_dim % 2 == 0,
          "must be even (rotary embeddings rotate pairs of dimensions)")
   _check(cfg, "moe_every", _is_int(cfg.moe_every) and cfg.moe_every >= 0,
          "must be an int >= 0 (0 = dense model)")

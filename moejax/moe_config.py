@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Any
 
 from moejax.errors import config_error
@@ -27,9 +28,10 @@ class MoEConfig:
     router: registered router name (see ``moejax.routers.ROUTERS``).
     top_k: experts per token for token-choice routers; the cap ``max_k`` for ``top_p``.
       Unused by ``expert_choice``.
-    capacity_factor: token-choice: C = ceil(cf * S * k / E) slots per expert and group of
-      S tokens (GShard/Switch). expert_choice: C = ceil(cf * S / E), so cf is the mean
-      number of experts per token (Zhou et al., 2022).
+    capacity_factor: cf > 0. token-choice: C = min(S, ceil(cf * S * k / E)) slots per
+      expert and group of S tokens (GShard/Switch). expert_choice: C = min(S,
+      ceil(cf * S / E)), so cf is the mean number of experts per token (Zhou et al., 2022).
+      Computed exactly on the decimal value of cf (see ``capacity``), so 1 <= C <= S.
     dropless: token-choice routers only; C = S so no token is ever dropped.
     router_order: 'softmax_topk' (softmax over all experts, keep the top-k probabilities
       as they are; Switch/GShard/DeepSeek) or 'topk_softmax' (softmax over the top-k
@@ -42,7 +44,9 @@ class MoEConfig:
     load_balance_weight: weight of the Switch load-balancing loss.
     z_loss_weight: weight of the ST-MoE router z-loss.
     dynamic_loss_weight: weight of the top-p router's entropy loss (Huang et al., 2024).
-    router_jitter: reserved for multiplicative jitter (must be 0 for now).
+    routed_scaling_factor: router='shared_experts' only; multiplies the routed experts'
+      combine weights (DeepSeek-V2's ``routed_scaling_factor``; 1.0 for V2-Lite, 16.0 for
+      V2). Must be a finite number > 0, and 1.0 for every other router.
     config_path: dotted path used in error messages; not part of equality.
   """
 
@@ -61,6 +65,7 @@ class MoEConfig:
   load_balance_weight: float = 0.01
   z_loss_weight: float = 0.001
   dynamic_loss_weight: float = 0.0
+  routed_scaling_factor: float = 1.0
   config_path: str = dataclasses.field(default="moe", compare=False, hash=False, repr=False)
 
   def __post_init__(self):
@@ -87,13 +92,19 @@ class MoEConfig:
     return self.router != "expert_choice"
 
   def capacity(self, group_size: int) -> int:
-    """Slots C per expert for a routing group of `group_size` tokens."""
+    """Slots C per expert for a routing group of `group_size` tokens, 1 <= C <= S.
+
+    C = min(S, ceil(cf * S * k / E)) (k = 1 for expert_choice; C = S when dropless),
+    evaluated in exact rational arithmetic on cf's shortest decimal form: float products
+    would round ceil(0.7 * 10) up to 8, overflow to inf for huge cf, or underflow to
+    C = 0 for subnormal cf.
+    """
     s = group_size
-    if self.router == "expert_choice":
-      return min(s, math.ceil(self.capacity_factor * s / self.num_experts))
-    if self.dropless:
+    if self.dropless and self.router != "expert_choice":
       return s  # a token visits an expert at most once, so S slots never overflow
-    return min(s, math.ceil(self.capacity_factor * s * self.top_k / self.num_experts))
+    k = 1 if self.router == "expert_choice" else self.top_k
+    cf = Fraction(repr(float(self.capacity_factor)))
+    return min(s, math.ceil(cf * s * k / self.num_experts))
 
 
 def _check(cfg: MoEConfig, name: str, ok: bool, allowed: str) -> None:
@@ -103,6 +114,10 @@ def _check(cfg: MoEConfig, name: str, ok: bool, allowed: str) -> None:
 
 def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def validate_moe_config(cfg: MoEConfig) -> None:
@@ -119,29 +134,35 @@ def validate_moe_config(cfg: MoEConfig) -> None:
   _check(cfg, "num_shared_experts",
          _is_int(cfg.num_shared_experts) and cfg.num_shared_experts >= 0,
          "must be an int >= 0")
+  # Before top_k, whose bound counts the null experts.
+  _check(cfg, "num_null_experts", cfg.router == "null_experts" or cfg.num_null_experts == 0,
+         "null experts are only used by router='null_experts'; set it to 0")
+  _check(cfg, "num_null_experts", cfg.router != "null_experts" or cfg.num_null_experts >= 1,
+         "router='null_experts' needs num_null_experts >= 1")
   total = cfg.num_router_logits
   _check(cfg, "top_k", _is_int(cfg.top_k) and 1 <= cfg.top_k <= total,
          f"must be an int in [1, num_experts + num_null_experts = {total}]")
   _check(cfg, "capacity_factor",
-         isinstance(cfg.capacity_factor, (int, float)) and math.isfinite(cfg.capacity_factor)
-         and cfg.capacity_factor >= 0, "must be a finite number >= 0")
+         _is_finite_number(cfg.capacity_factor) and cfg.capacity_factor > 0,
+         "must be a finite number > 0")
   _check(cfg, "router_order", cfg.router_order in ROUTER_ORDERS, f"allowed: {ROUTER_ORDERS}")
   _check(cfg, "activation", cfg.activation in ACTIVATIONS, f"allowed: {ACTIVATIONS}")
-  _check(cfg, "top_p", isinstance(cfg.top_p, (int, float)) and 0 < cfg.top_p <= 1,
+  _check(cfg, "top_p", _is_finite_number(cfg.top_p) and 0 < cfg.top_p <= 1,
          "must be a number in (0, 1]")
   _check(cfg, "group_size", cfg.group_size is None or (_is_int(cfg.group_size)
                                                        and cfg.group_size >= 1),
          "must be None or an int >= 1")
   for name in ("load_balance_weight", "z_loss_weight", "dynamic_loss_weight"):
     v = getattr(cfg, name)
-    _check(cfg, name, isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-           "must be a finite number >= 0")
-  _check(cfg, "num_null_experts", cfg.router == "null_experts" or cfg.num_null_experts == 0,
-         "null experts are only used by router='null_experts'; set it to 0")
-  _check(cfg, "num_null_experts", cfg.router != "null_experts" or cfg.num_null_experts >= 1,
-         "router='null_experts' needs num_null_experts >= 1")
+    _check(cfg, name, _is_finite_number(v) and v >= 0, "must be a finite number >= 0")
   _check(cfg, "num_shared_experts",
          cfg.router != "shared_experts" or cfg.num_shared_experts >= 1,
          "router='shared_experts' needs num_shared_experts >= 1 (DeepSeekMoE)")
+  _check(cfg, "routed_scaling_factor",
+         _is_finite_number(cfg.routed_scaling_factor) and cfg.routed_scaling_factor > 0,
+         "must be a finite number > 0")
+  _check(cfg, "routed_scaling_factor",
+         cfg.router == "shared_experts" or cfg.routed_scaling_factor == 1.0,
+         "only router='shared_experts' scales its routed weights; set it to 1.0")
   _check(cfg, "dropless", not (cfg.dropless and cfg.router == "expert_choice"),
          "expert_choice never drops by construction of its capacity; set dropless=False")

@@ -42,6 +42,12 @@ def expected_param_count(m: ModelConfig) -> int:
   d = m.d_model
   n = m.vocab_size * d * (1 if m.tie_embeddings else 2) + d  # embed, lm_head, final norm
   attn = 2 * d * m.num_heads * m.head_dim + 2 * d * m.num_kv_heads * m.head_dim + 2 * d
+  if m.attention == "mla":  # q (or q_a, q_norm, q_b), kv_a, kv_norm, kv_b, o; 2 block norms
+    h, dqk = m.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim
+    rq, rkv = m.q_lora_rank, m.kv_lora_rank
+    attn = ((d * rq + rq + rq * h * dqk) if rq else d * h * dqk) + d * (
+        rkv + m.qk_rope_head_dim) + rkv + rkv * h * (m.qk_nope_head_dim + m.v_head_dim) + (
+            h * m.v_head_dim * d) + 2 * d
   for i in range(m.num_layers):
     n += attn
     if m.is_moe_layer(i):
@@ -95,6 +101,24 @@ def test_deepseek_like_shape():
   assert m.moe.router == "shared_experts" and m.moe.num_shared_experts == 2
   assert m.moe.num_experts == 64 and m.moe.top_k == 6
   assert m.moe_layers == tuple(range(1, m.num_layers))  # layer 0 dense
+
+
+def test_deepseek_like_has_deepseek_v2_lite_parameter_count():
+  m = validate_config(load("deepseek_like"))
+  v, d, layers, h = 102400, 2048, 27, 16
+  attn = (d * h * (128 + 64)  # q_proj
+          + d * (512 + 64) + 512  # kv_a_proj_with_mqa, kv_a_layernorm
+          + 512 * h * (128 + 128)  # kv_b_proj
+          + h * 128 * d  # o_proj
+          + 2 * d)  # input / post-attention RMSNorms
+  dense_ffn = 3 * d * 10944
+  moe_ffn = d * 64 + 3 * 64 * d * 1408 + 3 * d * 2 * 1408  # router, routed, shared
+  formula = 2 * v * d + d + layers * attn + dense_ffn + (layers - 1) * moe_ffn
+  assert formula == 15_706_484_224  # ~15.7B, the published DeepSeek-V2-Lite size
+  abstract = jax.eval_shape(Transformer(m).init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract))) == formula
+  assert m.attention == "mla" and m.q_lora_rank == 0 and m.num_layers == layers
 
 
 def test_switch_base_shape():

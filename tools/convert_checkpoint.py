@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("export-hf", help="write a transformers-loadable directory")
   common(p)
-  p.add_argument("--family", default=None, help="HF family (default: inferred), e.g. mixtral")
+  p.add_argument("--family", default=None, help="HF family: mixtral or deepseek_v2 (default: inferred from the config)")
   p.add_argument("--max_shard_size", type=parse_size, default=5 * 2**30,
                  help="split safetensors above this size (e.g. 2GB); default 5GB")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),

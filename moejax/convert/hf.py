@@ -2,7 +2,8 @@
 
 A directory holds ``config.json`` + safetensors (sharded with an index above
 `max_shard_bytes`), loadable with ``transformers.AutoModelForCausalLM.from_pretrained``.
-Families (one module each, same interface): 'mixtral' (``moejax.convert.hf_mixtral``).
+Families (one module each, same interface), keyed by config.json ``model_type``:
+'mixtral' (``moejax.convert.hf_mixtral``), 'deepseek_v2' (``moejax.convert.hf_deepseek``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import ModelConfig
-from moejax.convert import hf_mixtral
+from moejax.convert import hf_deepseek, hf_mixtral
 from moejax.convert.safetensors_io import (ConversionError, atomic_directory, read_safetensors,
                                            write_safetensors)
 
-FAMILIES: dict[str, ModuleType] = {hf_mixtral.MODEL_TYPE: hf_mixtral}
+FAMILIES: dict[str, ModuleType] = {hf_mixtral.MODEL_TYPE: hf_mixtral,
+                                   hf_deepseek.MODEL_TYPE: hf_deepseek}
 
 
 def _family_for_model(model_cfg: ModelConfig, family: str | None) -> ModuleType:

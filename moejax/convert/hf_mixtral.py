@@ -60,6 +60,8 @@ def require_exportable(model_cfg) -> None:
   """Raises ConversionError naming the config field that HF Mixtral cannot express."""
   moe = model_cfg.moe
   problems = []
+  if getattr(model_cfg, "attention", "gqa") != "gqa":
+    problems.append(f"model.attention={model_cfg.attention!r} must be 'gqa'")
   if moe is None or model_cfg.moe_every != 1 or model_cfg.first_moe_layer != 0:
     problems.append("every layer must be MoE (model.moe_every=1, model.first_moe_layer=0)")
   if moe is not None:

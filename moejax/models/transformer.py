@@ -16,6 +16,12 @@ is MoE with router='topk', router_order='topk_softmax', dropless=True):
 No biases anywhere. Norms, attention softmax and logits are float32; matmuls run in
 ``cfg.dtype``; the residual stream h is kept in float32.
 
+With ``attention='mla'`` the attention is DeepSeek-V2's Multi-head Latent Attention
+(``moejax.models.mla``, interleaved RoPE on its D_r dims, its own ``layers_{i}/attn/``
+parameters listed there); with moe_every=1 (every layer from first_moe_layer on),
+router='shared_experts', router_order='softmax_topk', activation='silu' and dropless=True
+the model is HF ``DeepseekV2ForCausalLM`` (``moejax.convert.hf_deepseek``).
+
 Parameter tree (every leaf boxed by ``nn.with_logical_partitioning``) and the HF Mixtral
 tensor it corresponds to (torch ``Linear`` weights are [out, in], hence the transposes;
 per-layer names are relative to ``model.layers.{i}.``, MoE ones to its
@@ -65,8 +71,9 @@ import jax.numpy as jnp
 from moejax.config import ModelConfig
 from moejax.layers import DenseFFN, MoELayer
 from moejax.models.attention import Attention, fan_in_init
+from moejax.models.mla import MLAttention
 from moejax.models.norms import RMSNorm
-from moejax.models.rope import rope_angles
+from moejax.models.rope import interleaved_rope_angles, rope_angles
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -74,7 +81,8 @@ def _dtype(name: str) -> jnp.dtype:
 
 
 class Block(nn.Module):
-  """One pre-norm transformer block: ``h, aux = Block(cfg, layer)(h, cos, sin)``."""
+  """One pre-norm transformer block: ``h, aux = Block(cfg, layer)(h, cos, sin)``; the
+  attention is GQA or MLA (``cfg.attention``), cos/sin the matching RoPE tables."""
 
   cfg: ModelConfig
   layer: int
@@ -85,8 +93,13 @@ class Block(nn.Module):
     cfg = self.cfg
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="attn_norm")(h)
-    y = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, param_dtype,
-                  name="attn")(x, cos, sin)
+    if cfg.attention == "mla":
+      y = MLAttention(cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
+                      cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.q_lora_rank, dtype,
+                      param_dtype, name="attn")(x, cos, sin)
+    else:
+      y = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, param_dtype,
+                    name="attn")(x, cos, sin)
     h = h + y.astype(h.dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ffn_norm")(h)
     if cfg.is_moe_layer(self.layer):
@@ -121,7 +134,11 @@ class Transformer(nn.Module):
     embed_std = cfg.d_model ** -0.5 if cfg.tie_embeddings else 1.0
     embedding = Embed(cfg.vocab_size, cfg.d_model, embed_std, param_dtype, name="embed")()
     h = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)  # [B, L, d]
-    cos, sin = rope_angles(jnp.arange(length), cfg.head_dim, cfg.rope_theta)  # [L, Dh]
+    if cfg.attention == "mla":  # interleaved pairs of the D_r RoPE dims: [L, D_r / 2]
+      cos, sin = interleaved_rope_angles(jnp.arange(length), cfg.qk_rope_head_dim,
+                                         cfg.rope_theta)
+    else:
+      cos, sin = rope_angles(jnp.arange(length), cfg.head_dim, cfg.rope_theta)  # [L, Dh]
 
     block_cls = nn.remat(Block) if cfg.remat else Block
     aux_losses: dict[str, jax.Array] = {}

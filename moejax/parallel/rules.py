@@ -46,6 +46,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "model"),
     ("kv_heads", "model"),
     ("head_dim", None),
+    ("q_lora", None),  # MLA latent widths: small, replicated
+    ("kv_lora", None),
 )
 
 # Logical axes consumed by the expert-parallel shard_map with fixed in_specs: replicating

@@ -18,6 +18,7 @@ The same buffers drive the single-device layer (gather/scatter) and expert paral
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Protocol
 
 import flax.struct
@@ -48,13 +49,24 @@ ROUTERS: dict[str, RouterFn] = {}
 
 
 def register_router(name: str) -> Callable[[RouterFn], RouterFn]:
-  """Registers `fn` under `name` so configs can select it with ``moe.router=name``."""
+  """Registers `fn` under `name` so configs can select it with ``moe.router=name``.
+
+  The registered (and returned) router casts its logits to float32 first: routing in
+  reduced precision is unstable (Fedus et al., 2021, Switch Transformers, Sec. 2.4,
+  "selective precision"), and bfloat16 logits would otherwise give bfloat16 combine
+  weights, losses and metrics (top-p's cumulative mass off by ~1e-2).
+  """
 
   def wrap(fn: RouterFn) -> RouterFn:
     if name in ROUTERS:
       raise ValueError(f"router {name!r} registered twice")
-    ROUTERS[name] = fn
-    return fn
+
+    @functools.wraps(fn)
+    def router(logits: jax.Array, cfg) -> Routing:
+      return fn(jnp.asarray(logits, jnp.float32), cfg)
+
+    ROUTERS[name] = router
+    return router
 
   return wrap
 
@@ -162,8 +174,10 @@ def routing_metrics(slot_valid: jax.Array, probs: jax.Array,
   """Diagnostics common to all routers, each a mean of per-group values (so a mean over
   devices' groups equals the unsharded value).
 
-  expert_load f32[E]: share of processed (token, expert) pairs per expert (sums to 1).
-  dropped_fraction: dropped real assignments / selected real assignments.
+  expert_load f32[E]: share of processed (token, expert) pairs per expert (sums to 1, or
+    to 0 in a group where no expert processes any token).
+  dropped_fraction: dropped real assignments / selected real assignments (0 in a group
+    that selected none, e.g. AdaMoE tokens all choosing null experts).
   experts_per_token: mean number of real experts that process a token.
   router_entropy: mean entropy of the router distribution, in nats.
 
@@ -173,11 +187,11 @@ def routing_metrics(slot_valid: jax.Array, probs: jax.Array,
   s = probs.shape[1]
   per_expert = jnp.sum(slot_valid, axis=2).astype(jnp.float32)  # [G, E]
   kept = jnp.sum(per_expert, axis=1)  # [G]
-  selected = jnp.maximum(num_selected_real.astype(jnp.float32), 1.0)
+  selected = num_selected_real.astype(jnp.float32)  # [G]
   safe_p = jnp.where(probs > 0, probs, 1.0)
   return {
       "expert_load": jnp.mean(per_expert / jnp.maximum(kept, 1.0)[:, None], axis=0),
-      "dropped_fraction": jnp.mean(1.0 - kept / selected),
+      "dropped_fraction": jnp.mean((selected - kept) / jnp.maximum(selected, 1.0)),
       "experts_per_token": jnp.mean(kept) / s,
       "router_entropy": -jnp.mean(jnp.sum(probs * jnp.log(safe_p), axis=-1)),
   }

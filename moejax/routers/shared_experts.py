@@ -7,6 +7,11 @@ The shared experts need no routing decision (the MoE layer applies them densely,
 g_{i,t} = s_{i,t} (paper eq. 5), and the expert-level balance loss
 L = alpha * sum_i f_i P_i with f_i = E / (k T) * sum_t 1(token t chose i), which equals
 the Switch loss computed over assignments.
+
+DeepSeek-V2's released model (DeepSeek-AI, 2024; its config's ``routed_scaling_factor``,
+16 for V2, 1 for V2-Lite) multiplies the routed gate values by a = cfg.routed_scaling_factor
+(default 1): y_t = FFN_shared(x_t) + sum_i a * g_{i,t} FFN_i(x_t). The balance loss and
+metrics use the unscaled probabilities.
 """
 
 import jax.numpy as jnp
@@ -17,5 +22,6 @@ from moejax.routers.base import Routing, register_router, select_top_k, token_ch
 @register_router("shared_experts")
 def route_shared_experts(logits, cfg) -> Routing:
   probs, expert_index, weight = select_top_k(logits, cfg.top_k, cfg.router_order)
+  weight = weight * cfg.routed_scaling_factor
   selected = jnp.ones(expert_index.shape, bool)
   return token_choice_routing(logits, probs, expert_index, weight, selected, cfg)

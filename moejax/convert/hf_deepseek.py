@@ -1,0 +1,413 @@
+"""moejax <-> Hugging Face DeepSeek-V2 (``deepseek_v2``): tensor names, layouts, config.json.
+
+Target: transformers' ``DeepseekV2ForCausalLM`` (the DeepSeek-V2 / V2-Lite layout; DeepSeek-
+AI, 2024): Multi-head Latent Attention with or without the low-rank query path, the first
+``first_k_dense_replace`` layers dense, every later layer DeepSeekMoE (softmax router,
+greedy top-k, gates not renormalised, times ``routed_scaling_factor``, plus
+``n_shared_experts`` shared experts run as one SwiGLU of width
+``n_shared_experts * moe_intermediate_size``).
+
+moejax equivalent: attention='mla', moe_every=1, first_moe_layer=first_k_dense_replace,
+router='shared_experts', router_order='softmax_topk', activation='silu', dropless=True
+(HF never drops tokens; a capacity-limited moejax model exports, but agrees with HF only
+where no expert overflows).
+
+Tensor correspondence (torch ``nn.Linear`` stores ``weight`` [out, in]; moejax kernels are
+[in, ..., out]). Per-layer HF names are relative to ``model.layers.{i}.``; i = layer,
+j = expert; Dqk = D_n + D_r; H heads:
+
+  moejax param                          HF tensor                                 map
+  embed/embedding          [V, d]       model.embed_tokens.weight        [V, d]     =
+  layers_i/attn_norm/scale [d]          input_layernorm.weight           [d]        =
+  layers_i/attn/q/kernel   [d, H, Dqk]  self_attn.q_proj.weight          [H*Dqk, d] reshape, T
+  layers_i/attn/q_a/kernel [d, r_q]     self_attn.q_a_proj.weight        [r_q, d]   T
+  layers_i/attn/q_norm/scale [r_q]      self_attn.q_a_layernorm.weight   [r_q]      =
+  layers_i/attn/q_b/kernel [r_q,H,Dqk]  self_attn.q_b_proj.weight        [H*Dqk, r_q] reshape, T
+  layers_i/attn/kv_a/kernel [d, r_kv+D_r] self_attn.kv_a_proj_with_mqa.weight [r_kv+D_r, d] T
+  layers_i/attn/kv_norm/scale [r_kv]    self_attn.kv_a_layernorm.weight  [r_kv]     =
+  layers_i/attn/kv_b/kernel [r_kv, H, D_n+D_v] self_attn.kv_b_proj.weight [H*(D_n+D_v), r_kv]
+                                                                                    reshape, T
+  layers_i/attn/o/kernel   [H, D_v, d]  self_attn.o_proj.weight          [d, H*D_v] reshape, T
+  layers_i/ffn_norm/scale  [d]          post_attention_layernorm.weight  [d]        =
+  dense layers (i < first_k_dense_replace):
+  layers_i/ffn/wi_gate     [d, f]       mlp.gate_proj.weight             [f, d]     T
+  layers_i/ffn/wi_up       [d, f]       mlp.up_proj.weight               [f, d]     T
+  layers_i/ffn/wo          [f, d]       mlp.down_proj.weight             [d, f]     T
+  MoE layers:
+  layers_i/ffn/router      [d, E]       mlp.gate.weight                  [E, d]     T
+  layers_i/ffn/wi_gate     [E, d, f]    mlp.experts.j.gate_proj.weight   [f, d]     [j].T
+  layers_i/ffn/wi_up       [E, d, f]    mlp.experts.j.up_proj.weight     [f, d]     [j].T
+  layers_i/ffn/wo          [E, f, d]    mlp.experts.j.down_proj.weight   [d, f]     [j].T
+  layers_i/ffn/shared/wi_gate [d, s]    mlp.shared_experts.gate_proj.weight [s, d]  T
+  layers_i/ffn/shared/wi_up   [d, s]    mlp.shared_experts.up_proj.weight   [s, d]  T
+  layers_i/ffn/shared/wo      [s, d]    mlp.shared_experts.down_proj.weight [d, s]  T
+  final_norm/scale         [d]          model.norm.weight                [d]        =
+  lm_head/kernel           [d, V]       lm_head.weight (absent when tied) [V, d]    T
+
+(s = n_shared_experts * moe_intermediate_size.) The per-expert ``experts.j.*_proj`` names
+are what ``DeepseekV2ForCausalLM.save_pretrained`` writes; transformers >= 5 fuses them in
+memory to ``mlp.experts.gate_up_proj`` [E, 2f, d] / ``mlp.experts.down_proj`` [E, d, f],
+which import also accepts. Every map is a pure reshape/transpose, so import -> export is
+bit-exact.
+
+Limits (clear ConversionError otherwise): default RoPE only (YaRN, given by
+``rope_parameters.rope_type`` or 4.x ``rope_scaling``, is not implemented; the released
+DeepSeek-V2(-Lite) checkpoints use it for their 128k/32k context, so they are rejected),
+topk_method='greedy' (no group-limited routing), norm_topk_prob=false,
+moe_layer_freq=1, no attention/MLP biases, SiLU, num_key_value_heads = num_attention_heads,
+at least one shared expert and one MoE layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from typing import Any, Callable
+
+import flax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from moejax.convert.safetensors_io import ConversionError
+
+ARCHITECTURE = "DeepseekV2ForCausalLM"
+MODEL_TYPE = "deepseek_v2"
+DEFAULT_AUX_LOSS_ALPHA = 0.001  # DeepSeek-V2-Lite's expert-level balance factor
+
+Array = np.ndarray
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one moejax leaf of shape `shape` is stored in HF: to_hf(x), from_hf(t, shape),
+  hf_shape(shape) (the expected HF shape, computed without touching data)."""
+
+  to_hf: Callable[[Array], Array]
+  from_hf: Callable[[Array, tuple], Array]
+  hf_shape: Callable[[tuple], tuple]
+
+
+SAME = Layout(lambda x: x, lambda t, shape: t, tuple)
+TRANSPOSE = Layout(np.transpose, lambda t, shape: t.T, lambda s: tuple(s[::-1]))
+# kernel [in, *out] <-> Linear weight [prod(out), in]
+LINEAR_IN = Layout(lambda x: x.reshape(x.shape[0], -1).T,
+                   lambda t, shape: t.T.reshape(shape),
+                   lambda s: (math.prod(s[1:]), s[0]))
+# kernel [*in, out] <-> Linear weight [out, prod(in)]
+LINEAR_OUT = Layout(lambda x: x.reshape(-1, x.shape[-1]).T,
+                    lambda t, shape: t.T.reshape(shape),
+                    lambda s: (s[-1], math.prod(s[:-1])))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+  """moejax param `path` <-> HF tensor `name`. `expert` = j: the HF tensor is expert j's
+  [out, in] slice of the stacked moejax [E, in, out] leaf."""
+
+  path: str
+  name: str
+  layout: Layout = SAME
+  expert: int | None = None
+
+
+def _attention_maps(cfg, ml: str, hf: str) -> list[TensorMap]:
+  a, s = f"{ml}/attn", f"{hf}.self_attn"
+  if cfg.q_lora_rank:
+    maps = [TensorMap(f"{a}/q_a/kernel", f"{s}.q_a_proj.weight", TRANSPOSE),
+            TensorMap(f"{a}/q_norm/scale", f"{s}.q_a_layernorm.weight"),
+            TensorMap(f"{a}/q_b/kernel", f"{s}.q_b_proj.weight", LINEAR_IN)]
+  else:
+    maps = [TensorMap(f"{a}/q/kernel", f"{s}.q_proj.weight", LINEAR_IN)]
+  return maps + [
+      TensorMap(f"{a}/kv_a/kernel", f"{s}.kv_a_proj_with_mqa.weight", TRANSPOSE),
+      TensorMap(f"{a}/kv_norm/scale", f"{s}.kv_a_layernorm.weight"),
+      TensorMap(f"{a}/kv_b/kernel", f"{s}.kv_b_proj.weight", LINEAR_IN),
+      TensorMap(f"{a}/o/kernel", f"{s}.o_proj.weight", LINEAR_OUT),
+  ]
+
+
+_FFN = (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj"))
+
+
+def _ffn_maps(cfg, i: int, ml: str, hf: str) -> list[TensorMap]:
+  f, m = f"{ml}/ffn", f"{hf}.mlp"
+  if not cfg.is_moe_layer(i):
+    return [TensorMap(f"{f}/{p}", f"{m}.{w}.weight", TRANSPOSE) for p, w in _FFN]
+  maps = [TensorMap(f"{f}/router", f"{m}.gate.weight", TRANSPOSE)]
+  maps += [TensorMap(f"{f}/shared/{p}", f"{m}.shared_experts.{w}.weight", TRANSPOSE)
+           for p, w in _FFN]
+  for j in range(cfg.moe.num_experts):
+    maps += [TensorMap(f"{f}/{p}", f"{m}.experts.{j}.{w}.weight", TRANSPOSE, expert=j)
+             for p, w in _FFN]
+  return maps
+
+
+def tensor_maps(cfg) -> list[TensorMap]:
+  """Every (moejax param, HF tensor) pair of a model config, in a fixed order."""
+  maps = [TensorMap("embed/embedding", "model.embed_tokens.weight"),
+          TensorMap("final_norm/scale", "model.norm.weight")]
+  if not cfg.tie_embeddings:
+    maps.append(TensorMap("lm_head/kernel", "lm_head.weight", TRANSPOSE))
+  for i in range(cfg.num_layers):
+    ml, hf = f"layers_{i}", f"model.layers.{i}"
+    maps += [TensorMap(f"{ml}/attn_norm/scale", f"{hf}.input_layernorm.weight"),
+             TensorMap(f"{ml}/ffn_norm/scale", f"{hf}.post_attention_layernorm.weight")]
+    maps += _attention_maps(cfg, ml, hf)
+    maps += _ffn_maps(cfg, i, ml, hf)
+  return maps
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def require_exportable(model_cfg) -> None:
+  """Raises ConversionError naming the config fields HF DeepSeek-V2 cannot express."""
+  moe = model_cfg.moe
+  problems = []
+  if model_cfg.attention != "mla":
+    problems.append(f"model.attention={model_cfg.attention!r} must be 'mla' (DeepSeek-V2 "
+                    "uses Multi-head Latent Attention)")
+  if moe is None or model_cfg.moe_every != 1:
+    problems.append("every layer from model.first_moe_layer on must be MoE "
+                    "(model.moe_every=1)")
+  if moe is not None:
+    if moe.router != "shared_experts":
+      problems.append(f"model.moe.router={moe.router!r} must be 'shared_experts'")
+    if moe.router_order != "softmax_topk":
+      problems.append(f"model.moe.router_order={moe.router_order!r} must be 'softmax_topk' "
+                      "(DeepSeek-V2 does not renormalise the top-k weights)")
+    if moe.activation != "silu":
+      problems.append(f"model.moe.activation={moe.activation!r} must be 'silu'")
+    if moe.num_null_experts:
+      problems.append("DeepSeek-V2 has no null experts (model.moe.num_null_experts)")
+  if problems:
+    raise ConversionError("this model cannot be exported as HF DeepSeek-V2: " +
+                          "; ".join(problems))
+  if not moe.dropless:
+    log.warning("model.moe.dropless=False: HF DeepSeek-V2 never drops tokens, so the export "
+                "matches this model only where no expert exceeds its capacity")
+
+
+def hf_config(model_cfg) -> dict[str, Any]:
+  """config.json contents for a moejax ModelConfig (after `require_exportable`)."""
+  m, moe = model_cfg, model_cfg.moe
+  return {
+      "architectures": [ARCHITECTURE],
+      "model_type": MODEL_TYPE,
+      "vocab_size": m.vocab_size,
+      "hidden_size": m.d_model,
+      "intermediate_size": m.d_ff,
+      "moe_intermediate_size": moe.expert_d_ff,
+      "num_hidden_layers": m.num_layers,
+      "num_attention_heads": m.num_heads,
+      "num_key_value_heads": m.num_heads,
+      "q_lora_rank": m.q_lora_rank or None,
+      "kv_lora_rank": m.kv_lora_rank,
+      "qk_nope_head_dim": m.qk_nope_head_dim,
+      "qk_rope_head_dim": m.qk_rope_head_dim,
+      "v_head_dim": m.v_head_dim,
+      "head_dim": m.qk_rope_head_dim,  # what transformers derives and writes
+      "n_routed_experts": moe.num_experts,
+      "n_shared_experts": moe.num_shared_experts,
+      "num_experts_per_tok": moe.top_k,
+      "first_k_dense_replace": m.first_moe_layer,
+      "moe_layer_freq": 1,
+      "routed_scaling_factor": float(moe.routed_scaling_factor),
+      "topk_method": "greedy",
+      "n_group": None,
+      "topk_group": None,
+      "norm_topk_prob": False,
+      "aux_loss_alpha": moe.load_balance_weight,
+      "hidden_act": "silu",
+      "rms_norm_eps": m.rms_norm_eps,
+      "rope_theta": m.rope_theta,
+      "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+      "max_position_embeddings": m.max_len,
+      "tie_word_embeddings": m.tie_embeddings,
+      "attention_bias": False,
+      "mlp_bias": False,
+      "attention_dropout": 0.0,
+      "output_router_logits": False,
+      "torch_dtype": str(m.param_dtype),
+      "dtype": str(m.param_dtype),
+      "bos_token_id": 1,
+      "eos_token_id": 2,
+  }
+
+
+def _rope_type(hf: dict[str, Any]) -> tuple[str, float]:
+  """(rope_type, rope_theta) from transformers 5 ``rope_parameters`` and/or 4.x
+  ``rope_theta`` + ``rope_scaling``; any non-default type among them wins."""
+  params = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or {}
+  types = [params.get("rope_type"), scaling.get("rope_type") or scaling.get("type")]
+  rope_type = next((t for t in types if t not in (None, "default")), "default")
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  return rope_type, float(theta)
+
+
+def _reject(field: str, value, allowed: str) -> None:
+  raise ConversionError(f"config.json {field}={value!r} is not supported by the DeepSeek-V2 "
+                        f"converter: {allowed}")
+
+
+def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The ``model`` config section (ConfigDict) equivalent to an HF DeepSeek-V2 config.json."""
+  if hf.get("model_type") != MODEL_TYPE:
+    raise ConversionError(f"config.json model_type={hf.get('model_type')!r} is not supported "
+                          f"by the DeepSeek-V2 converter (expected {MODEL_TYPE!r})")
+  rope_type, theta = _rope_type(hf)
+  if rope_type != "default":
+    _reject("rope_parameters.rope_type", rope_type,
+            "only 'default' RoPE (YaRN and other scaled RoPE are not implemented)")
+  checks = [("topk_method", "greedy", "only 'greedy' top-k routing"),
+            ("norm_topk_prob", False, "the top-k weights must not be renormalised"),
+            ("moe_layer_freq", 1, "every layer from first_k_dense_replace on must be MoE"),
+            ("attention_bias", False, "no attention biases"),
+            ("mlp_bias", False, "no MLP biases"),
+            ("hidden_act", "silu", "SiLU (SwiGLU) only")]
+  for field, allowed, why in checks:
+    value = hf.get(field, allowed)
+    if value != allowed:
+      _reject(field, value, f"{why} ({allowed!r})")
+  heads = hf["num_attention_heads"]
+  if hf.get("num_key_value_heads") not in (None, heads):
+    _reject("num_key_value_heads", hf["num_key_value_heads"],
+            f"MLA needs num_key_value_heads = num_attention_heads = {heads}")
+  if not hf.get("n_shared_experts"):
+    _reject("n_shared_experts", hf.get("n_shared_experts"), "at least one shared expert")
+  layers, first_moe = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 0)
+  if not (hf.get("n_routed_experts") and first_moe < layers):
+    _reject("first_k_dense_replace", first_moe,
+            f"at least one MoE layer (n_routed_experts={hf.get('n_routed_experts')!r}, "
+            f"num_hidden_layers={layers})")
+
+  model = ml_collections.ConfigDict()
+  model.vocab_size = hf["vocab_size"]
+  model.d_model = hf["hidden_size"]
+  model.num_layers = layers
+  model.num_heads = heads
+  model.num_kv_heads = heads  # unused by MLA
+  model.head_dim = hf["qk_rope_head_dim"]  # unused by MLA; transformers' head_dim
+  model.attention = "mla"
+  model.q_lora_rank = hf.get("q_lora_rank") or 0
+  model.kv_lora_rank = hf["kv_lora_rank"]
+  model.qk_nope_head_dim = hf["qk_nope_head_dim"]
+  model.qk_rope_head_dim = hf["qk_rope_head_dim"]
+  model.v_head_dim = hf["v_head_dim"]
+  model.d_ff = hf["intermediate_size"]
+  model.moe_every = 1
+  model.first_moe_layer = first_moe
+  model.rope_theta = theta
+  model.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+  model.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
+  model.max_len = hf.get("max_position_embeddings", 4096)
+  model.moe = ml_collections.ConfigDict(dict(
+      num_experts=hf["n_routed_experts"], expert_d_ff=hf["moe_intermediate_size"],
+      router="shared_experts", num_shared_experts=hf["n_shared_experts"],
+      top_k=hf["num_experts_per_tok"], router_order="softmax_topk", dropless=True,
+      activation="silu", routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+      load_balance_weight=float(hf.get("aux_loss_alpha", DEFAULT_AUX_LOSS_ALPHA))))
+  return model
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _flatten(params) -> dict[str, Any]:
+  """{'layers_0/attn/q/kernel': leaf} for a nested dict (or FrozenDict) of leaves."""
+  return traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+
+
+def to_hf_tensors(params: dict, model_cfg) -> dict[str, Array]:
+  """moejax params (nested dict of arrays) -> {HF tensor name: numpy array}."""
+  require_exportable(model_cfg)
+  flat = _flatten(params)
+  maps = tensor_maps(model_cfg)
+  tensors = {}
+  for m in maps:
+    if m.path not in flat:
+      raise ConversionError(f"moejax parameter {m.path} is missing from the checkpoint")
+    value = np.asarray(flat[m.path])
+    value = value[m.expert] if m.expert is not None else value
+    tensors[m.name] = np.ascontiguousarray(m.layout.to_hf(value))
+  unused = set(flat) - {m.path for m in maps}
+  if unused:
+    raise ConversionError(f"moejax parameters with no DeepSeek-V2 counterpart: "
+                          f"{sorted(unused)}")
+  return tensors
+
+
+_FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+
+
+def _defuse(tensors: dict[str, Array]) -> dict[str, Array]:
+  """transformers >= 5 in-memory expert layout (``mlp.experts.gate_up_proj`` [E, 2f, d],
+  ``mlp.experts.down_proj`` [E, d, f]) -> the per-expert names of the file format."""
+  out = {}
+  for name, t in tensors.items():
+    m = _FUSED.fullmatch(name)
+    if not m:
+      out[name] = t
+      continue
+    prefix, kind = m.groups()
+    for j in range(t.shape[0]):
+      if kind == "gate_up_proj":
+        f = t.shape[1] // 2
+        out[f"{prefix}.{j}.gate_proj.weight"] = t[j, :f]
+        out[f"{prefix}.{j}.up_proj.weight"] = t[j, f:]
+      else:
+        out[f"{prefix}.{j}.down_proj.weight"] = t[j]
+  return out
+
+
+def _check_shape(name: str, got: tuple, expected: tuple) -> None:
+  if tuple(got) != tuple(expected):
+    raise ConversionError(f"tensor {name} has shape {tuple(got)} but the moejax config "
+                          f"expects {tuple(expected)}")
+
+
+def from_hf_tensors(tensors: dict[str, Array], abstract_params: dict, model_cfg) -> dict:
+  """{HF tensor name: array} -> moejax params shaped like `abstract_params`.
+
+  `abstract_params`: a tree of arrays or ShapeDtypeStructs giving every expected shape
+  (e.g. ``jax.eval_shape(model.init, ...)``). Raises ConversionError naming a missing
+  tensor, a tensor and both shapes on a mismatch, or HF tensors nothing maps to.
+  """
+  tensors = _defuse(tensors)
+  like = _flatten(abstract_params)
+  maps = tensor_maps(model_cfg)
+  flat: dict[str, Array] = {}
+  experts: dict[str, list[Array]] = {}
+  for m in maps:
+    if m.name not in tensors:
+      raise ConversionError(f"tensor {m.name} (for moejax {m.path}) is missing from the HF "
+                            "checkpoint")
+    if m.path not in like:
+      raise ConversionError(f"moejax parameter {m.path} (for HF {m.name}) is not in the "
+                            "model built from config.json")
+    t, shape = tensors[m.name], tuple(like[m.path].shape)
+    if m.expert is not None:
+      _check_shape(m.name, t.shape, m.layout.hf_shape(shape[1:]))
+      experts.setdefault(m.path, []).append(m.layout.from_hf(t, shape[1:]))
+    else:
+      _check_shape(m.name, t.shape, m.layout.hf_shape(shape))
+      flat[m.path] = m.layout.from_hf(t, shape)
+  for path, parts in experts.items():
+    flat[path] = np.stack(parts)
+  unused = sorted(set(tensors) - {m.name for m in maps})
+  if unused:
+    raise ConversionError(f"HF tensors with no moejax counterpart (does config.json match "
+                          f"the weights?): {unused[:5]}{' ...' if len(unused) > 5 else ''}")
+  for path, target in like.items():
+    if path not in flat:
+      raise ConversionError(f"no HF tensor maps to moejax parameter {path}")
+    flat[path] = np.asarray(flat[path]).astype(target.dtype, copy=False)
+  return traverse_util.unflatten_dict(flat, sep="/")

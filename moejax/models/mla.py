@@ -1,0 +1,126 @@
+"""Multi-head Latent Attention (MLA; DeepSeek-AI, 2024, "DeepSeek-V2", Sec. 2.1), causal.
+
+Keys and values are generated from one small latent c_kv per token (the only thing a KV
+cache has to hold, r_kv + D_r numbers); queries optionally from a low-rank latent c_q.
+Per head h, query/key dims split into D_n "nope" dims (no position) and D_r RoPE dims;
+the RoPE part of the key is one vector shared by all heads (decoupled RoPE):
+
+  c_q  = RMSNorm(x W_qa)                    [B, L, r_q]        (q_lora_rank r_q > 0)
+  q    = c_q W_qb  or  x W_q                [B, L, H, D_n + D_r]
+  q_n, q_r = q[..., :D_n], RoPE(q[..., D_n:])
+  [c, k_r] = x W_kva                        [B, L, r_kv + D_r]
+  c_kv = RMSNorm(c),  k_r = RoPE(k_r)       k_r shared by the H heads
+  [k_n, v] = c_kv W_kvb                     [B, L, H, D_n + D_v]
+  A[b, h, l, m] = softmax_m( (q_n . k_n + q_r . k_r) / sqrt(D_n + D_r) + causal(l, m) )
+  out = (A v) W_o                           [B, L, d]
+
+RoPE here is the interleaved (complex-pair) layout of the paper and of HF DeepSeek-V2
+(``moejax.models.rope.apply_rope_interleaved``), on D_r dims with base ``rope_theta``.
+The two latent RMSNorms use eps = 1e-6 (``LATENT_NORM_EPS``), as DeepSeek-V2 and HF's
+``DeepseekV2Attention`` hard-code, independently of ``model.rms_norm_eps``. Scores and
+softmax are float32; matmuls run in ``dtype``. No biases.
+
+Parameters (``nn.with_logical_partitioning`` names; the latent axes 'q_lora' / 'kv_lora'
+have no sharding rule, so they replicate; heads shard over 'model' like GQA's):
+
+  q/kernel        [d, H, D_n + D_r]      ('embed', 'heads', 'head_dim')    q_lora_rank = 0
+  q_a/kernel      [d, r_q]               ('embed', 'q_lora')               q_lora_rank > 0
+  q_norm/scale    [r_q]                  ('q_lora',)                       q_lora_rank > 0
+  q_b/kernel      [r_q, H, D_n + D_r]    ('q_lora', 'heads', 'head_dim')   q_lora_rank > 0
+  kv_a/kernel     [d, r_kv + D_r]        ('embed', 'kv_lora')   columns [c | k_r]
+  kv_norm/scale   [r_kv]                 ('kv_lora',)
+  kv_b/kernel     [r_kv, H, D_n + D_v]   ('kv_lora', 'heads', 'head_dim')  per head [k_n | v]
+  o/kernel        [H, D_v, d]            ('heads', 'head_dim', 'embed')
+
+Each is the transpose of the HF ``DeepseekV2Attention`` Linear of the same role (q_proj,
+q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj,
+o_proj), reshaped where a head axis is split out; see ``moejax.convert.hf_deepseek``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.models.attention import Projection, causal_mask
+from moejax.models.norms import rms_norm
+from moejax.models.rope import apply_rope_interleaved
+
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentRMSNorm(nn.Module):
+  """RMSNorm over a latent axis: parameter ``scale`` [r] with logical name `axis_name`."""
+
+  axis_name: str
+  eps: float = LATENT_NORM_EPS
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    return rms_norm(x, scale, self.eps).astype(self.dtype)
+
+
+def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rope: jax.Array,
+                  v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """Masked softmax attention with a RoPE key shared by all heads.
+
+  q_nope: [B, L, H, D_n]; q_rope: [B, L, H, D_r]; k_nope: [B, M, H, D_n];
+  k_rope: [B, M, D_r]; v: [B, M, H, D_v]; mask: bool [L, M] -> [B, L, H, D_v].
+  scores = (q_nope . k_nope + q_rope . k_rope) * scale, float32.
+  """
+  scores = (jnp.einsum("blhk,bmhk->bhlm", q_nope, k_nope, preferred_element_type=jnp.float32)
+            + jnp.einsum("blhk,bmk->bhlm", q_rope, k_rope, preferred_element_type=jnp.float32))
+  scores = scores.astype(jnp.float32) * jnp.float32(scale)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhlm,bmhk->blhk", probs, v)
+
+
+class MLAttention(nn.Module):
+  """Causal MLA self-attention: ``y = MLAttention(...)(x, cos, sin)``, x [B, L, d];
+  cos, sin: [L, D_r / 2] from ``interleaved_rope_angles(positions, D_r, theta)``."""
+
+  num_heads: int
+  kv_lora_rank: int
+  qk_nope_head_dim: int
+  qk_rope_head_dim: int
+  v_head_dim: int
+  q_lora_rank: int = 0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    h, dn, dr, dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+    rq, rkv = self.q_lora_rank, self.kv_lora_rank
+    proj = lambda shape, names, eq, name, in_axes=(0,): Projection(
+        shape, names, eq, in_axes, self.dtype, self.param_dtype, name=name)
+    norm = lambda axis, name: LatentRMSNorm(axis, LATENT_NORM_EPS, self.dtype,
+                                            self.param_dtype, name=name)
+
+    if rq:
+      c_q = proj((d, rq), ("embed", "q_lora"), "bld,dr->blr", "q_a")(x)
+      c_q = norm("q_lora", "q_norm")(c_q)
+      q = proj((rq, h, dn + dr), ("q_lora", "heads", "head_dim"), "blr,rhk->blhk", "q_b")(c_q)
+    else:
+      q = proj((d, h, dn + dr), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "q")(x)
+    q_nope, q_rope = q[..., :dn], apply_rope_interleaved(q[..., dn:], cos, sin)
+
+    kv_a = proj((d, rkv + dr), ("embed", "kv_lora"), "bld,dr->blr", "kv_a")(x)
+    c_kv = norm("kv_lora", "kv_norm")(kv_a[..., :rkv])  # [B, L, r_kv]
+    k_rope = apply_rope_interleaved(kv_a[..., None, rkv:], cos, sin)[..., 0, :]  # [B, L, D_r]
+    kv = proj((rkv, h, dn + dv), ("kv_lora", "heads", "head_dim"), "blr,rhk->blhk",
+              "kv_b")(c_kv)
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+
+    out = mla_attention(q_nope, q_rope, k_nope, k_rope, v, causal_mask(x.shape[1]),
+                        (dn + dr) ** -0.5)
+    return proj((h, dv, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o",
+                (0, 1))(out)
