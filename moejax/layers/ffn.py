@@ -38,8 +38,13 @@ def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arr
   x: [G, E, C, d]; w_gate, w_up: [E, d, f]; w_down: [E, f, d] -> [G, E, C, d].
   """
   act = ACTIVATIONS[activation]
-  h = act(jnp.einsum("gecd,edf->gecf", x, w_gate)) * jnp.einsum("gecd,edf->gecf", x, w_up)
-  return jnp.einsum("gecf,efd->gecd", h, w_down)
+  g, e, c, d = x.shape
+  # One batched matmul per expert over its G*C slots ('etd,edf->etf'): the weight
+  # gradients then contract a single token axis, which XLA:CPU runs ~3x faster.
+  slots = jnp.swapaxes(x, 0, 1).reshape(e, g * c, d)  # [E, T=G*C, d]
+  h = act(jnp.einsum("etd,edf->etf", slots, w_gate)) * jnp.einsum("etd,edf->etf", slots, w_up)
+  y = jnp.einsum("etf,efd->etd", h, w_down)  # [E, T, d]
+  return jnp.swapaxes(y.reshape(e, g, c, -1), 0, 1)  # [G, E, C, d]
 
 
 class DenseFFN(nn.Module):
