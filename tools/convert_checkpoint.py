@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import sys
 
@@ -36,9 +35,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
+from moejax.cli import parse_mesh, run_subcommand  # noqa: E402
 from moejax.errors import ConfigError  # noqa: E402
-
-log = logging.getLogger("convert_checkpoint")
 
 
 def _load_config(args) -> ConfigDict:
@@ -46,17 +44,6 @@ def _load_config(args) -> ConfigDict:
   if getattr(args, "config", None):
     return load_config_file(args.config)
   return load_run_config(args.workdir)
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """'data=4,expert=2,model=1' -> {'data': 4, 'expert': 2, 'model': 1}."""
-  out = {}
-  for part in text.split(","):
-    name, sep, value = part.partition("=")
-    if not sep:
-      raise argparse.ArgumentTypeError(f"--mesh entry {part!r} must look like expert=4")
-    out[name.strip()] = int(value)
-  return out
 
 
 def parse_size(text: str) -> int:
@@ -239,14 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  args = build_parser().parse_args(argv)
-  try:
-    args.fn(args)
-  except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_subcommand(build_parser(), argv)
 
 
 if __name__ == "__main__":

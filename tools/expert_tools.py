@@ -23,25 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """'data=-1,expert=2,model=1' -> {'data': -1, 'expert': 2, 'model': 1}."""
-  out = {}
-  for part in text.split(","):
-    name, sep, value = part.partition("=")
-    if not sep:
-      raise argparse.ArgumentTypeError(f"--mesh entry {part!r} must look like expert=2")
-    try:
-      out[name.strip()] = int(value)
-    except ValueError as e:
-      raise argparse.ArgumentTypeError(f"--mesh entry {part!r}: size must be an int") from e
-  return out
+from moejax.cli import parse_mesh, run_subcommand  # noqa: E402
 
 
 def cmd_stats(args) -> None:
@@ -127,16 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-file chatter
-  args = build_parser().parse_args(argv)
-  from moejax.errors import ConfigError
-  try:
-    args.fn(args)
-  except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_subcommand(build_parser(), argv)
 
 
 if __name__ == "__main__":
