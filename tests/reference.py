@@ -8,6 +8,7 @@ test comparing the two can fail if either is wrong. Nothing here imports moejax.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -32,6 +33,8 @@ def ranked(values) -> np.ndarray:
 
 
 def reference_capacity(router: str, s: int, e: int, k: int, cf: float, dropless: bool) -> int:
+  """Exact rational arithmetic on cf as written (1.1 is 11/10, not the nearest double)."""
+  cf = Fraction(repr(cf))
   if router == "expert_choice":
     return min(s, math.ceil(cf * s / e))
   if dropless:

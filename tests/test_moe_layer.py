@@ -93,7 +93,7 @@ def test_layer_matches_per_token_loop_reference(name):
     expected_losses = {"load_balance_loss", "z_loss"} | (
         {"dynamic_loss"} if cfg.router == "top_p" else set())
     assert set(aux["aux_losses"]) == expected_losses
-    dropped = np.mean([1 - len(kept) / max(n, 1) for kept, n, _ in routing])
+    dropped = np.mean([(n - len(kept)) / max(n, 1) for kept, n, _ in routing])
     np.testing.assert_allclose(aux["metrics"]["dropped_fraction"], dropped, atol=1e-6)
     if name == "topk_drop_silu":
       assert dropped > 0, "this case must exercise capacity dropping"

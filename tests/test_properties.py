@@ -369,12 +369,13 @@ LAYER_KINDS = ("gaussian", "zero_router", "one_column", "extreme", "tiny_set")
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def layer_and_routing(params, x, cfg: MoEConfig, dtype):
-  """(y, aux) of MoELayer(cfg, dtype) and the Routing of the same logits (mesh=None)."""
+  """(y, aux) of MoELayer(cfg, dtype) (mesh=None), its token groups [G, S, d], router
+  logits [G, S, R] and their Routing."""
   y, aux = MoELayer(cfg, dtype=dtype).apply({"params": params}, x)
   groups = to_groups(jnp.asarray(x, dtype), cfg.group_size)  # [G, S, d]
   logits = jnp.einsum("gsd,dr->gsr", groups.astype(jnp.float32),
                       params["router"].astype(jnp.float32))
-  return y, aux, groups, route(logits, cfg)
+  return y, aux, groups, logits, route(logits, cfg)
 
 
 def layer_inputs(cfg: MoEConfig, kind: str, rng: np.random.Generator, shape, dtype):
@@ -442,13 +443,12 @@ def layer_case(data) -> None:
   kind = data.draw(st.sampled_from(LAYER_KINDS), label="kind")
   rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1), label="seed"))
   x, params = layer_inputs(cfg, kind, rng, (b, length, D_MODEL), dtype)
-  y, aux, groups, routing = jax.device_get(layer_and_routing(params, x, cfg, dtype))
+  y, aux, groups, logits, routing = jax.device_get(layer_and_routing(params, x, cfg, dtype))
   chex.assert_shape(y, x.shape)
   assert y.dtype == dtype
   y = np.asarray(y, np.float64)
   assert np.all(np.isfinite(y))
-  check_routing(routing, cfg, np.einsum("gsd,dr->gsr", np.asarray(groups, np.float32),
-                                        np.asarray(params["router"], np.float32)))
+  check_routing(routing, cfg, np.asarray(logits, np.float64))
   # The layer reports its routing's losses and metrics.
   chex.assert_trees_all_close(aux["aux_losses"], routing.aux_losses, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(aux["metrics"], routing.metrics, rtol=1e-6, atol=1e-6)
@@ -478,7 +478,8 @@ def test_layer_matches_per_token_reference_long(data):
 
 def test_tokens_routed_only_to_null_experts_output_zero():
   """AdaMoE: a null expert outputs zero, so a token whose top-k are all null experts gets
-  exactly zero output, whatever the capacity."""
+  exactly zero output, whatever the capacity. Regression: dropped_fraction was 1 here
+  (1 - kept / max(selected, 1) with nothing selected); nothing was dropped."""
   cfg = MoEConfig(router="null_experts", num_experts=3, num_null_experts=2, top_k=2,
                   expert_d_ff=3, capacity_factor=2.0)
   x, params = layer_inputs(cfg, "gaussian", np.random.default_rng(0), (2, 5, D_MODEL),
@@ -487,7 +488,7 @@ def test_tokens_routed_only_to_null_experts_output_zero():
   router = np.zeros(params["router"].shape, np.float32)
   router[0, 3:] = 1e4  # both null experts beat every real expert for every token
   params = dict(params, router=jnp.asarray(router))
-  y, aux, _, routing = layer_and_routing(params, x, cfg, jnp.float32)
+  y, aux, _, _, routing = layer_and_routing(params, x, cfg, jnp.float32)
   assert not bool(jnp.any(routing.slot_valid))
   chex.assert_trees_all_equal(y, jnp.zeros_like(x))
   assert float(aux["metrics"]["experts_per_token"]) == 0.0

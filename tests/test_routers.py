@@ -70,7 +70,7 @@ def assert_matches_reference(routing, reference, atol=1e-5):
 
 
 def reference_dropped_fraction(reference):
-  fr = [1.0 - len(kept) / max(n_sel, 1) for kept, n_sel, _ in reference]
+  fr = [(n_sel - len(kept)) / max(n_sel, 1) for kept, n_sel, _ in reference]
   return float(np.mean(fr))
 
 
