@@ -27,8 +27,8 @@ Per device (every step is local except the three named collectives):
   all_to_all over 'expert' (split P_dst, concat P_src)          [G_loc, P_src, E_loc, C, d]
     device p now holds, for each of its E_loc experts, the C slots of every group of
     every device on its expert row (G_loc * P groups' worth of slots per expert).
-  h = act(x W_gate) * (x W_up)           'gpecd,edf->gpecf'   [G_loc, P_src, E_loc, C, f_loc]
-  y_part = h W_down                      'gpecf,efd->gpecd'   partial sum over f_loc
+  h = act(x W_gate) * (x W_up)           'etd,edf->etf'       T = G_loc * P_src * C slots
+  y_part = h W_down                      'etf,efd->etd'       partial sum over f_loc
   psum over 'model'                                             [G_loc, P_src, E_loc, C, d]
   all_to_all over 'expert' (back: split P_src, concat P_dst)    [G_loc, P_dst, E_loc, C, d]
   reshape, scatter-add with combine weights                     [G_loc, S, d]
@@ -64,11 +64,10 @@ import math
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.errors import config_error
-from moejax.layers.ffn import ACTIVATIONS
+from moejax.layers.ffn import expert_ffn
 from moejax.layers.moe import ExpertFn, moe_forward
 from moejax.moe_config import MoEConfig
 from moejax.parallel.mesh import MESH_AXES, TOKEN_AXES, validate_mesh_for_moe
@@ -96,8 +95,6 @@ def all_to_all_experts(cfg: MoEConfig, axis: str = EXPERT_AXIS,
     expert_fn(x_slots [G_loc, E, C, d], w_gate [E_loc, d, f_loc], w_up [E_loc, d, f_loc],
     w_down [E_loc, f_loc, d]) -> [G_loc, E, C, d], with E = E_loc * size(axis).
   """
-  act = ACTIVATIONS[cfg.activation]
-
   def expert_fn(x, w_gate, w_up, w_down):
     g, e, c, d = x.shape
     e_loc = w_gate.shape[0]
@@ -107,11 +104,11 @@ def all_to_all_experts(cfg: MoEConfig, axis: str = EXPERT_AXIS,
                        f"{e_loc} local experts x {ep} devices on mesh axis '{axis}'")
     x = x.reshape(g, ep, e_loc, c, d)  # [G, P_dst, E_loc, C, d]
     x = jax.lax.all_to_all(x, axis, split_axis=1, concat_axis=1, tiled=True)  # P_src
-    h = act(jnp.einsum("gpecd,edf->gpecf", x, w_gate)) * jnp.einsum(
-        "gpecd,edf->gpecf", x, w_up)
-    y = jnp.einsum("gpecf,efd->gpecd", h, w_down)  # partial sums over the f shards
+    # The local experts on the slots of G * P_src groups; partial sums over the f shards.
+    y = expert_ffn(x.reshape(g * ep, e_loc, c, d), w_gate, w_up, w_down, cfg.activation)
     if model_axis is not None:
       y = jax.lax.psum(y, model_axis)
+    y = y.reshape(g, ep, e_loc, c, d)
     y = jax.lax.all_to_all(y, axis, split_axis=1, concat_axis=1, tiled=True)  # P_dst
     return y.reshape(g, e, c, d)
 
