@@ -2,7 +2,10 @@
 
 import os
 
+import numpy as np
+
 from moejax.convert.run_io import load_config_file
+from moejax.convert.safetensors_io import read_safetensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,3 +57,12 @@ TINY_FLAGS = [
     "--config.data.seq_len=32", "--config.data.global_batch_size=8",
     "--config.train.log_every=1", "--config.train.eval_every=0",
 ]
+
+
+def assert_same_safetensors(dir_a, dir_b) -> None:
+  """Two HF checkpoint directories hold the same tensor names, dtypes and bits."""
+  a, b = read_safetensors(str(dir_a)), read_safetensors(str(dir_b))
+  assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+  for name in a:
+    assert a[name].dtype == b[name].dtype, name
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)

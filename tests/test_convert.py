@@ -17,11 +17,11 @@ from moejax.config import ModelConfig
 from moejax.convert import hf, hf_mixtral
 from moejax.convert.reshard import reshard_checkpoint
 from moejax.convert.run_io import load_run_config, restore_state
-from moejax.convert.safetensors_io import ConversionError, INDEX_FILE, read_safetensors
+from moejax.convert.safetensors_io import ConversionError, INDEX_FILE
 from moejax.convert.upcycle import (contiguous_groups, merge_experts, upcycle_params)
 from moejax.models import Transformer
 from moejax.training.loop import train
-from tests.helpers import REPO, tiny_config
+from tests.helpers import REPO, assert_same_safetensors, tiny_config
 
 MIXTRAL_MOE = dict(router="topk", router_order="topk_softmax", dropless=True, top_k=2)
 
@@ -62,10 +62,7 @@ def test_export_import_is_bit_exact(tmp_path):
   chex.assert_trees_all_equal(imported, params)  # bit-exact, same structure and dtypes
   # and again: the re-exported tensors are identical to the first export
   hf.export_hf(imported, model_cfg, str(tmp_path / "hf2"))
-  first, second = read_safetensors(str(tmp_path / "hf")), read_safetensors(str(tmp_path / "hf2"))
-  assert first.keys() == second.keys()
-  for name in first:
-    np.testing.assert_array_equal(first[name], second[name])
+  assert_same_safetensors(tmp_path / "hf", tmp_path / "hf2")
 
 
 def test_sharded_export_writes_an_index_and_round_trips(tmp_path):

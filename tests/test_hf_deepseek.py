@@ -23,9 +23,9 @@ from safetensors.numpy import load_file, save_file
 
 from moejax.config import ModelConfig
 from moejax.convert import hf, hf_deepseek
-from moejax.convert.safetensors_io import ConversionError, read_safetensors
+from moejax.convert.safetensors_io import ConversionError
 from moejax.models import Transformer
-from tests.helpers import load_config
+from tests.helpers import assert_same_safetensors, load_config
 from tests.test_mla import apply, init_params, model_cfg
 
 
@@ -144,12 +144,7 @@ def test_import_then_export_is_bit_identical_to_the_transformers_files(tmp_path,
   cfg = ModelConfig.from_config(section)
   assert cfg.tie_embeddings
   hf.export_hf(params, cfg, str(tmp_path / "again"))
-  original, again = read_safetensors(str(tmp_path / "hf")), read_safetensors(
-      str(tmp_path / "again"))
-  assert original.keys() == again.keys()
-  for name in original:
-    assert original[name].dtype == again[name].dtype, name
-    np.testing.assert_array_equal(original[name], again[name], err_msg=name)
+  assert_same_safetensors(tmp_path / "hf", tmp_path / "again")
   # and the re-exported config describes the same transformers model
   with open(tmp_path / "hf" / "config.json") as f, open(tmp_path / "again" / "config.json") as g:
     a, b = json.load(f), json.load(g)

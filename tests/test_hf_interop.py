@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from moejax.config import ModelConfig  # noqa: E402
 from moejax.convert import hf  # noqa: E402
-from moejax.convert.safetensors_io import read_safetensors  # noqa: E402
+from tests.helpers import assert_same_safetensors  # noqa: E402
 from tests.test_convert import init_params, logits_of, mixtral_model_cfg  # noqa: E402
 
 
@@ -70,12 +70,7 @@ def test_import_then_export_is_bit_identical_to_the_transformers_files(tmp_path)
   section, params = hf.import_hf(str(tmp_path / "hf"))
   model_cfg = ModelConfig.from_config(section)
   hf.export_hf(params, model_cfg, str(tmp_path / "again"))
-  original, again = read_safetensors(str(tmp_path / "hf")), read_safetensors(
-      str(tmp_path / "again"))
-  assert original.keys() == again.keys()
-  for name in original:
-    assert original[name].dtype == again[name].dtype, name
-    np.testing.assert_array_equal(original[name], again[name], err_msg=name)
+  assert_same_safetensors(tmp_path / "hf", tmp_path / "again")
 
 
 def test_sharded_export_loads_in_transformers(tmp_path):
