@@ -27,7 +27,8 @@ def run_subcommand(parser: argparse.ArgumentParser, argv: Sequence[str] | None =
   from moejax.errors import ConfigError
 
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-file chatter
+  for noisy in ("absl", "jax"):  # Orbax's per-file chatter, backend probing
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   args = parser.parse_args(argv)
   try:
     args.fn(args)

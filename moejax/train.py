@@ -58,7 +58,8 @@ def initialize_runtime() -> None:
 def main(argv) -> int:
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO chatter
+  for noisy in ("absl", "jax"):  # Orbax's per-save chatter, backend probing
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   if _CONFIG.value is None or _WORKDIR.value is None:
     print("error: --config and --workdir are required", file=sys.stderr)
     return 2

@@ -206,9 +206,10 @@ def test_cli_help_and_export(trained_run, tmp_path):
   assert out.returncode == 0
   for sub in ("reshard", "export-hf", "import-hf", "upcycle", "merge"):
     assert sub in out.stdout
-  out = subprocess.run([sys.executable, tool, "export-hf", "--workdir", trained_run, "--out",
-                        str(tmp_path / "hf")], capture_output=True, text=True, env=env,
-                       timeout=300)
+  # relative paths, as users type them (Orbax itself insists on absolute ones)
+  out = subprocess.run([sys.executable, tool, "export-hf", "--workdir",
+                        os.path.relpath(trained_run, tmp_path), "--out", "hf"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   state, _, _, exp = restore_state(load_run_config(trained_run), trained_run)
   _, imported = hf.import_hf(str(tmp_path / "hf"))

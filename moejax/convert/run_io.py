@@ -24,6 +24,7 @@ CONFIG_FILE = "config.json"
 
 def checkpoint_dir(path: str) -> str:
   """Accepts a run workdir (holding checkpoints/) or a checkpoints directory."""
+  path = os.path.abspath(path)  # Orbax needs absolute paths
   inner = os.path.join(path, "checkpoints")
   return inner if os.path.isdir(inner) else path
 
