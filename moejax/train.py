@@ -18,7 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file "
+                                          "(default: the workdir's config.json).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl.")
 _RESUME = flags.DEFINE_bool("resume", True, "Resume from the newest usable checkpoint.")
@@ -60,15 +61,23 @@ def main(argv) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   for noisy in ("absl", "jax"):  # Orbax's per-save chatter, backend probing
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    print("error: --config and --workdir are required", file=sys.stderr)
+  if _WORKDIR.value is None:
+    print("error: --workdir is required", file=sys.stderr)
     return 2
+  config = _CONFIG.value
+  if config is None:  # continue a run (e.g. one written by tools/) with its own config
+    from moejax.convert.run_io import load_run_config
+    try:
+      config = load_run_config(_WORKDIR.value)
+    except FileNotFoundError as e:
+      print(f"error: no --config given and {e}", file=sys.stderr)
+      return 2
   initialize_runtime()
   from moejax.errors import ConfigError
   from moejax.training.loop import TrainingDiverged, train
 
   try:
-    result = train(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value,
+    result = train(config, _WORKDIR.value, resume=_RESUME.value,
                    max_steps=_MAX_STEPS.value, show_progress=_PROGRESS.value)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)

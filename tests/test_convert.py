@@ -214,3 +214,20 @@ def test_cli_help_and_export(trained_run, tmp_path):
   state, _, _, exp = restore_state(load_run_config(trained_run), trained_run)
   _, imported = hf.import_hf(str(tmp_path / "hf"))
   chex.assert_trees_all_equal(imported, jax.device_get(state.params))
+
+
+def test_trainer_continues_a_tool_written_run_from_its_own_config(tmp_path, data_dir):
+  from moejax.convert.run_io import write_run
+  # written on the 8 test devices, continued on 1 (mesh data=-1 adapts)
+  cfg = tiny_config(data_dir, steps=2, checkpoint_every=2, mesh=(-1, 1, 1), **MIXTRAL_MOE)
+  with cfg.unlocked():
+    cfg.model.first_moe_layer = 0
+  params = init_params(ModelConfig.from_config(cfg.model), seed=6)
+  write_run(cfg, str(tmp_path / "run"), params)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-m", "moejax.train", "--workdir", "run",
+                        "--noprogress"], cwd=tmp_path, env=dict(env, PYTHONPATH=REPO),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Resumed from checkpoint step 0" in out.stderr
+  assert "finished at step 2" in out.stdout
