@@ -346,7 +346,7 @@ def test_prune_rejects_bad_requests_before_any_work(run, tmp_path):
 
 def test_mc_smoe_groups_partition_around_the_most_frequent_experts():
   rng = np.random.default_rng(0)
-  for trial in range(20):
+  for _trial in range(20):
     e = int(rng.integers(2, 10))
     frequency = rng.permutation(e).astype(float)  # distinct
     logits = rng.normal(size=(50, e))

@@ -22,35 +22,23 @@ parameters listed there); with moe_every=1 (every layer from first_moe_layer on)
 router='shared_experts', router_order='softmax_topk', activation='silu' and dropless=True
 the model is HF ``DeepseekV2ForCausalLM`` (``moejax.convert.hf_deepseek``).
 
-Parameter tree (every leaf boxed by ``nn.with_logical_partitioning``) and the HF Mixtral
-tensor it corresponds to (torch ``Linear`` weights are [out, in], hence the transposes;
-per-layer names are relative to ``model.layers.{i}.``, MoE ones to its
-``block_sparse_moe.`` in transformers 4.x):
+Parameter tree (every leaf boxed by ``nn.with_logical_partitioning``; the Hugging Face
+tensor names and layouts are in ``moejax.convert.hf_mixtral`` / ``hf_deepseek``):
 
-  param                      shape         logical axes                  HF tensor
-  embed/embedding            [V, d]        (vocab, embed)                model.embed_tokens.weight
-  layers_{i}/attn_norm/scale [d]           (embed,)                      input_layernorm.weight
-  layers_{i}/attn/q/kernel   [d, H, Dh]    (embed, heads, head_dim)      self_attn.q_proj.weight.T
-  layers_{i}/attn/k/kernel   [d, Hkv, Dh]  (embed, kv_heads, head_dim)   self_attn.k_proj.weight.T
-  layers_{i}/attn/v/kernel   [d, Hkv, Dh]  (embed, kv_heads, head_dim)   self_attn.v_proj.weight.T
-  layers_{i}/attn/o/kernel   [H, Dh, d]    (heads, head_dim, embed)      self_attn.o_proj.weight.T
-  layers_{i}/ffn_norm/scale  [d]           (embed,)                      post_attention_layernorm
-  layers_{i}/ffn/router      [d, E+N]      (embed, router)               gate.weight.T
-  layers_{i}/ffn/wi_gate     [E, d, f]     (expert, embed, expert_mlp)   experts.{e}.w1.weight.T
-  layers_{i}/ffn/wi_up       [E, d, f]     (expert, embed, expert_mlp)   experts.{e}.w3.weight.T
-  layers_{i}/ffn/wo          [E, f, d]     (expert, expert_mlp, embed)   experts.{e}.w2.weight.T
+  param                      shape         logical axes
+  embed/embedding            [V, d]        (vocab, embed)
+  layers_{i}/attn_norm/scale [d]           (embed,)
+  layers_{i}/attn/q/kernel   [d, H, Dh]    (embed, heads, head_dim)
+  layers_{i}/attn/{k,v}/kernel [d, Hkv, Dh] (embed, kv_heads, head_dim)
+  layers_{i}/attn/o/kernel   [H, Dh, d]    (heads, head_dim, embed)
+  layers_{i}/ffn_norm/scale  [d]           (embed,)
+  layers_{i}/ffn/router      [d, E+N]      (embed, router)
+  layers_{i}/ffn/{wi_gate, wi_up} [E, d, f] (expert, embed, expert_mlp)
+  layers_{i}/ffn/wo          [E, f, d]     (expert, expert_mlp, embed)
   layers_{i}/ffn/shared/{wi_gate [d, s], wi_up [d, s], wo [s, d]}   DeepSeekMoE shared experts
   layers_{i}/ffn/{wi_gate [d, f], wi_up [d, f], wo [f, d]}          dense layers (embed / mlp)
-  final_norm/scale           [d]           (embed,)                      model.norm.weight
-  lm_head/kernel             [d, V]        (embed, vocab)                lm_head.weight.T
-
-The q/k/v/o transposes are reshaped: q_proj.weight is [H*Dh, d] and its row h*Dh + k is
-head h, dim k, so q/kernel = q_proj.weight.T.reshape(d, H, Dh) and o/kernel =
-o_proj.weight.T.reshape(H, Dh, d). The router is ``block_sparse_moe.gate`` in
-transformers 4.x and ``mlp.gate`` in 5.x; transformers 5.x also fuses the experts into
-``mlp.experts.gate_up_proj`` [E, 2f, d] (rows :f are w1, f: are w3) and
-``mlp.experts.down_proj`` [E, d, f] (= w2), i.e. wi_gate = gate_up_proj[:, :f].mT,
-wi_up = gate_up_proj[:, f:].mT, wo = down_proj.mT.
+  final_norm/scale           [d]           (embed,)
+  lm_head/kernel             [d, V]        (embed, vocab)
 
 Init: embedding ~ N(0, 1) when untied (a unit-RMS residual stream, as T5/MaxText), and
 N(0, 1/d) when tied so that the initial logits have unit variance; every kernel is

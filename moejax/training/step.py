@@ -70,7 +70,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_eval_step(model: nn.Module) -> Callable:
-  """eval_step(params, batch) -> {'loss_sum', 'ce_sum', 'tokens'} for exact averaging."""
+  """eval_step(params, batch) -> {'ce_sum', 'tokens'}: summed masked token cross-entropy and
+  the token count, so that averages over batches and hosts are exact."""
 
   def eval_step(params, batch: Batch):
     logits, _ = model.apply({"params": params}, batch["inputs"])
