@@ -1,28 +1,28 @@
-"""The experiment config schema: ``ModelConfig``, the ``train`` section and whole-config checks.
+"""The experiment config: one frozen, validated dataclass per section, parsed once at the edge.
 
-An experiment is one ``ml_collections.ConfigDict`` with four sections (see ``configs/``):
+  ExperimentConfig.from_config(cd)   cd: the ``ml_collections.ConfigDict`` of ``configs/*.py``
+    .model  ModelConfig   (.moe: ``moejax.moe_config.MoEConfig`` or None for a dense model)
+    .data   DataConfig
+    .mesh   MeshConfig    {data, expert, model}: ints >= 1, or -1 for "all remaining devices"
+    .train  TrainConfig   optimizer, schedule, logging, checkpointing
 
-  model  -> ``ModelConfig`` (plus ``model.moe`` -> ``moejax.moe_config.MoEConfig``)
-  data   -> ``moejax.data.resolve_data_config``
-  mesh   -> {data, expert, model}: ints >= 1, or -1 for "all remaining devices"
-  train  -> optimizer, schedule, logging, checkpointing (``default_train_config()``)
-
-``validate_config`` checks all of it in plain Python before anything is traced or
-compiled; every error is a ``moejax.errors.ConfigError`` whose message names the dotted
-field (``model.num_heads=3 is invalid: must be divisible by model.num_kv_heads=2``).
-Device-count checks are left to ``moejax.parallel.mesh.make_mesh``.
+Every error is a ``moejax.errors.ConfigError`` naming the dotted field
+(``model.num_heads=3 is invalid: must be divisible by model.num_kv_heads=2``). Adding a
+field is one line in its dataclass plus one check. Device-count checks are left to
+``moejax.parallel.mesh.make_mesh``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from moejax.errors import ConfigError, config_error
+from moejax.fields import (as_dict, check, field_names, is_bool, is_int, is_number,
+                           reject_unknown, section_from_config, to_config_dict)
 from moejax.moe_config import MoEConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -30,29 +30,7 @@ ATTENTIONS = ("gqa", "mla")
 NAN_POLICIES = ("stop", "skip")
 SECTIONS = ("model", "data", "mesh", "train")
 MESH_AXES = ("data", "expert", "model")  # == moejax.parallel.mesh.MESH_AXES
-
-
-def _is_int(v: Any) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_number(v: Any) -> bool:
-  return (isinstance(v, (int, float, np.integer, np.floating))
-          and not isinstance(v, (bool, np.bool_)) and math.isfinite(float(v)))
-
-
-def _as_dict(cfg: Any) -> dict[str, Any]:
-  """Top-level items of a ConfigDict / mapping, sub-dicts left as they are."""
-  if isinstance(cfg, ml_collections.ConfigDict):
-    return {k: cfg[k] for k in cfg.keys()}
-  return dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-
-
-def _reject_unknown(values: dict[str, Any], known, path: str) -> None:
-  unknown = sorted(set(values) - set(known))
-  if unknown:
-    raise config_error(f"{path}.{unknown[0]}", values[unknown[0]],
-                       f"unknown field; allowed fields are {sorted(known)}")
+_is_int, _is_number, _check = is_int, is_number, check
 
 
 # ----------------------------------------------------------------------------- model
@@ -134,9 +112,10 @@ class ModelConfig:
     The ``moe`` sub-dict (may be absent or None for a dense model) becomes a MoEConfig via
     ``MoEConfig.from_config(cd.moe, path=f'{path}.moe')``.
     """
-    values = _as_dict(cd)
-    known = {f.name for f in dataclasses.fields(cls)} - {"config_path"}
-    _reject_unknown(values, known, path)
+    if isinstance(cd, cls):
+      return cd
+    values = as_dict(cd)
+    reject_unknown(values, field_names(cls), path)
     moe = values.pop("moe", None)
     if moe is not None and not isinstance(moe, MoEConfig):
       if not hasattr(moe, "items"):
@@ -161,11 +140,6 @@ class ModelConfig:
   def num_groups(self) -> int:
     """G = num_heads / num_kv_heads, query heads sharing one key/value head."""
     return self.num_heads // self.num_kv_heads
-
-
-def _check(cfg: ModelConfig, name: str, ok: bool, allowed: str) -> None:
-  if not ok:
-    raise config_error(f"{cfg.config_path}.{name}", getattr(cfg, name), allowed)
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -205,72 +179,256 @@ def validate_model_config(cfg: ModelConfig) -> None:
   _check(cfg, "rms_norm_eps", _is_number(cfg.rms_norm_eps) and cfg.rms_norm_eps > 0,
          "must be a finite number > 0")
   for name in ("tie_embeddings", "remat"):
-    _check(cfg, name, isinstance(getattr(cfg, name), (bool, np.bool_)), "must be a bool")
+    _check(cfg, name, is_bool(getattr(cfg, name)), "must be a bool")
   for name in ("dtype", "param_dtype"):
     _check(cfg, name, getattr(cfg, name) in DTYPES, f"allowed: {DTYPES}")
 
 
-# ----------------------------------------------------------------------------- sections
+# ----------------------------------------------------------------------------- data
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-  """The ``model`` section with its defaults (a small MoE model) and a ``moe`` sub-section."""
-  defaults = ModelConfig()
-  cd = ml_collections.ConfigDict()
-  for f in dataclasses.fields(ModelConfig):
-    if f.name not in ("moe", "config_path"):
-      cd[f.name] = getattr(defaults, f.name)
-  cd.moe_every = 2
-  cd.first_moe_layer = 1
-  cd.moe = default_moe_config()
-  return cd
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The input pipeline (``moejax.data``).
+
+  Attributes:
+    name: a TFDS dataset prepared as array_record (``moejax_tiny_corpus`` is built on use).
+    data_dir: TFDS data_dir; None = ``$MOEJAX_DATA_DIR`` or ``~/tensorflow_datasets``.
+    train_split, eval_split, text_key: TFDS split names and the text feature.
+    seq_len: L, tokens per row (rows are L + 1 packed tokens, shifted by one).
+    global_batch_size: rows per step summed over hosts (each host makes // process_count).
+    seed: document-order seed; shuffle: train only (eval always reads in document order).
+  """
+
+  name: str = "moejax_tiny_corpus"
+  data_dir: str | None = None
+  train_split: str = "train"
+  eval_split: str = "validation"
+  text_key: str = "text"
+  seq_len: int = 128
+  global_batch_size: int = 16
+  seed: int = 0
+  shuffle: bool = True
+  config_path: str = dataclasses.field(default="data", compare=False, hash=False, repr=False)
+
+  def __post_init__(self):
+    for name in ("name", "train_split", "eval_split", "text_key"):
+      v = getattr(self, name)
+      check(self, name, isinstance(v, str) and bool(v), "must be a non-empty string")
+    check(self, "data_dir", self.data_dir is None or (isinstance(self.data_dir, str)
+                                                       and bool(self.data_dir)),
+          "must be None or a non-empty string")
+    for name in ("seq_len", "global_batch_size"):
+      check(self, name, is_int(getattr(self, name)) and getattr(self, name) > 0,
+            "must be a positive int")
+    check(self, "seed", is_int(self.seed) and self.seed >= 0, "must be a non-negative int")
+    check(self, "shuffle", is_bool(self.shuffle), "must be a bool")
+
+  @classmethod
+  def from_config(cls, cd: Any, path: str = "data") -> DataConfig:
+    """Missing fields take their defaults; unknown fields are errors (usually typos)."""
+    return section_from_config(cls, cd, path)
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Axis sizes of the ('data', 'expert', 'model') mesh (``moejax.parallel.mesh``): each an
+  int >= 1, or -1 (at most one axis) for all remaining devices. Every field is required."""
+
+  data: int = -1
+  expert: int = 1
+  model: int = 1
+  config_path: str = dataclasses.field(default="mesh", compare=False, hash=False, repr=False)
+
+  def __post_init__(self):
+    fill = None
+    for name in field_names(type(self)):
+      v = getattr(self, name)
+      check(self, name, is_int(v) and (v >= 1 or v == -1),
+            "must be an int >= 1, or -1 to use all remaining devices")
+      if v == -1:
+        check(self, name, fill is None,
+              f"only one mesh axis may be -1 and {self.config_path}.{fill} is already -1")
+        fill = name
+
+  @classmethod
+  def from_config(cls, cd: Any, path: str = "mesh") -> MeshConfig:
+    if not isinstance(cd, cls):
+      reject_unknown(as_dict(cd), field_names(cls), path)  # names the mesh axes
+    return section_from_config(cls, cd, path, required=True)
+
+  def sizes(self) -> dict[str, int]:
+    """{axis: size}, -1 still unresolved (``moejax.parallel.mesh.resolve_mesh_shape``)."""
+    return {name: int(getattr(self, name)) for name in field_names(type(self))}
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimizer, schedule, logging and checkpointing. Every field is required (configs start
+  from ``base_config()``, which has them all).
+
+  Attributes:
+    steps: optimizer updates in the whole run.
+    learning_rate: peak of linear warmup + cosine decay to learning_rate * end_lr_ratio.
+    warmup_steps, end_lr_ratio: the schedule's warmup length and final ratio.
+    weight_decay: AdamW's decoupled weight decay; b1, b2: its moment decays.
+    grad_clip_norm: global-norm clipping threshold.
+    seed: parameter init.
+    log_every, eval_every (0 = never), eval_steps, checkpoint_every, keep_checkpoints.
+    async_checkpointing: Orbax saves in the background.
+    nan_policy: 'stop' the run at a non-finite step, or 'skip' its update.
+  """
+
+  steps: int = 1000
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  end_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  grad_clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_steps: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpointing: bool = True
+  nan_policy: str = "stop"
+  config_path: str = dataclasses.field(default="train", compare=False, hash=False, repr=False)
+
+  def __post_init__(self):
+    pos = "must be an int > 0"
+    for name in ("steps", "log_every", "eval_steps", "checkpoint_every", "keep_checkpoints"):
+      check(self, name, is_int(getattr(self, name)) and getattr(self, name) > 0, pos)
+    for name in ("warmup_steps", "seed"):
+      check(self, name, is_int(getattr(self, name)) and getattr(self, name) >= 0,
+            "must be an int >= 0")
+    check(self, "eval_every", is_int(self.eval_every) and self.eval_every >= 0,
+          "must be an int >= 0 (0 = never)")
+    for name in ("learning_rate", "grad_clip_norm"):
+      check(self, name, is_number(getattr(self, name)) and getattr(self, name) > 0,
+            "must be a finite number > 0")
+    check(self, "end_lr_ratio", is_number(self.end_lr_ratio) and 0 <= self.end_lr_ratio <= 1,
+          "must be a number in [0, 1]")
+    check(self, "weight_decay", is_number(self.weight_decay) and self.weight_decay >= 0,
+          "must be a finite number >= 0")
+    for name in ("b1", "b2"):
+      check(self, name, is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1,
+            "must be a number in [0, 1)")
+    check(self, "async_checkpointing", is_bool(self.async_checkpointing), "must be a bool")
+    check(self, "nan_policy", self.nan_policy in NAN_POLICIES, f"allowed: {NAN_POLICIES}")
+
+  @classmethod
+  def from_config(cls, cd: Any, path: str = "train") -> TrainConfig:
+    return section_from_config(cls, cd, path, required=True)
+
+
+# ----------------------------------------------------------------------------- experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A whole, validated experiment; built once at the edge (trainer, tools)."""
+
+  model: ModelConfig
+  data: DataConfig
+  mesh: MeshConfig
+  train: TrainConfig
+
+  @classmethod
+  def from_config(cls, cd: Any) -> ExperimentConfig:
+    """Validates each section (unknown sections and fields are errors) and the cross-section
+    constraints:
+      data.seq_len <= model.max_len;
+      model.vocab_size >= 259 (the byte tokenizer's ids must index the embedding);
+      data.global_batch_size * data.seq_len % model.moe.group_size == 0 for a MoE model
+        with a group size (the MoE layer splits the batch's tokens into whole groups).
+    Raises ConfigError naming the field.
+    """
+    if isinstance(cd, cls):
+      return cd
+    sections = as_dict(cd)
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+      value = sections[unknown[0]]
+      value = value.to_dict() if hasattr(value, "to_dict") else value
+      raise config_error(unknown[0], value,
+                         f"unknown config section; allowed sections are {list(SECTIONS)}")
+    for name in SECTIONS:
+      if name not in sections or sections[name] is None:
+        raise ConfigError(f"{name} is missing: an experiment config needs the sections "
+                          f"{list(SECTIONS)} (start from moejax.config.base_config())")
+    exp = cls(model=ModelConfig.from_config(sections["model"], path="model"),
+              data=DataConfig.from_config(sections["data"], path="data"),
+              mesh=MeshConfig.from_config(sections["mesh"], path="mesh"),
+              train=TrainConfig.from_config(sections["train"], path="train"))
+    exp.check_cross_section()
+    return exp
+
+  def check_cross_section(self) -> None:
+    from moejax.data.tokenizer import VOCAB_SIZE  # local: keeps tfds off the config path
+
+    model, data = self.model, self.data
+    if data.seq_len > model.max_len:
+      raise config_error("data.seq_len", data.seq_len, f"must be <= model.max_len={model.max_len}")
+    if model.vocab_size < VOCAB_SIZE:
+      raise config_error("model.vocab_size", model.vocab_size,
+                         f"must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary size")
+    if model.moe is not None and model.moe.group_size is not None:
+      tokens = data.global_batch_size * data.seq_len
+      if tokens % model.moe.group_size:
+        raise config_error("model.moe.group_size", model.moe.group_size,
+                           f"must divide the tokens of a batch, data.global_batch_size * "
+                           f"data.seq_len = {data.global_batch_size} * {data.seq_len} = "
+                           f"{tokens}")
+
+  def to_config_dict(self) -> ml_collections.ConfigDict:
+    """The ConfigDict form (what ``config.json`` of a run holds)."""
+    cd = ml_collections.ConfigDict()
+    for name in SECTIONS:
+      cd[name] = to_config_dict(getattr(self, name))
+    return cd
+
+
+# ----------------------------------------------------------------------------- defaults
 
 
 def default_moe_config() -> ml_collections.ConfigDict:
   """The ``model.moe`` section with ``MoEConfig``'s defaults."""
-  defaults = MoEConfig()
-  cd = ml_collections.ConfigDict()
-  for f in dataclasses.fields(MoEConfig):
-    if f.name == "config_path":
-      continue
-    if f.name == "group_size":  # typed, so --config.model.moe.group_size=64 parses as int
-      cd.group_size = ml_collections.FieldReference(None, field_type=int)
-    else:
-      cd[f.name] = getattr(defaults, f.name)
+  return to_config_dict(MoEConfig())
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """The ``model`` section with ``ModelConfig``'s defaults (dense: moe_every=0) and a ``moe``
+  sub-section with ``MoEConfig``'s, so that setting ``model.moe_every`` makes it MoE."""
+  cd = to_config_dict(ModelConfig())
+  cd.moe = default_moe_config()
   return cd
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  return to_config_dict(DataConfig())
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:
   """All devices on the data axis."""
-  return ml_collections.ConfigDict({"data": -1, "expert": 1, "model": 1})
+  return to_config_dict(MeshConfig())
 
 
 def default_train_config() -> ml_collections.ConfigDict:
-  """The ``train`` section with its defaults (every field is required by validation)."""
-  return ml_collections.ConfigDict({
-      "steps": 1000,
-      "learning_rate": 1e-3,  # peak of linear warmup + cosine decay
-      "warmup_steps": 100,
-      "end_lr_ratio": 0.1,  # final lr = learning_rate * end_lr_ratio
-      "weight_decay": 0.1,  # AdamW, decoupled
-      "grad_clip_norm": 1.0,  # global-norm clipping
-      "b1": 0.9,
-      "b2": 0.95,
-      "seed": 0,  # parameter init
-      "log_every": 10,
-      "eval_every": 100,  # 0 = never
-      "eval_steps": 10,
-      "checkpoint_every": 100,
-      "keep_checkpoints": 3,
-      "async_checkpointing": True,
-      "nan_policy": "stop",  # 'stop' or 'skip' the update of a non-finite step
-  })
+  return to_config_dict(TrainConfig())
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """A complete, valid experiment config that ``configs/*.py`` start from."""
-  from moejax.data import default_data_config  # local: keeps tf/tfds off the model path
-
+  """A complete, valid experiment config (the dataclass defaults) that ``configs/*.py``
+  start from."""
   cfg = ml_collections.ConfigDict()
   cfg.model = default_model_config()
   cfg.data = default_data_config()
@@ -279,112 +437,29 @@ def base_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _validate_mesh(mesh_cfg: Any, path: str = "mesh") -> None:
-  """Types only (the device count is checked by ``make_mesh``): each axis an int >= 1 or
-  -1, at most one -1, no unknown axes."""
-  values = _as_dict(mesh_cfg)
-  unknown = sorted(set(values) - set(MESH_AXES))
-  if unknown:
-    raise config_error(f"{path}.{unknown[0]}", values[unknown[0]],
-                       f"unknown mesh axis; allowed axes are {list(MESH_AXES)}")
-  fill = None
-  for name in MESH_AXES:
-    if name not in values:
-      raise ConfigError(f"{path}.{name} is missing: the mesh needs int sizes for "
-                        f"{list(MESH_AXES)} (one of them may be -1)")
-    v = values[name]
-    if not _is_int(v) or not (v >= 1 or v == -1):
-      raise config_error(f"{path}.{name}", v,
-                         "must be an int >= 1, or -1 to use all remaining devices")
-    if v == -1:
-      if fill is not None:
-        raise config_error(f"{path}.{name}", v,
-                           f"only one mesh axis may be -1 and {path}.{fill} is already -1")
-      fill = name
-
-
-def _train_checks() -> dict[str, tuple[Any, str]]:
-  """field -> (predicate, allowed text)."""
-  pos_int = (lambda v: _is_int(v) and v > 0, "must be an int > 0")
-  nonneg_int = (lambda v: _is_int(v) and v >= 0, "must be an int >= 0")
-  unit = (lambda v: _is_number(v) and 0 <= v < 1, "must be a number in [0, 1)")
-  return {
-      "steps": pos_int,
-      "learning_rate": (lambda v: _is_number(v) and v > 0, "must be a finite number > 0"),
-      "warmup_steps": nonneg_int,
-      "end_lr_ratio": (lambda v: _is_number(v) and 0 <= v <= 1, "must be a number in [0, 1]"),
-      "weight_decay": (lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
-      "grad_clip_norm": (lambda v: _is_number(v) and v > 0, "must be a finite number > 0"),
-      "b1": unit,
-      "b2": unit,
-      "seed": nonneg_int,
-      "log_every": pos_int,
-      "eval_every": (nonneg_int[0], "must be an int >= 0 (0 = never)"),
-      "eval_steps": pos_int,
-      "checkpoint_every": pos_int,
-      "keep_checkpoints": pos_int,
-      "async_checkpointing": (lambda v: isinstance(v, (bool, np.bool_)), "must be a bool"),
-      "nan_policy": (lambda v: v in NAN_POLICIES, f"allowed: {NAN_POLICIES}"),
-  }
-
-
-def validate_train_config(train_cfg: Any, path: str = "train") -> None:
-  """Every field of ``default_train_config()`` is required and checked; unknown fields are
-  errors."""
-  values = _as_dict(train_cfg)
-  checks = _train_checks()
-  _reject_unknown(values, checks, path)
-  for name, (ok, allowed) in checks.items():
-    if name not in values:
-      raise ConfigError(f"{path}.{name} is missing: {allowed} "
-                        f"(default {default_train_config()[name]!r})")
-    if not ok(values[name]):
-      raise config_error(f"{path}.{name}", values[name], allowed)
+def validate_train_config(train_cfg: Any, path: str = "train") -> TrainConfig:
+  return TrainConfig.from_config(train_cfg, path)
 
 
 def validate_config(config: Any) -> ModelConfig:
-  """Validates a whole experiment config before anything is compiled.
+  """``ExperimentConfig.from_config(config).model`` (kept for callers of the old API)."""
+  return ExperimentConfig.from_config(config).model
 
-  Checks each section (unknown sections and fields are errors) and the cross-section
-  constraints:
-    data.seq_len <= model.max_len;
-    model.vocab_size >= 259 (the byte tokenizer's ids must index the embedding);
-    data.global_batch_size * data.seq_len % model.moe.group_size == 0 for a MoE model
-      with a group size (the MoE layer splits the batch's tokens into whole groups).
-  Returns the ModelConfig. Raises ConfigError naming the field.
-  """
-  from moejax.data import VOCAB_SIZE, resolve_data_config
 
-  sections = _as_dict(config)
-  unknown = sorted(set(sections) - set(SECTIONS))
-  if unknown:
-    value = sections[unknown[0]]
-    value = value.to_dict() if hasattr(value, "to_dict") else value
-    raise config_error(unknown[0], value,
-                       f"unknown config section; allowed sections are {list(SECTIONS)}")
-  for name in SECTIONS:
-    if name not in sections or sections[name] is None:
-      raise ConfigError(f"{name} is missing: an experiment config needs the sections "
-                        f"{list(SECTIONS)} (start from moejax.config.base_config())")
-  model = ModelConfig.from_config(sections["model"], path="model")
-  data = resolve_data_config(sections["data"], path="data")
-  _validate_mesh(sections["mesh"], path="mesh")
-  validate_train_config(sections["train"], path="train")
-
-  if data["seq_len"] > model.max_len:
-    raise config_error("data.seq_len", data["seq_len"],
-                       f"must be <= model.max_len={model.max_len}")
-  if model.vocab_size < VOCAB_SIZE:
-    raise config_error("model.vocab_size", model.vocab_size,
-                       f"must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary size")
-  if model.moe is not None and model.moe.group_size is not None:
-    tokens = data["global_batch_size"] * data["seq_len"]
-    if tokens % model.moe.group_size:
-      raise config_error("model.moe.group_size", model.moe.group_size,
-                         f"must divide the tokens of a batch, data.global_batch_size * "
-                         f"data.seq_len = {data['global_batch_size']} * {data['seq_len']} = "
-                         f"{tokens}")
-  return model
+def with_overrides(cd: ml_collections.ConfigDict,
+                   overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of the ConfigDict `cd` with dotted fields set, e.g. {'mesh.expert': 2,
+  'model.moe.top_k': 1}; missing sub-sections are created. The only place tools edit
+  configs (the trainer's command line uses ``--config.a.b=v``)."""
+  new = copy.deepcopy(cd)
+  with new.unlocked():
+    for dotted, value in overrides.items():
+      *parents, leaf = dotted.split(".")
+      node = new
+      for p in parents:
+        if node.get(p) is None:
+          node[p] = ml_collections.ConfigDict()
+        node = node[p]
+      with node.ignore_type():
+        node[leaf] = value
+  return new

@@ -12,7 +12,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
-from moejax.errors import config_error
+from moejax.fields import check, is_int, is_number, section_from_config
 
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 ACTIVATIONS = ("silu", "gelu")
@@ -74,13 +74,7 @@ class MoEConfig:
   @classmethod
   def from_config(cls, cfg: Any, path: str = "model.moe") -> "MoEConfig":
     """Builds a validated MoEConfig from a ConfigDict/mapping; unknown keys are errors."""
-    values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-    known = {f.name for f in dataclasses.fields(cls)} - {"config_path"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise config_error(f"{path}.{unknown[0]}", values[unknown[0]],
-                         f"unknown field; allowed fields are {sorted(known)}")
-    return cls(**values, config_path=path)
+    return section_from_config(cls, cfg, path)
 
   @property
   def num_router_logits(self) -> int:
@@ -107,17 +101,9 @@ class MoEConfig:
     return min(s, math.ceil(cf * s * k / self.num_experts))
 
 
-def _check(cfg: MoEConfig, name: str, ok: bool, allowed: str) -> None:
-  if not ok:
-    raise config_error(f"{cfg.config_path}.{name}", getattr(cfg, name), allowed)
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_finite_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_check = check
+_is_int = is_int
+_is_finite_number = is_number
 
 
 def validate_moe_config(cfg: MoEConfig) -> None:

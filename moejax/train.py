@@ -66,7 +66,7 @@ def main(argv) -> int:
     return 2
   config = _CONFIG.value
   if config is None:  # continue a run (e.g. one written by tools/) with its own config
-    from moejax.convert.run_io import load_run_config
+    from moejax.training.workdir import load_run_config
     try:
       config = load_run_config(_WORKDIR.value)
     except FileNotFoundError as e:
@@ -74,7 +74,7 @@ def main(argv) -> int:
       return 2
   initialize_runtime()
   from moejax.errors import ConfigError
-  from moejax.training.loop import TrainingDiverged, train
+  from moejax.training.trainer import TrainingDiverged, train
 
   try:
     result = train(config, _WORKDIR.value, resume=_RESUME.value,

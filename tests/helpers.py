@@ -1,13 +1,55 @@
-"""Shared test fixtures' building blocks: a tiny, fast experiment config."""
+"""Shared test builders: MoE layer configs, random parameters, a tiny experiment config."""
 
+import functools
 import os
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from moejax.convert.run_io import load_config_file
+from moejax.training.workdir import load_config_file
 from moejax.convert.safetensors_io import read_safetensors
 
+from moejax.config import ModelConfig
+from moejax.models import Transformer
+from moejax.moe_config import MoEConfig
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_moe_cfg(router: str = "topk", num_experts: int = 4, expert_d_ff: int = 8,
+                 **kw) -> MoEConfig:
+  """A small MoEConfig; routers that need extra experts get one/two by default."""
+  if router == "null_experts":
+    kw.setdefault("num_null_experts", 2)
+  if router == "shared_experts":
+    kw.setdefault("num_shared_experts", 1)
+  return MoEConfig(router=router, num_experts=num_experts, expert_d_ff=expert_d_ff, **kw)
+
+
+def random_like(params, seed: int, router_scale: float = 1.0):
+  """Every leaf of an (unboxed or boxed) tree replaced by N(0, 1/fan_in) draws, fan_in =
+  shape[-2]; router weights `router_scale` x larger (clear routing margins, no near-ties)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    scale = router_scale if "router" in jax.tree_util.keystr(path) else 1.0
+    value = rng.standard_normal(leaf.shape) * scale / np.sqrt(leaf.shape[-2])
+    return jnp.asarray(value, leaf.dtype)
+
+  values = jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(params))
+  return nn.meta.replace_boxed(params, values)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_model(cfg: ModelConfig, rng: jax.Array):
+  return nn.meta.unbox(Transformer(cfg).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+def init_model_params(cfg: ModelConfig, seed: int = 0):
+  """The Transformer's own (jitted) init, unboxed."""
+  return _init_model(cfg, jax.random.key(seed))
 
 
 def load_config(name: str):

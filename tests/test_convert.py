@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,12 +15,13 @@ from flax import traverse_util
 from moejax.config import ModelConfig
 from moejax.convert import hf, hf_mixtral
 from moejax.convert.reshard import reshard_checkpoint
-from moejax.convert.run_io import load_run_config, restore_state
+from moejax.training.workdir import load_run_config, restore_state, write_run
 from moejax.convert.safetensors_io import ConversionError, INDEX_FILE
-from moejax.convert.upcycle import (contiguous_groups, merge_experts, upcycle_params)
+from moejax.compress import contiguous_groups, merge_experts, upcycle_params
 from moejax.models import Transformer
-from moejax.training.loop import train
-from tests.helpers import REPO, assert_same_safetensors, tiny_config
+from moejax.training.state import abstract_params
+from moejax.training.trainer import train
+from tests.helpers import REPO, assert_same_safetensors, init_model_params, tiny_config
 
 MIXTRAL_MOE = dict(router="topk", router_order="topk_softmax", dropless=True, top_k=2)
 
@@ -37,9 +37,7 @@ def mixtral_model_cfg(**overrides) -> ModelConfig:
 
 
 def init_params(model_cfg: ModelConfig, seed: int = 0):
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = Transformer(model_cfg).init(jax.random.key(seed), tokens)["params"]
-  return jax.device_get(nn.meta.unbox(params))
+  return jax.device_get(init_model_params(model_cfg, seed))
 
 
 def logits_of(model_cfg: ModelConfig, params, tokens) -> np.ndarray:
@@ -133,10 +131,8 @@ def test_upcycled_model_equals_the_dense_model_at_step_zero():
     moe_cfg.model.moe.expert_d_ff = dense_cfg.model.d_ff
   moe_model_cfg = ModelConfig.from_config(moe_cfg.model)
   dense_params = init_params(dense_model_cfg, seed=3)
-  abstract = nn.meta.unbox(jax.eval_shape(
-      lambda: Transformer(moe_model_cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-      ["params"])
-  moe_params = upcycle_params(dense_params, moe_model_cfg, abstract, jax.random.key(1))
+  moe_params = upcycle_params(dense_params, moe_model_cfg, abstract_params(moe_model_cfg),
+                              jax.random.key(1))
   tokens = random_tokens(dense_model_cfg)
   np.testing.assert_allclose(logits_of(moe_model_cfg, moe_params, tokens),
                              logits_of(dense_model_cfg, dense_params, tokens),
@@ -200,11 +196,12 @@ def test_resharded_checkpoint_gives_the_same_model(trained_run, tmp_path):
 
 def test_cli_help_and_export(trained_run, tmp_path):
   tool = os.path.join(REPO, "tools", "convert_checkpoint.py")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=REPO)  # this checkout's moejax, whatever is installed
   out = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True,
                        env=env, timeout=120)
   assert out.returncode == 0
-  for sub in ("reshard", "export-hf", "import-hf", "upcycle", "merge"):
+  for sub in ("reshard", "export-hf", "import-hf", "upcycle"):
     assert sub in out.stdout
   # relative paths, as users type them (Orbax itself insists on absolute ones)
   out = subprocess.run([sys.executable, tool, "export-hf", "--workdir",
@@ -217,7 +214,6 @@ def test_cli_help_and_export(trained_run, tmp_path):
 
 
 def test_trainer_continues_a_tool_written_run_from_its_own_config(tmp_path, data_dir):
-  from moejax.convert.run_io import write_run
   # written on the 8 test devices, continued on 1 (mesh data=-1 adapts)
   cfg = tiny_config(data_dir, steps=2, checkpoint_every=2, mesh=(-1, 1, 1), **MIXTRAL_MOE)
   with cfg.unlocked():
@@ -231,3 +227,27 @@ def test_trainer_continues_a_tool_written_run_from_its_own_config(tmp_path, data
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resumed from checkpoint step 0" in out.stderr
   assert "finished at step 2" in out.stdout
+
+
+def test_upcycle_run_cli_writes_a_run_equal_to_the_dense_model(tmp_path, data_dir):
+  from tools.convert_checkpoint import main
+  dense_cfg = tiny_config(data_dir, mesh=(-1, 1, 1))
+  with dense_cfg.unlocked():
+    dense_cfg.model.moe_every = 0
+  dense_model_cfg = ModelConfig.from_config(dense_cfg.model)
+  dense_params = init_params(dense_model_cfg, seed=3)
+  write_run(dense_cfg, str(tmp_path / "dense"), dense_params)
+  out = str(tmp_path / "moe")
+  assert main(["upcycle", "--workdir", str(tmp_path / "dense"), "--out", out,
+               "--num_experts", "4", "--top_k", "2", "--seed", "1"]) == 0
+  state, _, step, exp = restore_state(load_run_config(out), out)
+  assert step == 0 and exp.model_cfg.moe_layers == (0, 1)
+  assert exp.model_cfg.moe.num_experts == 4 and exp.model_cfg.moe.expert_d_ff == 64
+  tokens = random_tokens(dense_model_cfg)
+  np.testing.assert_allclose(logits_of(exp.model_cfg, jax.device_get(state.params), tokens),
+                             logits_of(dense_model_cfg, dense_params, tokens),
+                             rtol=1e-5, atol=1e-5)
+  # an MoE run is refused with an error naming the field, before anything is written
+  assert main(["upcycle", "--workdir", out, "--out", str(tmp_path / "again"),
+               "--num_experts", "4"]) == 2
+  assert not os.path.exists(tmp_path / "again")

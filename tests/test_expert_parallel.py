@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from moejax.errors import ConfigError
 from moejax.layers.moe import MoELayer
 from moejax.moe_config import MoEConfig
+from tests.helpers import make_moe_cfg, random_like
 from moejax.parallel import all_to_all_experts, make_mesh, params_shardings, shard_params
 
 D, F, E = 16, 32, 8
@@ -43,9 +44,7 @@ MESHES = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1), (2, 2, 2), (1, 1, 1)]
 
 
 def make_cfg(**kw) -> MoEConfig:
-  kw.setdefault("num_experts", E)
-  kw.setdefault("expert_d_ff", F)
-  return MoEConfig(**kw, config_path="model.moe")
+  return make_moe_cfg(**{"num_experts": E, "expert_d_ff": F, "config_path": "model.moe", **kw})
 
 
 def mesh_of(shape):
@@ -56,17 +55,8 @@ def mesh_of(shape):
 def random_boxed_params(cfg: MoEConfig, seed: int):
   """model.init's boxed tree with every value replaced by N(0, 1/fan_in) draws; router
   weights 4x larger so routing decisions have clear margins (no near-ties to flip)."""
-  x = jnp.zeros(X_SHAPE, jnp.float32)
-  boxed = MoELayer(cfg).init(jax.random.key(0), x)["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    scale = 4.0 if "router" in jax.tree_util.keystr(path) else 1.0
-    value = rng.standard_normal(leaf.shape) * scale / np.sqrt(leaf.shape[-2])
-    return jnp.asarray(value, leaf.dtype)
-
-  values = jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(boxed))
-  return nn.meta.replace_boxed(boxed, values)
+  boxed = MoELayer(cfg).init(jax.random.key(0), jnp.zeros(X_SHAPE, jnp.float32))["params"]
+  return random_like(boxed, seed, router_scale=4.0)
 
 
 def loss_and_grads(layer: MoELayer):

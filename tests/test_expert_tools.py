@@ -14,18 +14,19 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from moejax.analysis import (build_report, collect_sums, dominant_experts, layer_report,
-                             layer_sums, mc_smoe_groups, moe_layer_inputs, prune_model,
-                             router_logit_similarity, split_batches)
-from moejax.analysis.workflows import load_params, merge_run, prune_run, run_config
+from moejax.analysis import (build_report, collect_sums, layer_report, layer_sums,
+                             moe_layer_inputs, split_batches)
+from moejax.analysis.workflows import load_params, run_config
+from moejax.compress import dominant_experts, mc_smoe_groups, prune_model, router_logit_similarity
+from moejax.compress.workflows import merge_run, prune_run
 from moejax.config import ModelConfig
 from moejax.convert import hf
-from moejax.convert.run_io import load_run_config, restore_state, save_run_config, write_run
+from moejax.training.workdir import load_run_config, restore_state, save_run_config, write_run
 from moejax.errors import ConfigError
 from moejax.layers import moe_forward
 from moejax.models import Transformer
 from moejax.moe_config import MoEConfig
-from moejax.training.loop import train
+from moejax.training.trainer import train
 from moejax.training.state import count_params
 from tests.helpers import REPO, tiny_config
 
@@ -399,7 +400,7 @@ def test_merge_cli_writes_a_loadable_run(run, tmp_path):
   from tools.expert_tools import main
   out = str(tmp_path / "merged3")
   assert main(["merge", "--workdir", run, "--out", out, "--num_experts", "3", "--batches",
-               "1", "--quiet"]) == 0
+               "1", "--quiet", "--method", "mc_smoe"]) == 0
   with open(os.path.join(out, "merge.json")) as f:
     summary = json.load(f)
   for groups in summary["groups"].values():
@@ -410,7 +411,33 @@ def test_merge_cli_writes_a_loadable_run(run, tmp_path):
                      jnp.zeros((2, 8), jnp.int32))
   assert np.isfinite(logits).all()
   assert main(["merge", "--workdir", run, "--out", str(tmp_path / "x"), "--num_experts",
-               "5"]) == 2
+               "5", "--method", "mc_smoe"]) == 2
+
+
+def test_contiguous_merge_without_batches_is_the_uniform_mean_of_index_ranges(run, source,
+                                                                               tmp_path):
+  from tools.expert_tools import main
+  _, _, params, _ = source
+  out = str(tmp_path / "merged2")
+  assert main(["merge", "--workdir", run, "--out", out, "--num_experts", "2", "--batches",
+               "0", "--method", "contiguous", "--quiet"]) == 0
+  with open(os.path.join(out, "merge.json")) as f:
+    assert json.load(f)["groups"] == {"0": [[0, 1], [2, 3]], "1": [[0, 1], [2, 3]]}
+  state, _, _, exp = restore_state(load_run_config(out), out)
+  assert exp.model_cfg.moe.num_experts == 2
+  merged = jax.device_get(state.params)
+  for i in (0, 1):
+    old, new = params[f"layers_{i}"]["ffn"], merged[f"layers_{i}"]["ffn"]
+    for name in ("wi_gate", "wi_up", "wo"):
+      np.testing.assert_allclose(new[name], np.stack([old[name][0:2].mean(0),
+                                                      old[name][2:4].mean(0)]), rtol=1e-6)
+    np.testing.assert_allclose(new["router"], np.stack(
+        [old["router"][:, 0:2].mean(1), old["router"][:, 2:4].mean(1)], axis=1), rtol=1e-6)
+  # mc_smoe needs routing statistics; 3 does not divide 4 for contiguous groups
+  assert main(["merge", "--workdir", run, "--out", str(tmp_path / "y"), "--num_experts",
+               "2", "--batches", "0", "--method", "mc_smoe"]) == 2
+  assert main(["merge", "--workdir", run, "--out", str(tmp_path / "z"), "--num_experts",
+               "3", "--batches", "0", "--method", "contiguous"]) == 2
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -420,11 +447,12 @@ def test_merge_cli_writes_a_loadable_run(run, tmp_path):
     (None, ["stats", "prune", "merge"]),
     ("stats", ["--workdir", "--out", "--split", "--batches", "--super_threshold"]),
     ("prune", ["--keep", "--method", "easy_ep", "premoe", "--mesh"]),
-    ("merge", ["--num_experts", "--top_k", "--batches"]),
+    ("merge", ["--num_experts", "--top_k", "--batches", "--method", "mc_smoe", "contiguous"]),
 ])
 def test_cli_help(sub, flags):
   argv = [sys.executable, TOOL] + ([sub] if sub else []) + ["--help"]
-  out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=REPO))  # this checkout's moejax
   assert out.returncode == 0, out.stderr
   for flag in flags:
     assert flag in out.stdout

@@ -17,6 +17,7 @@ import pytest
 from moejax.config import ModelConfig
 from moejax.moe_config import MoEConfig
 from moejax.models import Transformer
+from tests.helpers import init_model_params
 from tests.reference import gated_ffn_np, logsumexp, moe_layer_reference, softmax
 
 B, L = 2, 12
@@ -46,14 +47,9 @@ def tokens_for(cfg: ModelConfig, seed: int = 0, b: int = B, l: int = L) -> jax.A
   return jax.random.randint(jax.random.key(seed), (b, l), 0, cfg.vocab_size, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(cfg: ModelConfig, rng: jax.Array):
-  return nn.meta.unbox(Transformer(cfg).init(rng, tokens_for(cfg))["params"])
-
-
 def init_params(cfg: ModelConfig, seed: int = 0, perturb_norms: bool = True):
   """Unboxed params; norm scales drawn from U(0.5, 1.5) so the reference tests them."""
-  params = _init(cfg, jax.random.key(seed))
+  params = init_model_params(cfg, seed)
   if not perturb_norms:
     return params
   rng = np.random.default_rng(seed)

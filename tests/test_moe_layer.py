@@ -13,6 +13,7 @@ from moejax.layers.ffn import DenseFFN, gated_ffn
 from moejax.layers.moe import MoELayer
 from moejax.moe_config import MoEConfig
 from moejax.routers import route
+from tests.helpers import make_moe_cfg, random_like
 
 try:
   from tests import reference as ref
@@ -40,25 +41,13 @@ CASES = {
 
 
 def make_cfg(**kw) -> MoEConfig:
-  kw = dict(kw)
-  kw.setdefault("num_experts", E)
-  kw.setdefault("expert_d_ff", F)
-  return MoEConfig(**kw)
+  return make_moe_cfg(**{"num_experts": E, "expert_d_ff": F, **kw})
 
 
 def init_params(layer, x, seed, router_scale=1.0):
-  """Initialises `layer`, then replaces every parameter by a random array of the same shape
-  (larger router weights than the default init, so routing decisions have clear margins)."""
-  params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    fan_in = leaf.shape[-2]
-    scale = router_scale if path[-1].key == "router" else 1.0
-    arr = rng.standard_normal(leaf.shape) * scale / np.sqrt(fan_in)
-    return jnp.asarray(arr, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, params)
+  """`layer`'s parameters replaced by random N(0, 1/fan_in) draws (larger router weights than
+  the default init, so routing decisions have clear margins)."""
+  return random_like(nn.unbox(layer.init(jax.random.key(0), x)["params"]), seed, router_scale)
 
 
 def reference_kwargs(cfg: MoEConfig) -> dict:
@@ -190,10 +179,14 @@ def test_gradient_matches_finite_differences(name):
       y, aux = layer.apply({"params": p}, x)
       return jnp.sum(y * cot) + sum(aux["aux_losses"].values())
 
-    def routing_of(p):  # the discrete routing decision, which FD must not cross
+    @jax.jit
+    def routing_jit(p):
       logits = jnp.einsum("bld,dr->blr", x, p["router"]).astype(jnp.float32)
       r = route(logits.reshape(-1, cfg.group_size or L, cfg.num_router_logits), cfg)
-      return np.asarray(r.dispatch_index), np.asarray(r.slot_valid)
+      return r.dispatch_index, r.slot_valid
+
+    def routing_of(p):  # the discrete routing decision, which FD must not cross
+      return tuple(np.asarray(a) for a in routing_jit(p))
 
     grad = jax.jit(jax.grad(loss))(params)
     loss_fn = jax.jit(loss)

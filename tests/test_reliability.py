@@ -18,7 +18,7 @@ import pytest
 
 from moejax.errors import ConfigError
 from moejax.training.checkpoint import Checkpointer, CheckpointError
-from moejax.training.loop import TrainingDiverged, train
+from moejax.training.trainer import TrainingDiverged, train
 from tests.helpers import REPO, TINY_FLAGS, tiny_config
 
 STEPS = 40
@@ -212,7 +212,7 @@ def test_nan_stops_with_step_and_layer_metrics_and_keeps_last_good_checkpoint(tm
   ckpt.close()
   assert steps and steps[-1] == bad_step - 1  # every finite step saved, the bad one not
   # the last good checkpoint restores (checksums verified) and holds finite params
-  from moejax.convert.run_io import restore_state
+  from moejax.training.workdir import restore_state
   state, _, step, _ = restore_state(cfg, str(tmp_path / "run"), devices=one)
   assert step == bad_step - 1
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
@@ -230,7 +230,7 @@ def test_nan_skip_policy_keeps_params_finite_and_counts_skips(tmp_path, data_dir
   records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   skipped = [r["step"] for r in records if r.get("skipped") == 1.0]
   assert skipped, "the huge learning rate should have produced non-finite steps"
-  from moejax.convert.run_io import restore_state
+  from moejax.training.workdir import restore_state
   state, _, _, _ = restore_state(cfg, str(tmp_path / "run"), devices=one)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 

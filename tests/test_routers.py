@@ -14,6 +14,7 @@ import pytest
 from moejax.errors import ConfigError
 from moejax.moe_config import MoEConfig
 from moejax.routers import ROUTERS, get_router, load_balance_loss, route, select_top_k
+from tests.helpers import make_moe_cfg
 try:
   from tests import reference as ref
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
@@ -29,14 +30,7 @@ jroute = jax.jit(route, static_argnums=1)
 SHAPES = [(1, 8, 4, 2), (2, 16, 8, 2), (3, 12, 6, 3), (2, 10, 4, 1)]
 
 
-def make_cfg(router="topk", **kw) -> MoEConfig:
-  kw.setdefault("num_experts", 4)
-  kw.setdefault("expert_d_ff", 8)
-  if router == "null_experts":
-    kw.setdefault("num_null_experts", 2)
-  if router == "shared_experts":
-    kw.setdefault("num_shared_experts", 1)
-  return MoEConfig(router=router, **kw)
+make_cfg = make_moe_cfg
 
 
 def random_logits(seed, g, s, r, scale=1.5, skew=0.0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moejax.errors import ConfigError
-from moejax.training.loop import train
+from moejax.training.trainer import train
 from tests.helpers import tiny_config
 
 

@@ -27,19 +27,21 @@ combine weight and y_{t,e} = FFN_e(x_t) the expert's down-projection output:
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import functools
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from moejax.config import ModelConfig
+from moejax.config import DataConfig, ModelConfig
+from moejax.data import make_eval_iterator
 from moejax.layers.dispatch import dispatch
 from moejax.layers.ffn import expert_ffn
 from moejax.layers.moe import to_groups
+from moejax.models import Transformer
 from moejax.moe_config import MoEConfig
 from moejax.routers import route, select_top_k
 
@@ -140,8 +142,6 @@ def batch_sums_fn(model_cfg: ModelConfig):
 
   Runs the single-device model (no mesh); cached per (hashable) ModelConfig.
   """
-  from moejax.models import Transformer
-
   model = Transformer(model_cfg)
 
   def f(params, tokens, mask):
@@ -188,11 +188,7 @@ def collect_sums(model_cfg: ModelConfig, params, batches: Iterable[dict],
 def split_batches(config, split: str, num_batches: int) -> Iterator[dict]:
   """The first `num_batches` batches of data split `split`, in order (one host's view of
   the global batch: ``make_eval_iterator`` with ``data.eval_split = split``)."""
-  from moejax.data import make_eval_iterator
-
-  data = copy.deepcopy(config.data)
-  with data.unlocked():
-    data.eval_split = split
+  data = dataclasses.replace(DataConfig.from_config(config.data), eval_split=split)
   for i, batch in enumerate(make_eval_iterator(data, 0, 1)):
     if i >= num_batches:
       return

@@ -12,7 +12,6 @@ import json
 import os
 from types import ModuleType
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,7 @@ from moejax.config import ModelConfig
 from moejax.convert import hf_deepseek, hf_mixtral
 from moejax.convert.safetensors_io import (ConversionError, atomic_directory, read_safetensors,
                                            write_safetensors)
+from moejax.training.state import abstract_params
 
 FAMILIES: dict[str, ModuleType] = {hf_mixtral.MODEL_TYPE: hf_mixtral,
                                    hf_deepseek.MODEL_TYPE: hf_deepseek}
@@ -74,8 +74,6 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def import_hf(hf_dir: str):
   """Reads an HF checkpoint directory -> (model config section (ConfigDict), params)."""
-  from moejax.models import Transformer
-
   hf = read_hf_config(hf_dir)
   model_type = hf.get("model_type")
   if model_type not in FAMILIES:
@@ -85,8 +83,6 @@ def import_hf(hf_dir: str):
   module = FAMILIES[model_type]
   section = module.model_section_from_hf(hf)
   model_cfg = ModelConfig.from_config(section)
-  abstract = nn.meta.unbox(jax.eval_shape(
-      lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-      ["params"])
+  abstract = abstract_params(model_cfg)
   params = module.from_hf_tensors(read_safetensors(hf_dir), abstract, model_cfg)
   return section, params

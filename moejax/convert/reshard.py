@@ -8,20 +8,16 @@ mesh) that ``moejax.train --workdir DST`` resumes.
 
 from __future__ import annotations
 
-import copy
 import os
 
-from moejax.convert.run_io import restore_state, save_run_config
+from moejax.config import with_overrides
 from moejax.training.checkpoint import Checkpointer
+from moejax.training.workdir import restore_state, save_run_config
 
 
 def with_mesh(config, mesh_shape: dict[str, int]):
   """A copy of `config` whose `mesh` section has the given axis sizes."""
-  new = copy.deepcopy(config)
-  with new.unlocked():
-    for axis, size in mesh_shape.items():
-      new.mesh[axis] = int(size)
-  return new
+  return with_overrides(config, {f"mesh.{axis}": int(n) for axis, n in mesh_shape.items()})
 
 
 def reshard_checkpoint(config, src: str, dst: str, mesh_shape: dict[str, int],

@@ -1,16 +1,15 @@
 """Input pipeline: byte tokenizer, the synthetic TFDS corpus, packed resumable batches."""
 
+from moejax.config import DataConfig, default_data_config
 from moejax.data.pipeline import (
     TINY_CORPUS,
     LMBatchIterator,
-    default_data_config,
     default_data_dir,
     host_document_order,
     load_source,
     make_eval_iterator,
     make_train_iterator,
     per_host_batch_size,
-    resolve_data_config,
 )
 from moejax.data.tiny_corpus import (
     MoejaxTinyCorpus,
@@ -25,5 +24,5 @@ __all__ = [
     "LMBatchIterator", "MoejaxTinyCorpus", "default_data_config", "default_data_dir",
     "generate_document", "generate_documents", "host_document_order", "load_source",
     "make_eval_iterator", "make_train_iterator", "per_host_batch_size",
-    "prepare_tiny_corpus", "resolve_data_config",
+    "prepare_tiny_corpus", "DataConfig",
 ]

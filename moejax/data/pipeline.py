@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from moejax.data.tiny_corpus import MoejaxTinyCorpus, prepare_tiny_corpus
 from moejax.data.tokenizer import PAD_ID, ByteTokenizer
+from moejax.config import DataConfig
 from moejax.errors import config_error
 
 TINY_CORPUS = MoejaxTinyCorpus.name  # 'moejax_tiny_corpus'
@@ -49,59 +49,10 @@ def default_data_dir() -> str:
   return os.path.expanduser(os.environ.get("MOEJAX_DATA_DIR") or "~/tensorflow_datasets")
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """The ``data`` section of an experiment config, with its defaults."""
-  cfg = ml_collections.ConfigDict()
-  cfg.name = TINY_CORPUS  # any TFDS dataset prepared as array_record also works
-  cfg.data_dir = None  # None: default_data_dir()
-  cfg.train_split = "train"
-  cfg.eval_split = "validation"
-  cfg.text_key = "text"
-  cfg.seq_len = 128
-  cfg.global_batch_size = 16  # summed over hosts; each host makes // process_count rows
-  cfg.seed = 0
-  cfg.shuffle = True  # train only; eval always reads in document order
-  return cfg
-
-
 def _check_positive_int(field: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
     raise config_error(field, value, "must be a positive int")
   return int(value)
-
-
-def _check_nonempty_str(field: str, value: Any) -> str:
-  if not isinstance(value, str) or not value:
-    raise config_error(field, value, "must be a non-empty string")
-  return value
-
-
-def resolve_data_config(data_cfg: Any, path: str = "data") -> dict[str, Any]:
-  """Validated plain dict of ``data_cfg`` (ConfigDict or mapping) over the defaults.
-
-  Missing fields take their defaults; unknown fields are errors (they are usually typos).
-  Every error names the dotted field, e.g. ``data.seq_len=-3 is invalid: must be a
-  positive int``.
-  """
-  defaults = default_data_config().to_dict()
-  given = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise config_error(f"{path}.{unknown[0]}", given[unknown[0]],
-                       f"unknown field; allowed fields are {sorted(defaults)}")
-  cfg = {**defaults, **given}
-  for field in ("name", "train_split", "eval_split", "text_key"):
-    _check_nonempty_str(f"{path}.{field}", cfg[field])
-  if cfg["data_dir"] is not None:
-    _check_nonempty_str(f"{path}.data_dir", cfg["data_dir"])
-  _check_positive_int(f"{path}.seq_len", cfg["seq_len"])
-  _check_positive_int(f"{path}.global_batch_size", cfg["global_batch_size"])
-  seed = cfg["seed"]
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise config_error(f"{path}.seed", seed, "must be a non-negative int")
-  if not isinstance(cfg["shuffle"], (bool, np.bool_)):
-    raise config_error(f"{path}.shuffle", cfg["shuffle"], "must be a bool")
-  return cfg
 
 
 def per_host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -359,14 +310,14 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
 def make_train_iterator(data_cfg: Any, process_index: int | None = None,
                         process_count: int | None = None) -> LMBatchIterator:
   """Infinite, shuffled (if ``data.shuffle``) batches of ``data.train_split`` for this host."""
-  cfg = resolve_data_config(data_cfg)
+  cfg = DataConfig.from_config(data_cfg)
   process_index, process_count = _process_layout(process_index, process_count)
-  per_host_batch_size(cfg["global_batch_size"], process_count)  # fail before any I/O
-  source = load_source(cfg["name"], cfg["train_split"], cfg["data_dir"], cfg["text_key"])
+  per_host_batch_size(cfg.global_batch_size, process_count)  # fail before any I/O
+  source = load_source(cfg.name, cfg.train_split, cfg.data_dir, cfg.text_key)
   return LMBatchIterator(
-      source, seq_len=cfg["seq_len"], global_batch_size=cfg["global_batch_size"],
-      seed=cfg["seed"], shuffle=cfg["shuffle"], process_index=process_index,
-      process_count=process_count, repeat=True, text_key=cfg["text_key"])
+      source, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
+      seed=cfg.seed, shuffle=cfg.shuffle, process_index=process_index,
+      process_count=process_count, repeat=True, text_key=cfg.text_key)
 
 
 def make_eval_iterator(data_cfg: Any, process_index: int | None = None,
@@ -375,11 +326,11 @@ def make_eval_iterator(data_cfg: Any, process_index: int | None = None,
 
   Call again for every evaluation: each call starts from the beginning of the split.
   """
-  cfg = resolve_data_config(data_cfg)
+  cfg = DataConfig.from_config(data_cfg)
   process_index, process_count = _process_layout(process_index, process_count)
-  per_host_batch_size(cfg["global_batch_size"], process_count)
-  source = load_source(cfg["name"], cfg["eval_split"], cfg["data_dir"], cfg["text_key"])
+  per_host_batch_size(cfg.global_batch_size, process_count)
+  source = load_source(cfg.name, cfg.eval_split, cfg.data_dir, cfg.text_key)
   return LMBatchIterator(
-      source, seq_len=cfg["seq_len"], global_batch_size=cfg["global_batch_size"],
-      seed=cfg["seed"], shuffle=False, process_index=process_index,
-      process_count=process_count, repeat=False, text_key=cfg["text_key"])
+      source, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
+      seed=cfg.seed, shuffle=False, process_index=process_index,
+      process_count=process_count, repeat=False, text_key=cfg.text_key)

@@ -21,46 +21,24 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from moejax.errors import ConfigError, config_error
+from moejax.config import MeshConfig
+from moejax.errors import config_error
 
 MESH_AXES: tuple[str, str, str] = ("data", "expert", "model")
 # Axes that split tokens (groups / batch rows); expert parallelism reuses the expert axis.
 TOKEN_AXES: tuple[str, str] = ("data", "expert")
 
 
-def _fields(mesh_cfg: Any, path: str) -> dict[str, Any]:
-  """Reads the three axis sizes out of a ConfigDict/mapping; unknown keys are errors."""
-  values = dict(mesh_cfg.items()) if hasattr(mesh_cfg, "items") else dict(mesh_cfg)
-  unknown = sorted(set(values) - set(MESH_AXES))
-  if unknown:
-    raise config_error(f"{path}.{unknown[0]}", values[unknown[0]],
-                       f"unknown mesh axis; allowed axes are {list(MESH_AXES)}")
-  for name in MESH_AXES:
-    if name not in values:
-      raise ConfigError(f"{path}.{name} is missing: the mesh needs int sizes for "
-                        f"{list(MESH_AXES)} (one of them may be -1)")
-  return {name: values[name] for name in MESH_AXES}
-
-
 def resolve_mesh_shape(mesh_cfg: Any, num_devices: int, path: str = "mesh") -> dict[str, int]:
   """Validates the configured axis sizes and fills a single -1 with the remaining devices.
 
-  Rules: every size is an int >= 1 or -1; at most one -1; data * expert * model must equal
+  Rules: every size is an int >= 1 or -1; at most one -1 (``moejax.config.MeshConfig``
+  checks those); data * expert * model must equal
   `num_devices` exactly (the -1 axis gets num_devices / product(others), which must be an
   integer). Returns {'data': int, 'expert': int, 'model': int}. Raises ConfigError.
   """
-  sizes = _fields(mesh_cfg, path)
-  fill = None
-  for name, v in sizes.items():
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not (v >= 1 or v == -1):
-      raise config_error(f"{path}.{name}", v, "must be an int >= 1, or -1 to use all "
-                         "remaining devices")
-    if v == -1:
-      if fill is not None:
-        raise config_error(f"{path}.{name}", v, f"only one mesh axis may be -1 and "
-                           f"{path}.{fill} is already -1")
-      fill = name
-  sizes = {k: int(v) for k, v in sizes.items()}
+  sizes = MeshConfig.from_config(mesh_cfg, path).sizes()  # types, unknown/missing axes
+  fill = next((name for name, v in sizes.items() if v == -1), None)
   fixed = math.prod(v for v in sizes.values() if v != -1)
   product = "*".join(MESH_AXES) + " = " + "*".join(str(sizes[a]) for a in MESH_AXES)
   if fill is not None:
@@ -96,8 +74,8 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None,
   """Builds the ('data', 'expert', 'model') mesh from a config with int fields of those names.
 
   Args:
-    mesh_cfg: ml_collections.ConfigDict or mapping {'data', 'expert', 'model'}; at most one
-      may be -1 (= all remaining devices).
+    mesh_cfg: a ``MeshConfig`` (or a mapping {'data', 'expert', 'model'}); at most one may
+      be -1 (= all remaining devices).
     devices: the devices to span (default ``jax.devices()``, i.e. all processes' devices).
     path: dotted config path used in error messages.
   Returns:

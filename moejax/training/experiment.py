@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import optax
 
-from moejax.config import ModelConfig, validate_config
+from moejax.config import ExperimentConfig, ModelConfig
 from moejax.models import Transformer
 from moejax.parallel import batch_sharding, logical_axis_rules, make_mesh, validate_mesh_for_moe
 from moejax.training.optim import learning_rate_schedule, make_optimizer
@@ -18,8 +18,7 @@ from moejax.training.state import TrainState, state_shardings
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-  config: Any
-  model_cfg: ModelConfig
+  config: ExperimentConfig
   mesh: jax.sharding.Mesh
   model: Transformer
   tx: optax.GradientTransformation
@@ -28,20 +27,21 @@ class Experiment:
   abstract_state: TrainState  # ShapeDtypeStructs carrying those shardings
   batch_sharding: jax.sharding.NamedSharding
 
+  @property
+  def model_cfg(self) -> ModelConfig:
+    return self.config.model
+
 
 def build_experiment(config, devices=None) -> Experiment:
-  """Validates `config` (raising ConfigError naming the field) and derives the rest.
-
-  `devices`: the devices the mesh spans (default: all), e.g. one device for debugging.
-  """
-  validate_config(config)
-  model_cfg = ModelConfig.from_config(config.model)
-  mesh = make_mesh(config.mesh, devices=devices)
-  validate_mesh_for_moe(mesh, model_cfg.moe)
-  model = Transformer(model_cfg, mesh=mesh)
-  tx = make_optimizer(config.train)
-  shardings, abstract = state_shardings(model, tx, config.data.seq_len, mesh,
-                                        logical_axis_rules())
-  return Experiment(config=config, model_cfg=model_cfg, mesh=mesh, model=model, tx=tx,
-                    schedule=learning_rate_schedule(config.train), state_shardings=shardings,
+  """Validates `config` (an ExperimentConfig, or a ConfigDict parsed here with
+  ``ExperimentConfig.from_config``, raising ConfigError naming the field) and derives the
+  rest. `devices`: the devices the mesh spans (default: all), e.g. one for debugging."""
+  cfg = ExperimentConfig.from_config(config)
+  mesh = make_mesh(cfg.mesh, devices=devices)
+  validate_mesh_for_moe(mesh, cfg.model.moe)
+  model = Transformer(cfg.model, mesh=mesh)
+  tx = make_optimizer(cfg.train)
+  shardings, abstract = state_shardings(model, tx, cfg.data.seq_len, mesh, logical_axis_rules())
+  return Experiment(config=cfg, mesh=mesh, model=model, tx=tx,
+                    schedule=learning_rate_schedule(cfg.train), state_shardings=shardings,
                     abstract_state=abstract, batch_sharding=batch_sharding(mesh))

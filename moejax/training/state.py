@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.models import Transformer
 from moejax.parallel.rules import params_shardings
 
 
@@ -63,3 +64,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seq_l
 
 def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def abstract_params(model_cfg) -> Any:
+  """The unboxed parameter tree of ``Transformer(model_cfg)`` as ShapeDtypeStructs (nothing
+  is allocated)."""
+  boxed = jax.eval_shape(lambda: Transformer(model_cfg).init(jax.random.key(0),
+                                                              jnp.zeros((1, 1), jnp.int32)))
+  return nn.meta.unbox(boxed["params"])

@@ -19,16 +19,15 @@ experts are kept), sets ``model.moe.num_experts = R`` and ``top_k = min(top_k, R
 
 from __future__ import annotations
 
-import copy
-from typing import Callable
+from collections.abc import Callable
 
 import flax
 import numpy as np
 
-from moejax.config import ModelConfig
+from moejax.compress.merge import EXPERT_PARAMS
+from moejax.config import ModelConfig, with_overrides
 from moejax.errors import config_error
 
-EXPERT_PARAMS = ("wi_gate", "wi_up", "wo")
 
 
 def easy_ep_scores(sums: dict) -> np.ndarray:
@@ -86,12 +85,10 @@ def check_keep(keep: int, model_cfg: ModelConfig) -> None:
 
 def pruned_config(config, keep: int):
   """A copy of the experiment config with num_experts = keep, top_k = min(top_k, keep + N)."""
-  new = copy.deepcopy(config)
-  with new.unlocked():
-    moe = new.model.moe
-    moe.num_experts = keep
-    moe.top_k = min(moe.top_k, keep + moe.get("num_null_experts", 0))
-  return new
+  moe = config.model.moe
+  return with_overrides(config, {
+      "model.moe.num_experts": keep,
+      "model.moe.top_k": min(moe.top_k, keep + moe.get("num_null_experts", 0))})
 
 
 def prune_model(config, model_cfg: ModelConfig, params, sums_per_layer: dict[int, dict],

@@ -1,9 +1,7 @@
-"""Reading and writing training runs (workdirs) for the conversion and analysis tools.
-
-A workdir written by ``moejax.train`` holds ``config.json`` (the full experiment config)
-and ``checkpoints/<step>/`` (Orbax). Tools read the config from there, restore params on
-the mesh the config names (or any other), and can write a fresh run whose step-0
-checkpoint holds given params -- ``moejax.train --workdir`` then fine-tunes from it.
+"""The run directory (workdir): ``config.json`` (the full experiment config) and
+``checkpoints/<step>/`` (Orbax). The trainer writes it; the tools read the config back,
+restore params on the mesh the config names (or any other), and can write a fresh run
+whose step-0 checkpoint holds given params (``moejax-train --workdir`` fine-tunes it).
 """
 
 from __future__ import annotations
@@ -15,6 +13,8 @@ import os
 import jax
 import ml_collections
 
+from moejax.config import ExperimentConfig, base_config
+from moejax.data import make_train_iterator
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.experiment import Experiment, build_experiment
 from moejax.training.state import TrainState
@@ -29,7 +29,10 @@ def checkpoint_dir(path: str) -> str:
   return inner if os.path.isdir(inner) else path
 
 
-def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def save_run_config(config, workdir: str) -> None:
+  """Writes `config` (an ExperimentConfig or a ConfigDict) as ``workdir/config.json``."""
+  if isinstance(config, ExperimentConfig):
+    config = config.to_config_dict()
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
   with open(tmp, "w") as f:
@@ -48,12 +51,22 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def _merge(base: dict, given: dict) -> dict:
+  out = dict(base)
+  for k, v in given.items():
+    out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+  return out
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's ``config.json`` over ``base_config()``: fields added since the run was
+  written take their defaults, so older runs keep loading."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: pass --config with the run's config file")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    stored = json.load(f)
+  return ml_collections.ConfigDict(_merge(base_config().to_dict(), stored))
 
 
 def restore_state(config, workdir: str, step: int | None = None,
@@ -79,8 +92,6 @@ def write_run(config, workdir: str, params, step: int = 0,
               host_data_states: dict | None = None, opt_state=None) -> int:
   """Writes `workdir` as a run at `step` holding `params` (fresh optimizer state unless
   given) and fresh input positions; returns the step. Refuses a workdir with checkpoints."""
-  from moejax.data import make_train_iterator
-
   exp = build_experiment(config)
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -92,9 +103,9 @@ def write_run(config, workdir: str, params, step: int = 0,
                      opt_state=opt_state)
   if host_data_states is None:
     n = jax.process_count()
-    host_data_states = {str(i): make_train_iterator(config.data, i, n).get_state()
+    host_data_states = {str(i): make_train_iterator(exp.config.data, i, n).get_state()
                         for i in range(n)}
-  save_run_config(config, workdir)
+  save_run_config(exp.config, workdir)
   ckpt = Checkpointer(ckpt_dir, keep=1_000_000, async_save=False)
   ckpt.save_all_hosts(step, state, host_data_states)
   ckpt.close()

@@ -1,0 +1,138 @@
+"""moejax-convert: reshard, export/import Hugging Face, upcycle.
+
+Every subcommand reads a run workdir written by ``moejax-train`` (its config.json and
+Orbax checkpoints) and writes a new workdir or directory; outputs are never partially
+written (a failure leaves no output behind).
+
+  reshard    restore onto another mesh (e.g. expert-parallel degree 8 -> 2) and save
+  export-hf  write config.json + safetensors loadable by transformers.from_pretrained
+  import-hf  turn an HF checkpoint directory into a moejax run (step-0 checkpoint)
+  upcycle    dense run -> MoE run: the FFN copied into every expert, fresh router
+
+(Merging experts is ``moejax-experts merge --method contiguous|mc_smoe``.)
+
+Examples:
+  moejax-convert reshard --workdir runs/a --out runs/a_ep2 \\
+      --mesh data=4,expert=2,model=1
+  moejax-convert export-hf --workdir runs/a --out hf/a
+  moejax-convert import-hf --hf_dir hf/a --out runs/b
+  moejax-convert upcycle --workdir runs/dense --out runs/moe \\
+      --num_experts 8 --top_k 2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ml_collections import ConfigDict
+
+from moejax.cli import parse_mesh, run_subcommand
+from moejax.compress.workflows import UPCYCLE_MOE_FIELDS, upcycle_run
+from moejax.config import base_config, with_overrides
+from moejax.convert.hf import export_hf, import_hf
+from moejax.convert.reshard import reshard_checkpoint
+from moejax.training.workdir import load_config_file, load_run_config, restore_state, write_run
+
+
+def _load_config(args) -> ConfigDict:
+  if getattr(args, "config", None):
+    return load_config_file(args.config)
+  return load_run_config(args.workdir)
+
+
+def parse_size(text: str) -> int:
+  """'5GB' / '500MB' / '1024' -> bytes."""
+  units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+  for suffix, factor in units.items():
+    if text.upper().endswith(suffix):
+      return int(float(text[:-2]) * factor)
+  return int(text)
+
+
+def cmd_reshard(args) -> None:
+  step = reshard_checkpoint(_load_config(args), args.workdir, args.out, args.mesh, args.step)
+  print(f"resharded step {step} onto mesh {args.mesh}: {args.out}")
+
+
+def cmd_export_hf(args) -> None:
+  state, _, step, exp = restore_state(_load_config(args), args.workdir, args.step)
+  files = export_hf(state.params, exp.model_cfg, args.out, family=args.family,
+                    max_shard_bytes=args.max_shard_size, dtype=args.dtype,
+                    overwrite=args.overwrite)
+  print(f"exported step {step} to {args.out}: {', '.join(files)}")
+
+
+def cmd_import_hf(args) -> None:
+  section, params = import_hf(args.hf_dir)
+  config = load_config_file(args.config) if args.config else base_config()
+  step = write_run(with_overrides(config, {"model": section}), args.out, params)
+  print(f"imported {args.hf_dir} as step {step} of run {args.out}")
+
+
+def cmd_upcycle(args) -> None:
+  config = _load_config(args) if args.config else None
+  summary = upcycle_run(args.workdir, args.out, {f: getattr(args, f) for f in UPCYCLE_MOE_FIELDS},
+                        args.moe_every, args.first_moe_layer, args.seed, args.step, config)
+  print(f"upcycled step {summary['step']} of {args.workdir} into {summary['num_experts']} "
+        f"experts: {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split("\n\n", 1)[1])
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  def common(p, needs_workdir=True):
+    if needs_workdir:
+      p.add_argument("--workdir", required=True, help="source run directory")
+      p.add_argument("--step", type=int, default=None, help="step (default: newest)")
+    p.add_argument("--config", default=None,
+                   help="config file (default: the workdir's config.json)")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+
+  p = sub.add_parser("reshard", help="restore onto another mesh and save")
+  common(p)
+  p.add_argument("--mesh", type=parse_mesh, required=True,
+                 help="new mesh, e.g. data=4,expert=2,model=1")
+  p.set_defaults(fn=cmd_reshard)
+
+  p = sub.add_parser("export-hf", help="write a transformers-loadable directory")
+  common(p)
+  p.add_argument("--family", default=None,
+                 help="HF family: mixtral or deepseek_v2 (default: inferred from the config)")
+  p.add_argument("--max_shard_size", type=parse_size, default=5 * 2**30,
+                 help="split safetensors above this size (e.g. 2GB); default 5GB")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                 help="cast tensors (default: keep the param dtype)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.set_defaults(fn=cmd_export_hf)
+
+  p = sub.add_parser("import-hf", help="HF checkpoint directory -> moejax run")
+  common(p, needs_workdir=False)
+  p.add_argument("--hf_dir", required=True, help="directory with config.json + safetensors")
+  p.set_defaults(fn=cmd_import_hf)
+
+  p = sub.add_parser("upcycle", help="dense run -> MoE run (sparse upcycling)")
+  common(p)
+  p.add_argument("--num_experts", type=int, required=True)
+  p.add_argument("--top_k", type=int, default=2)
+  p.add_argument("--router", default="topk")
+  p.add_argument("--router_order", default="topk_softmax",
+                 help="topk_softmax (renormalised) makes step 0 equal the dense model")
+  p.add_argument("--dropless", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--capacity_factor", type=float, default=None)
+  p.add_argument("--moe_every", type=int, default=1)
+  p.add_argument("--first_moe_layer", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="seed of the fresh router")
+  p.set_defaults(fn=cmd_upcycle)
+
+  return parser
+
+
+def main(argv=None) -> int:
+  return run_subcommand(build_parser(), argv)
+
+
+def run() -> None:
+  raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""The ``Trainer``: data -> sharded train step -> metrics, eval, checkpoints.
+
+Guarantees:
+- exact resume: the state, optimizer state and every host's input position are saved
+  together, so a run resumed from step N reproduces the uninterrupted run's losses;
+- nothing lost on interruption: SIGTERM/SIGINT finish the current step, save and exit;
+- a non-finite loss or gradient stops the run (nan_policy='stop') before anything is
+  saved, naming the step and the router metrics of each MoE layer, or skips the update
+  (nan_policy='skip').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from moejax.data import make_eval_iterator, make_train_iterator
+from moejax.training.checkpoint import Checkpointer
+from moejax.training.experiment import Experiment, build_experiment
+from moejax.training.faults import maybe_crash
+from moejax.training.metrics_log import MetricsWriter, router_summary, summarize
+from moejax.training.preemption import PreemptionGuard
+from moejax.training.state import count_params, create_train_state
+from moejax.training.step import make_eval_step, make_train_step
+from moejax.training.workdir import save_run_config
+
+log = logging.getLogger("moejax.train")
+
+CONSOLE_KEYS = ("loss", "ce_loss", "aux/load_balance_loss", "aux/z_loss", "grad_norm",
+                "learning_rate")
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient norm became NaN/Inf and nan_policy is 'stop'."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  final_step: int
+  losses: dict[int, float]  # step (1-based: after that many updates) -> train loss
+  eval_losses: dict[int, float]
+  stopped_by: str  # 'completed' | 'preempted:SIGTERM' | 'max_steps'
+  num_params: int
+
+
+def _global_batch(local: dict, sharding) -> dict:
+  """Per-host numpy batch -> one global jax.Array per key, laid out by `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def _diverged_message(step: int, metrics: dict) -> str:
+  lines = [f"Non-finite training loss/gradient at step {step} "
+           f"(loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])})."]
+  offending = sorted({k.split("/")[1] for k in metrics if k.startswith("router/")
+                      and not np.all(np.isfinite(np.asarray(metrics[k], np.float64)))})
+  if offending:
+    lines.append(f"Non-finite router metrics first appear in MoE layer(s): {offending}.")
+  lines.append("Per-layer router metrics and aux losses at that step:")
+  for k in sorted(metrics):
+    if k.startswith(("router/", "aux/")):
+      v = np.asarray(metrics[k])
+      shown = f"{float(v):.6g}" if v.ndim == 0 else np.array2string(v, precision=3)
+      lines.append(f"  {k} = {shown}")
+  lines.append("The last good checkpoint is untouched; lower the learning rate, raise "
+               "moe.z_loss_weight, or set train.nan_policy='skip'.")
+  return "\n".join(lines)
+
+
+def evaluate(eval_step, params, data_cfg, batch_spec, num_batches: int) -> float:
+  """Mean token cross-entropy over the first `num_batches` eval batches."""
+  it = make_eval_iterator(data_cfg, jax.process_index(), jax.process_count())
+  ce_sum, tokens = 0.0, 0.0
+  for i, local in enumerate(it):
+    if i >= num_batches:
+      break
+    out = jax.device_get(eval_step(params, _global_batch(local, batch_spec)))
+    ce_sum += float(out["ce_sum"])
+    tokens += float(out["tokens"])
+  return ce_sum / max(tokens, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """``fn(trainer, step)`` after every `every`-th step (never if every == 0), and also after
+  the last step of this ``run`` call (at_end='call') or of the whole run (at_end='run')."""
+
+  every: int
+  fn: Callable[[Trainer, int], None]
+  at_end: str | None = None
+
+
+class Trainer:
+  """Owns the train state, the jitted steps, the checkpointer and the hooks of one run.
+
+  ``run()`` dispatches a step, then runs the hooks due at that step: log (every
+  ``train.log_every``), eval (``train.eval_every``) and save (``train.checkpoint_every``);
+  extra hooks go through ``add_hook``. Device metrics are fetched lazily (``flush``), so
+  step N+1 is dispatched before step N's metrics are read.
+  """
+
+  def __init__(self, config, workdir: str, resume: bool = True, show_progress: bool = True,
+               devices=None):
+    self.exp: Experiment = build_experiment(config, devices=devices)
+    self.cfg = self.exp.config  # ExperimentConfig
+    self.workdir = workdir
+    self.show_progress = show_progress
+    self.primary = jax.process_index() == 0
+    tcfg = self.cfg.train
+    self.checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                     keep=tcfg.keep_checkpoints,
+                                     async_save=tcfg.async_checkpointing)
+    self.writer = MetricsWriter(workdir, enabled=self.primary)
+    self.train_iter = make_train_iterator(self.cfg.data, jax.process_index(),
+                                          jax.process_count())
+    self.state, self.start = self._restore_or_init(resume)
+    self.last_saved = self.start if self.restored else None
+    self.step_no = self.start  # updates dispatched so far
+    self.num_params = count_params(self.state.params)
+    shardings, batch_spec = self.exp.state_shardings, self.exp.batch_sharding
+    self.train_step = jax.jit(
+        make_train_step(self.exp.model, self.exp.tx, self.exp.schedule, tcfg.nan_policy),
+        in_shardings=(shardings, batch_spec), out_shardings=(shardings, None),
+        donate_argnums=(0,))
+    self.eval_step = jax.jit(make_eval_step(self.exp.model),
+                             in_shardings=(shardings.params, batch_spec))
+    self.losses: dict[int, float] = {}
+    self.eval_losses: dict[int, float] = {}
+    self.pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked
+    self.hooks = [Hook(tcfg.log_every, Trainer.log, at_end="call"),
+                  Hook(tcfg.eval_every, Trainer.eval, at_end="run"),
+                  Hook(tcfg.checkpoint_every, Trainer.save)]
+    self._window = (time.perf_counter(), 0)  # (start time, steps) of the throughput window
+
+  def add_hook(self, every: int, fn: Callable[[Trainer, int], None],
+               at_end: str | None = None) -> None:
+    self.hooks.append(Hook(every, fn, at_end))
+
+  def _restore_or_init(self, resume: bool):
+    restored = self.checkpointer.restore_latest(self.exp.abstract_state) if resume else None
+    self.restored = restored is not None
+    if restored is not None:
+      state, data_state, start = restored
+      self.train_iter.set_state(data_state)
+      log.info("Resumed from checkpoint step %d in %s", start, self.checkpointer.directory)
+      return state, start
+    if self.checkpointer.all_steps():
+      raise FileExistsError(f"{self.workdir} already holds checkpoints "
+                            f"{self.checkpointer.all_steps()}; pass --resume or use a fresh "
+                            "--workdir")
+    state = create_train_state(self.exp.model, self.exp.tx, self.cfg.data.seq_len,
+                               self.cfg.train.seed, self.exp.state_shardings)
+    return state, 0
+
+  # ---------------------------------------------------------------- steps and hooks
+
+  def step(self) -> int:
+    """Dispatches one train step; returns the new step number (metrics stay on device)."""
+    batch = _global_batch(next(self.train_iter), self.exp.batch_sharding)
+    self.state, dev_metrics = self.train_step(self.state, batch)
+    self.step_no += 1
+    self.pending.append((self.step_no, dev_metrics))
+    return self.step_no
+
+  def flush(self) -> tuple[int, dict] | None:
+    """Fetches pending metrics and records losses; raises TrainingDiverged on a non-finite
+    step when nan_policy is 'stop'. Returns the last (step, metrics)."""
+    last = None
+    for step_no, dev_metrics in self.pending:
+      metrics = jax.device_get(dev_metrics)
+      loss = float(metrics["loss"])
+      finite = math.isfinite(loss) and math.isfinite(float(metrics["grad_norm"]))
+      if not finite and self.cfg.train.nan_policy == "stop":
+        raise TrainingDiverged(_diverged_message(step_no, metrics))
+      self.losses[step_no] = loss
+      last = (step_no, metrics)
+    self.pending.clear()
+    return last
+
+  def log(self, step_no: int) -> None:
+    last = self.flush()
+    start, steps = self._window
+    elapsed = time.perf_counter() - start
+    tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_len
+    record = dict(last[1], step=step_no,
+                  tokens_per_s=steps * tokens_per_step / max(elapsed, 1e-9))
+    record.update(router_summary(record))
+    self.writer.write(record)
+    self.progress.set_postfix_str(summarize(record, ("loss", "grad_norm")))
+    if self.primary and not self.show_progress:
+      log.info("step %d: %s tokens/s=%.0f", step_no, summarize(record, CONSOLE_KEYS),
+               record["tokens_per_s"])
+    self._window = (time.perf_counter(), 0)
+
+  def eval(self, step_no: int) -> None:
+    loss = evaluate(self.eval_step, self.state.params, self.cfg.data,
+                    self.exp.batch_sharding, self.cfg.train.eval_steps)
+    self.eval_losses[step_no] = loss
+    self.writer.write({"step": step_no, "eval_loss": loss,
+                       "eval_perplexity": math.exp(min(loss, 50.0))})
+    if self.primary:
+      tqdm.write(f"step {step_no}: eval_loss={loss:.4f}")
+
+  def save(self, step_no: int) -> None:
+    self.flush()  # never checkpoint a diverged state
+    self.checkpointer.save(step_no, self.state, self.train_iter.get_state())
+    self.last_saved = step_no
+    maybe_crash("during_save", step_no)
+
+  def _due(self, hook: Hook, step_no: int, end: int) -> bool:
+    last = {"call": end, "run": self.cfg.train.steps}.get(hook.at_end)
+    return hook.every > 0 and (step_no % hook.every == 0 or step_no == last)
+
+  # ---------------------------------------------------------------- the run
+
+  def run(self, max_steps: int | None = None) -> TrainResult:
+    """Trains to ``train.steps`` (or `max_steps` more steps), saving at the end; SIGTERM /
+    SIGINT finish the current step, save and return."""
+    steps = self.cfg.train.steps
+    end = steps if max_steps is None else min(steps, self.start + max_steps)
+    stopped_by = "completed" if end == steps else "max_steps"
+    log.info("Process %d of %d processes: mesh %s over %d devices (%d local)",
+             jax.process_index(), jax.process_count(), dict(self.exp.mesh.shape),
+             self.exp.mesh.size, jax.local_device_count())
+    if self.primary:
+      save_run_config(self.cfg, self.workdir)  # what the tools (convert, analysis) read back
+      log.info("Model: %s parameters", f"{self.num_params:,}")
+    self.progress = tqdm(total=steps, initial=self.start,
+                         disable=not (self.primary and self.show_progress), desc="train",
+                         unit="step", dynamic_ncols=True)
+    self._window = (time.perf_counter(), 0)
+    with PreemptionGuard() as guard:
+      try:
+        while self.step_no < end:
+          step_no = self.step()
+          maybe_crash("after_step", step_no)
+          self._window = (self._window[0], self._window[1] + 1)
+          self.progress.update(1)
+          for hook in self.hooks:
+            if self._due(hook, step_no, end):
+              hook.fn(self, step_no)
+          if guard.should_stop():
+            stopped_by = f"preempted:{guard.signal_name or 'remote'}"
+            log.warning("%s received: saving step %d and exiting", stopped_by, step_no)
+            break
+        final = int(jax.device_get(self.state.step))
+        if self.last_saved != final:
+          self.save(final)
+      finally:
+        self.progress.close()
+        self.checkpointer.close()
+    return TrainResult(final_step=final, losses=self.losses, eval_losses=self.eval_losses,
+                       stopped_by=stopped_by, num_params=self.num_params)
+
+
+def train(config, workdir: str, resume: bool = True, max_steps: int | None = None,
+          show_progress: bool = True, devices=None) -> TrainResult:
+  """Trains `config` in `workdir` (checkpoints in workdir/checkpoints, metrics.jsonl).
+
+  Args:
+    config: an ExperimentConfig or a ConfigDict (parsed once here).
+    resume: restore the newest usable checkpoint in the workdir if there is one.
+    max_steps: stop (after checkpointing) once this many steps ran in *this* call;
+      for tests and time-sliced jobs. None trains to ``train.steps``.
+    devices: devices for the mesh (default: all of them).
+  """
+  return Trainer(config, workdir, resume=resume, show_progress=show_progress,
+                 devices=devices).run(max_steps)
