@@ -3,7 +3,9 @@ every invalid value is a ConfigError naming its dotted field."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import os
 
 import flax.linen as nn
@@ -14,10 +16,13 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from moejax.config import (ModelConfig, base_config, default_train_config, validate_config,
-                           validate_train_config)
+from moejax.config import (DataConfig, ExperimentConfig, MeshConfig, ModelConfig, TrainConfig,
+                           base_config, default_train_config, validate_config,
+                           validate_train_config, with_overrides)
 from moejax.errors import ConfigError
 from moejax.models import Transformer
+from moejax.moe_config import MoEConfig
+from moejax.training.workdir import load_run_config
 from tests.helpers import REPO
 
 # ml_collections' config_flags loads config files with the deprecated load_module().
@@ -284,3 +289,60 @@ def test_model_config_direct_construction_validates():
     ModelConfig(num_kv_heads=0)
   with pytest.raises(ConfigError, match=r"^model\.moe=None"):
     ModelConfig(moe_every=1)
+
+
+def test_base_config_is_the_dataclass_defaults():
+  exp = ExperimentConfig.from_config(base_config())
+  assert exp == ExperimentConfig(model=ModelConfig(), data=DataConfig(), mesh=MeshConfig(),
+                                 train=TrainConfig())
+  assert ModelConfig.from_config(base_config().model) == ModelConfig()  # dense by default
+  moe = ModelConfig.from_config(base_config().model.to_dict() | {"moe_every": 1}).moe
+  assert moe == MoEConfig()
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_experiment_config_round_trips_through_its_config_dict(name):
+  exp = ExperimentConfig.from_config(load(name))
+  again = ExperimentConfig.from_config(exp.to_config_dict())
+  assert again == exp and hash(again.model) == hash(exp.model)
+  assert ExperimentConfig.from_config(exp) is exp  # parsed once: an instance passes through
+
+
+@pytest.mark.parametrize("section,cls", [("data", DataConfig), ("mesh", MeshConfig),
+                                         ("train", TrainConfig)])
+def test_unknown_field_error_lists_the_allowed_fields(section, cls):
+  cfg = load("tiny_cpu")
+  with cfg.unlocked():
+    cfg[section]["no_such_field"] = 1
+  with pytest.raises(ConfigError) as err:
+    ExperimentConfig.from_config(cfg)
+  allowed = sorted(f.name for f in dataclasses.fields(cls) if f.name != "config_path")
+  assert str(err.value) == (f"{section}.no_such_field=1 is invalid: unknown field; allowed "
+                            f"fields are {allowed}")
+
+
+def test_section_dataclasses_validate_on_direct_construction():
+  with pytest.raises(ConfigError, match=r"^train\.steps=0 is invalid"):
+    TrainConfig(steps=0)
+  with pytest.raises(ConfigError, match=r"^data\.seq_len=-1 is invalid"):
+    DataConfig(seq_len=-1)
+  with pytest.raises(ConfigError, match=r"^mesh\.model=-1 is invalid: only one mesh axis"):
+    MeshConfig(data=-1, model=-1)
+
+
+def test_old_run_config_missing_new_fields_loads_with_defaults(tmp_path):
+  cfg = load("tiny_cpu").to_dict()
+  del cfg["train"]["nan_policy"]  # a run written before the field existed
+  del cfg["data"]["shuffle"]
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  exp = ExperimentConfig.from_config(load_run_config(str(tmp_path)))
+  assert exp.train.nan_policy == TrainConfig().nan_policy
+  assert exp.data.shuffle == DataConfig().shuffle
+  assert exp.model == ModelConfig.from_config(load("tiny_cpu").model)
+
+
+def test_with_overrides_copies_and_sets_dotted_fields():
+  cfg = load("tiny_cpu")
+  new = with_overrides(cfg, {"mesh.expert": 2, "model.moe.top_k": 1, "data.data_dir": "/d"})
+  assert (new.mesh.expert, new.model.moe.top_k, new.data.data_dir) == (2, 1, "/d")
+  assert (cfg.mesh.expert, cfg.model.moe.top_k, cfg.data.data_dir) == (1, 2, None)
