@@ -1,11 +1,14 @@
-"""Shared pieces of the command-line tools in tools/: argument types and error handling."""
+"""Shared pieces of the console scripts (``moejax-convert``, ``moejax-experts``): argument
+types and error handling."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+
+from moejax.errors import ConfigError
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -24,8 +27,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def run_subcommand(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
   """Parses argv, runs ``args.fn(args)``; user errors print one line and return 2."""
-  from moejax.errors import ConfigError
-
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax"):  # Orbax's per-file chatter, backend probing
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -175,15 +175,6 @@ def test_base_config_and_train_defaults_are_valid():
   validate_train_config(default_train_config())
 
 
-def _set(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
-  *parents, leaf = dotted.split(".")
-  node = cfg
-  for p in parents:
-    node = node[p]
-  with node.ignore_type():
-    node[leaf] = value
-
-
 # (dotted field to set, value, field the error must name)
 INVALID = [
     ("model.d_model", -8, "model.d_model"),
@@ -245,9 +236,7 @@ INVALID = [
 @pytest.mark.parametrize("dotted,value,field", INVALID,
                          ids=[f"{d}={v!r}" for d, v, _ in INVALID])
 def test_invalid_value_raises_config_error_naming_field(dotted, value, field):
-  cfg = load("tiny_cpu")
-  with cfg.unlocked():
-    _set(cfg, dotted, value)
+  cfg = with_overrides(load("tiny_cpu"), {dotted: value})
   with pytest.raises(ConfigError) as err:
     validate_config(cfg)
   assert str(err.value).startswith(f"{field}="), str(err.value)

@@ -23,6 +23,7 @@ from moejax.models.mla import LATENT_NORM_EPS, MLAttention
 from moejax.models.rope import apply_rope_interleaved, interleaved_rope_angles
 from moejax.moe_config import MoEConfig
 from moejax.routers import route
+from moejax.training.state import abstract_params
 from tests.reference import gated_ffn_np, moe_layer_reference, softmax
 
 B, L = 2, 10
@@ -39,12 +40,6 @@ def model_cfg(q_lora_rank: int = 0, routed_scaling_factor: float = 1.0, **kw) ->
               rms_norm_eps=1e-5, max_len=32, moe=moe, **MLA)
   base.update(kw)
   return ModelConfig(**base)
-
-
-def abstract_params(cfg: ModelConfig):
-  """ShapeDtypeStructs of the unboxed params (nothing compiled or allocated)."""
-  return nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
-                                      jnp.zeros((1, L), jnp.int32))["params"])
 
 
 def _fan_in(name: str, shape: tuple) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moejax.errors import ConfigError
-from moejax.training.trainer import train
+from moejax.training.trainer import Trainer, train
 from tests.helpers import tiny_config
 
 
@@ -18,7 +18,12 @@ def _losses(result):
 
 def test_few_steps_reduce_loss_and_write_checkpoint(tmp_path, data_dir):
   cfg = tiny_config(data_dir, steps=30, learning_rate=3e-3, checkpoint_every=30)
-  result = train(cfg, str(tmp_path / "run"), show_progress=False, devices=jax.devices()[:1])
+  trainer = Trainer(cfg, str(tmp_path / "run"), show_progress=False,
+                    devices=jax.devices()[:1])
+  seen = []  # (step, losses recorded so far): a hook sees every loss up to its step
+  trainer.add_hook(7, lambda t, step: seen.append((step, sorted(t.losses)[-1:])))
+  result = trainer.run()
+  assert seen == [(7, [7]), (14, [14]), (21, [21]), (28, [28])]  # log_every=1 flushes
   losses = _losses(result)
   assert losses.shape == (30,)
   assert np.all(np.isfinite(losses))
