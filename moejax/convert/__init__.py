@@ -1,1 +1,2 @@
-"""Checkpoint conversion: reshard, Hugging Face export/import, upcycle, merge experts."""
+"""Checkpoint conversion: reshard onto another mesh, Hugging Face export/import, and the
+``moejax-convert`` command line."""

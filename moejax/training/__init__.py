@@ -1,1 +1,2 @@
-"""Training: optimizer, train state placement, steps, checkpoints, and the loop."""
+"""Training: optimizer, train state placement, steps, checkpoints, the run directory
+(``workdir``) and the ``Trainer``."""
