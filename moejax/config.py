@@ -29,7 +29,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("gqa", "mla")
 NAN_POLICIES = ("stop", "skip")
 SECTIONS = ("model", "data", "mesh", "train")
-MESH_AXES = ("data", "expert", "model")  # == moejax.parallel.mesh.MESH_AXES
 _is_int, _is_number, _check = is_int, is_number, check
 
 

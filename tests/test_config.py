@@ -20,8 +20,10 @@ from moejax.config import (DataConfig, ExperimentConfig, MeshConfig, ModelConfig
                            base_config, default_train_config, validate_config,
                            validate_train_config, with_overrides)
 from moejax.errors import ConfigError
+from moejax.fields import field_names
 from moejax.models import Transformer
 from moejax.moe_config import MoEConfig
+from moejax.parallel import MESH_AXES
 from moejax.training.workdir import load_run_config
 from tests.helpers import REPO
 
@@ -335,3 +337,9 @@ def test_with_overrides_copies_and_sets_dotted_fields():
   new = with_overrides(cfg, {"mesh.expert": 2, "model.moe.top_k": 1, "data.data_dir": "/d"})
   assert (new.mesh.expert, new.model.moe.top_k, new.data.data_dir) == (2, 1, "/d")
   assert (cfg.mesh.expert, cfg.model.moe.top_k, cfg.data.data_dir) == (1, 2, None)
+
+
+def test_mesh_config_fields_are_the_mesh_axes():
+  assert tuple(field_names(MeshConfig)) == MESH_AXES  # one field per axis, in mesh order
+  assert MeshConfig.from_config(base_config().mesh).sizes() == {"data": -1, "expert": 1,
+                                                                "model": 1}
