@@ -3,7 +3,7 @@
   python benchmarks/moe_layer.py                 # 1 and 8 devices (one subprocess each)
   python benchmarks/moe_layer.py --quick         # smaller shapes, fewer steps
   python benchmarks/moe_layer.py --devices 8     # only 8 (simulated on CPU) devices
-  python benchmarks/moe_layer.py --json          # one JSON object per row instead of the table
+  python benchmarks/moe_layer.py --json          # one JSON object per row (table on stderr)
 
 Layers (SwiGLU experts, routing groups of --group-size tokens, d_model = D, width f):
   top2_of_8    router='topk', E = 8, k = 2, expert width f        vs DenseFFN(d_ff = 2 f)
@@ -280,7 +280,8 @@ def main(argv=None) -> None:
       raise SystemExit(f"benchmark on {n} device(s) failed (exit {out.returncode})")
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
     rows.extend(json.loads(line[len("RESULT "):]))
-  if args.json:
+  if args.json:  # JSON lines on stdout, the table on stderr
+    sys.stderr.write(format_table(rows, args) + "\n")
     for r in rows:
       print(json.dumps({"layer": r["layer"], "devices": r["devices"], "pass": r["pass_"],
                         "impl": r["impl"], "ms": r["ms"],

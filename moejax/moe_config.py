@@ -56,7 +56,7 @@ class MoEConfig:
       ragged_dot has no native kernel); 'capacity': the C = S slot buffers (E/k times the
       FLOPs; kept as the reference); 'auto': ragged_dot on gpu/tpu, blocked on cpu.
     expert_block_size: rows per block of the 'blocked' impl; None picks a power of two in
-      [8, 128] whose padding is at most 1/8 of the rows.
+      [8, 256] whose padding is at most 1/4 of the rows.
     ep_exchange: dropless expert-parallel exchange. 'ragged_all_to_all': exactly the routed
       rows (gpu/tpu only; XLA:CPU rejects the op); 'padded_all_to_all': a fixed
       [devices, rows_per_device] buffer per device (the CPU fallback); 'auto' picks by backend.

@@ -92,7 +92,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.errors import config_error
 from moejax.layers.ffn import expert_ffn
-from moejax.layers.grouped import grouped_ffn, rank_in_group, take_rows
+from moejax.layers.grouped import grouped_ffn, permute_rows, rank_in_group
 from moejax.layers.routed import (combine_assignments, router_logits, slot_experts)
 from moejax.moe_config import MoEConfig
 from moejax.parallel.mesh import MESH_AXES, TOKEN_AXES, validate_mesh_for_moe
@@ -214,35 +214,35 @@ def rows_per_device(num_assignments: int, num_devices: int, cfg: MoEConfig) -> i
   return max(1, min(a, max(cfg.ragged_buffer_min_rows, bound)))
 
 
-def padded_exchange(x_tok, send_source, send_used, axis):
-  """CPU fallback: a fixed [P, R, d] buffer per device, one dense all_to_all each way.
+def padded_exchange(send: jax.Array, send_sizes: jax.Array, axis: str):
+  """CPU fallback: the whole [P, R, d] buffer, one dense all_to_all each way.
 
+  Args: send [P_dst * R, d] (block q: rows for expert device q, used rows first);
+    send_sizes i32[P_dst] used rows per block (unused by this exchange).
   Returns (received rows [P_src * R, d], back(y [P_src * R, d]) -> [P_dst * R, d]).
   """
-  p_r = send_source.shape[0]
+  del send_sizes
   p = jax.lax.axis_size(axis)
-  send = jnp.where(send_used[:, None], jnp.take(x_tok, send_source, axis=0), 0)
-  recv = dispatch_a2a(send.reshape(p, p_r // p, -1), axis, split_axis=0)  # [P_src, R, d]
+  p_r, d = send.shape
+  recv = dispatch_a2a(send.reshape(p, p_r // p, d), axis, split_axis=0)  # [P_src, R, d]
 
   def back(y):
-    return combine_a2a(y.reshape(p, p_r // p, -1), axis, split_axis=0).reshape(p_r, -1)
+    return combine_a2a(y.reshape(p, p_r // p, d), axis, split_axis=0).reshape(p_r, d)
 
-  return recv.reshape(p_r, -1), back
+  return recv.reshape(p_r, d), back
 
 
-def ragged_exchange(x_tok, send_source, send_used, axis):
+def ragged_exchange(send: jax.Array, send_sizes: jax.Array, axis: str):
   """gpu/tpu: ``jax.lax.ragged_all_to_all`` fills the same [P_src * R, d] layout as
   ``padded_exchange`` but moves only the used rows. UNTESTED (XLA:CPU rejects the op).
 
-  This device's rows for destination q are send rows [q R, q R + n_q), n_q = sum of
-  send_used over that block (used rows are a prefix of each block by construction).
+  Block q of `send` (rows [q R, q R + send_sizes[q])) lands at rows [me R, ...) of device
+  q's buffer; the sizes are exchanged first with a small all_to_all.
   """
-  p_r = send_source.shape[0]
   p = jax.lax.axis_size(axis)
+  p_r = send.shape[0]
   r = p_r // p
   me = jax.lax.axis_index(axis)
-  send = jnp.take(x_tok, send_source, axis=0)  # [P * R, d]
-  send_sizes = jnp.sum(send_used.reshape(p, r), axis=1).astype(jnp.int32)  # [P_dst]
   offsets = jnp.arange(p, dtype=jnp.int32) * r  # block q starts at q R on both sides
   recv_sizes = jax.lax.all_to_all(send_sizes, axis, 0, 0, tiled=True)  # [P_src]
   out_offsets = jnp.full((p,), me * r, jnp.int32)  # my block in each receiver's buffer
@@ -286,21 +286,22 @@ def dropless_expert_parallel(x: jax.Array, routing: Routing, probs: jax.Array,
   rank, _ = rank_in_group(dest, valid, p)
   kept = valid & (rank < r)
   slot = jnp.where(kept, dest * r + rank, p * r)  # [A]; p * r: not sent
-  send_source = jnp.zeros((p * r,), jnp.int32).at[slot].set(
-      jnp.arange(a, dtype=jnp.int32) // k, mode="drop")  # token of each send row
-  send_used = jnp.zeros((p * r,), bool).at[slot].set(True, mode="drop")
+  send_assign = jnp.full((p * r,), a, jnp.int32).at[slot].set(
+      jnp.arange(a, dtype=jnp.int32), mode="drop")  # assignment of each send row; a: none
   send_expert = jnp.full((p * r,), e_loc, jnp.int32).at[slot].set(expert % e_loc, mode="drop")
-  recv, back = EXCHANGES[cfg.resolved_ep_exchange()](x.reshape(g * s, d), send_source,
-                                                       send_used, axis)
+  send_sizes = jnp.zeros((p,), jnp.int32).at[jnp.where(kept, dest, p)].add(1, mode="drop")
+  x_assign = jnp.broadcast_to(x[:, :, None], (g, s, k, d)).reshape(a, d)
+  send = permute_rows(x_assign, send_assign, slot)  # [P_dst * R, d], zeros where unused
+  recv, back = EXCHANGES[cfg.resolved_ep_exchange()](send, send_sizes, axis)
   recv_expert = jax.lax.all_to_all(send_expert.reshape(p, r), axis, 0, 0,
                                    tiled=True).reshape(p * r)  # local expert, e_loc: none
   used = recv_expert < e_loc
-  y_rows = grouped_ffn(recv, jnp.arange(p * r, dtype=jnp.int32), jnp.where(used, recv_expert, 0),
-                       used, w_gate, w_up, w_down, cfg.activation, cfg.resolved_expert_impl(),
+  y_rows = grouped_ffn(recv, jnp.where(used, recv_expert, 0), used, w_gate, w_up, w_down,
+                       cfg.activation, cfg.resolved_expert_impl(),
                        cfg.expert_block_size)  # [P_src * R, d]
   if model_axis is not None:
     y_rows = jax.lax.psum(y_rows, model_axis)
-  y_assign = take_rows(back(y_rows), slot).reshape(g, s, k, d)
+  y_assign = permute_rows(back(y_rows), slot, send_assign).reshape(g, s, k, d)
   kept = kept.reshape(g, s, k)
   y = combine_assignments(y_assign, routing, kept)
   metrics = assignment_metrics(routing.expert_index, routing.valid, kept, probs,

@@ -43,8 +43,8 @@ def sorted_experts(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.
   """All E experts on this device, over expert-sorted assignments: x [G, S, d] -> [G, S, d]."""
   g, s, d = x.shape
   k = routing.expert_index.shape[-1]
-  source = jnp.arange(g * s * k, dtype=jnp.int32) // k  # token of assignment (t, k)
-  y_assign = grouped_ffn(x.reshape(g * s, d), source, routing.expert_index.reshape(-1),
+  x_assign = jnp.broadcast_to(x[:, :, None], (g, s, k, d)).reshape(g * s * k, d)
+  y_assign = grouped_ffn(x_assign, routing.expert_index.reshape(-1),
                          routing.valid.reshape(-1), w_gate, w_up, w_down, cfg.activation,
                          cfg.resolved_expert_impl(), cfg.expert_block_size)
   return combine_assignments(y_assign.reshape(g, s, k, d), routing, routing.valid)
