@@ -83,7 +83,7 @@ def measure(fns: dict, steps: int) -> dict:
   The fns are timed in alternation (one step of each per round), so a change in machine
   load during the run affects all of them alike.
   """
-  import jax  # noqa: PLC0415 (imported after XLA_FLAGS is set)
+  import jax
   for fn in fns.values():
     jax.block_until_ready(fn())
   times = {k: [] for k in fns}
@@ -98,7 +98,7 @@ def measure(fns: dict, steps: int) -> dict:
 def all_to_all_bytes(hlo_text: str) -> int:
   """Bytes of all all-to-all results of one device in compiled HLO text (XLA:CPU splits an
   all-to-all into a tuple of per-peer pieces; they are summed)."""
-  import re  # noqa: PLC0415
+  import re
   width = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s64": 8}
   total = 0
   for line in hlo_text.splitlines():
@@ -115,9 +115,9 @@ def all_to_all_bytes(hlo_text: str) -> int:
 def torch_fns(args, x_np, ct_np) -> dict:
   """transformers' MixtralSparseMoeBlock (eager, grouped_mm) on the top2_of_8 shapes."""
   try:
-    import torch  # noqa: PLC0415
-    from transformers import MixtralConfig  # noqa: PLC0415
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa
+    import torch
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
   except ImportError:
     return {}
   fns = {}
@@ -152,7 +152,8 @@ def run_device_count(num_devices: int, args) -> list[dict]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   sys.path.insert(0, REPO)
   from moejax.layers import DenseFFN, MoELayer

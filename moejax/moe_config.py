@@ -124,14 +124,14 @@ class MoEConfig:
     """expert_impl with 'auto' resolved by ``jax.default_backend()``."""
     if self.expert_impl != "auto":
       return self.expert_impl
-    import jax  # noqa: PLC0415 (keep this module importable without initialising jax)
+    import jax
     return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
 
   def resolved_ep_exchange(self) -> str:
     """ep_exchange with 'auto' resolved by ``jax.default_backend()``."""
     if self.ep_exchange != "auto":
       return self.ep_exchange
-    import jax  # noqa: PLC0415
+    import jax
     return "padded_all_to_all" if jax.default_backend() == "cpu" else "ragged_all_to_all"
 
   def capacity(self, group_size: int) -> int:

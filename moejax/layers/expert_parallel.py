@@ -88,12 +88,13 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from moejax.errors import config_error
 from moejax.layers.ffn import expert_ffn
 from moejax.layers.grouped import grouped_ffn, permute_rows, rank_in_group
-from moejax.layers.routed import (combine_assignments, router_logits, slot_experts)
+from moejax.layers.routed import combine_assignments, router_logits, slot_experts
 from moejax.moe_config import MoEConfig
 from moejax.parallel.mesh import MESH_AXES, TOKEN_AXES, validate_mesh_for_moe
 from moejax.routers import Routing, assignment_metrics, route

@@ -114,7 +114,7 @@ def _permute_fwd(x, index, inverse):
 
 
 def _permute_bwd(res, dout):
-  index, inverse = res
+  _, inverse = res
   return _gather(dout, inverse), None, None
 
 
