@@ -1,30 +1,39 @@
-"""Step time of the MoE layer vs an equal-active-FLOP dense FFN, side by side.
+"""Step time of the MoE layer (dropless and capacity 1.25) vs an equal-active-FLOP dense FFN.
 
   python benchmarks/moe_layer.py                 # 1 and 8 devices (one subprocess each)
-  python benchmarks/moe_layer.py --quick         # smaller shapes, fewer steps (< 2 min)
+  python benchmarks/moe_layer.py --quick         # smaller shapes, fewer steps
   python benchmarks/moe_layer.py --devices 8     # only 8 (simulated on CPU) devices
+  python benchmarks/moe_layer.py --json          # one JSON object per row (table on stderr)
 
-Layers (SwiGLU experts, capacity factor 1.25, d_model = D):
-  top2_of_8   router='topk', E = 8, k = 2, expert width f
-              vs DenseFFN(d_ff = 2 f)
-  deepseek    router='shared_experts', 2 shared + E = 16 fine-grained experts of width
-              f / 2, k = 4 (DeepSeekMoE, Dai et al., 2024)
-              vs DenseFFN(d_ff = 4 * f/2 + 2 * f/2 = 3 f)
-so both sides do the same FFN FLOPs per token (the MoE side adds routing, gather/scatter
-and the capacity-factor slack: its expert matmuls run on cf * k * tokens slots).
+Layers (SwiGLU experts, routing groups of --group-size tokens, d_model = D, width f):
+  top2_of_8    router='topk', E = 8, k = 2, expert width f        vs DenseFFN(d_ff = 2 f)
+  top6_of_64   router='topk', E = 64, k = 6, expert width f / 4   vs DenseFFN(d_ff = 6 f / 4)
+               (fine-grained, DeepSeekMoE-style; Dai et al., 2024)
+so every variant does the same useful FFN FLOPs per token. MoE variants (impl column):
+  dropless      dropless=True, the sorted grouped matmul (expert_impl='auto': 'blocked' on
+                CPU, 'ragged_dot' on gpu/tpu); on 8 devices the row exchange
+  dropless_cs   dropless=True, expert_impl='capacity': the old C = S slot buffers
+  capacity      capacity_factor=1.25 slot buffers (GShard/Switch, drops overflow)
 
 Passes: 'fwd' = y = layer(x); 'fwd+bwd' = grads of sum(y * ct) (+ aux losses) w.r.t.
 params and x. Each is one jitted function; after a warm-up call (compilation) the median
-of --steps timed calls is reported (``block_until_ready``), the four functions of a layer
-timed in alternation so that load changes hit MoE and dense alike.
+of --steps timed calls is reported (``block_until_ready``), all functions of a layer
+timed in alternation so that load changes hit every variant alike.
 
-On N > 1 devices the MoE layer is expert-parallel (mesh data=1, expert=N, model=1:
-groups split over devices, slots exchanged with all_to_all) and the dense FFN is data-
-parallel (tokens split, weights replicated). Several devices on a CPU are simulated by
-XLA (``--xla_force_host_platform_device_count``), which must be set before jax is
-imported; each device count therefore runs in its own subprocess. Simulated devices
-share the same cores: the numbers show overheads (collectives, per-device dispatch), not
-parallel speed-ups. Timings are printed, never asserted.
+a2a_bytes_over_min: from the compiled HLO of the 8-device step, the bytes the all-to-alls
+of one device carry (results, summed over the ops of the pass: 2 forward, 4 forward +
+backward) over the minimum, tokens_per_device x k x d_model x 4 bytes each way.
+
+On N > 1 devices the MoE layer is expert-parallel (mesh data=1, expert=N, model=1) and the
+dense FFN data-parallel. Several devices on a CPU are simulated by XLA
+(``--xla_force_host_platform_device_count``), set before jax is imported, so each device
+count runs in its own subprocess; simulated devices share the same cores: the numbers
+show overheads, not parallel speed-ups.
+
+When torch and transformers are installed, the 1-device run also times transformers'
+``MixtralSparseMoeBlock`` (``experts_implementation`` 'eager' and 'grouped_mm') on the
+top2_of_8 shapes, in the same alternation, and prints moejax dropless / torch. Timings are
+printed, never asserted.
 """
 
 from __future__ import annotations
@@ -49,10 +58,13 @@ def parse_args(argv=None):
   p.add_argument("--tokens", type=int, default=None, help="tokens per step (batch * length)")
   p.add_argument("--d-model", type=int, default=None)
   p.add_argument("--expert-d-ff", type=int, default=None, help="f (top-2 expert width)")
-  p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child output
+  p.add_argument("--group-size", type=int, default=None, help="routing group size S")
+  p.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
+  p.add_argument("--json", action="store_true", help="print one JSON object per row")
+  p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  quick = dict(steps=5, tokens=2048, d_model=128, expert_d_ff=256)
-  full = dict(steps=20, tokens=8192, d_model=256, expert_d_ff=512)
+  quick = dict(steps=5, tokens=2048, d_model=128, expert_d_ff=256, group_size=256)
+  full = dict(steps=10, tokens=4096, d_model=256, expert_d_ff=512, group_size=512)
   for k, v in (quick if args.quick else full).items():
     if getattr(args, k) is None:
       setattr(args, k, v)
@@ -71,7 +83,7 @@ def measure(fns: dict, steps: int) -> dict:
   The fns are timed in alternation (one step of each per round), so a change in machine
   load during the run affects all of them alike.
   """
-  import jax  # noqa: PLC0415 (imported after XLA_FLAGS is set)
+  import jax
   for fn in fns.values():
     jax.block_until_ready(fn())
   times = {k: [] for k in fns}
@@ -83,12 +95,65 @@ def measure(fns: dict, steps: int) -> dict:
   return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def all_to_all_bytes(hlo_text: str) -> int:
+  """Bytes of all all-to-all results of one device in compiled HLO text (XLA:CPU splits an
+  all-to-all into a tuple of per-peer pieces; they are summed)."""
+  import re
+  width = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s64": 8}
+  total = 0
+  for line in hlo_text.splitlines():
+    if " all-to-all(" in line:
+      result = line.split(" all-to-all(")[0].split("= ", 1)[1]
+      for dtype, dims in re.findall(r"([a-z]+\d+)\[([\d,]*)\]", result):
+        n = 1
+        for v in (int(x) for x in dims.split(",") if x):
+          n *= v
+        total += n * width[dtype]
+  return total
+
+
+def torch_fns(args, x_np, ct_np) -> dict:
+  """transformers' MixtralSparseMoeBlock (eager, grouped_mm) on the top2_of_8 shapes."""
+  try:
+    import torch
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+  except ImportError:
+    return {}
+  fns = {}
+  x = torch.tensor(x_np.reshape(-1, x_np.shape[-1])[None])
+  ct = torch.tensor(ct_np.reshape(-1, ct_np.shape[-1])[None])
+  for impl in ("eager", "grouped_mm"):
+    cfg = MixtralConfig(hidden_size=args.d_model, intermediate_size=args.expert_d_ff,
+                        num_local_experts=8, num_experts_per_tok=2,
+                        experts_implementation=impl)
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(cfg).float().train()
+
+    def fwd(block=block):
+      with torch.no_grad():
+        return block(x)
+
+    def fwd_bwd(block=block):
+      block.zero_grad(set_to_none=True)
+      xg = x.clone().requires_grad_(True)
+      out = block(xg)
+      out = out[0] if isinstance(out, tuple) else out
+      (out * ct).sum().backward()
+      return xg.grad
+
+    fns[(f"torch_{impl}", "fwd")] = fwd
+    fns[(f"torch_{impl}", "fwd+bwd")] = fwd_bwd
+  return fns
+
+
 def run_device_count(num_devices: int, args) -> list[dict]:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   sys.path.insert(0, REPO)
   from moejax.layers import DenseFFN, MoELayer
@@ -100,19 +165,14 @@ def run_device_count(num_devices: int, args) -> list[dict]:
     raise SystemExit(f"asked for {num_devices} devices, jax sees {len(jax.devices())}")
   mesh = (make_mesh({"data": 1, "expert": -1, "model": 1}, devices=devices)
           if num_devices > 1 else None)
-  d, f, group = args.d_model, args.expert_d_ff, 256
-  seq = 256
+  d, f, group = args.d_model, args.expert_d_ff, args.group_size
+  seq = group
   batch = args.tokens // seq
-  common = dict(capacity_factor=1.25, group_size=group, activation="silu")
-  layers = {
-      "top2_of_8": (MoEConfig(router="topk", num_experts=8, expert_d_ff=f, top_k=2,
-                              **common), 2 * f),
-      "deepseek": (MoEConfig(router="shared_experts", num_experts=16, expert_d_ff=f // 2,
-                             top_k=4, num_shared_experts=2, **common), 3 * f),
-  }
+  shapes = {"top2_of_8": (8, 2, f), "top6_of_64": (64, 6, f // 4)}
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((batch, seq, d)), jnp.float32)
-  ct = jnp.asarray(rng.standard_normal((batch, seq, d)), jnp.float32)
+  x_np = rng.standard_normal((batch, seq, d)).astype(np.float32)
+  ct_np = rng.standard_normal((batch, seq, d)).astype(np.float32)
+  x, ct = jnp.asarray(x_np), jnp.asarray(ct_np)
   if mesh is not None:
     x, ct = jax.device_put((x, ct), NamedSharding(mesh, P(TOKEN_AXES, None, None)))
 
@@ -128,20 +188,41 @@ def run_device_count(num_devices: int, args) -> list[dict]:
     return jax.jit(fwd), jax.jit(lambda p, x, ct: grad(p, x, ct))
 
   rows = []
-  for name, (cfg, dense_d_ff) in layers.items():
-    moe = MoELayer(cfg, mesh=mesh)
-    dense = DenseFFN(dense_d_ff)
-    fns = {}
-    for kind, layer in (("moe", moe), ("dense", dense)):
+  for name, (e, k, width) in shapes.items():
+    common = dict(router="topk", num_experts=e, top_k=k, expert_d_ff=width,
+                  group_size=group, activation="silu")
+    layers = {
+        "dropless": MoELayer(MoEConfig(dropless=True, **common), mesh=mesh),
+        "dropless_cs": MoELayer(MoEConfig(dropless=True, expert_impl="capacity", **common),
+                                mesh=mesh),
+        "capacity": MoELayer(MoEConfig(capacity_factor=1.25, **common), mesh=mesh),
+        "dense": DenseFFN(k * width),
+    }
+    fns, a2a = {}, {}
+    for impl, layer in layers.items():
       boxed = layer.init(jax.random.key(0), x)["params"]
       params = nn.meta.unbox(shard_params(boxed, mesh) if mesh is not None else boxed)
       fwd, fwd_bwd = jitted(layer)
-      fns[(kind, "fwd")] = functools.partial(fwd, params, x)
-      fns[(kind, "fwd+bwd")] = functools.partial(fwd_bwd, params, x, ct)
+      fns[(impl, "fwd")] = functools.partial(fwd, params, x)
+      fns[(impl, "fwd+bwd")] = functools.partial(fwd_bwd, params, x, ct)
+      if mesh is not None and impl != "dense":
+        minimum = args.tokens // num_devices * k * d * 4  # bytes, one direction
+        for pass_, fn, argv, ways in (("fwd", fwd, (params, x), 2),
+                                      ("fwd+bwd", fwd_bwd, (params, x, ct), 4)):
+          text = fn.lower(*argv).compile().as_text()
+          a2a[(impl, pass_)] = all_to_all_bytes(text) / (ways * minimum)
+    if name == "top2_of_8" and num_devices == 1 and not args.no_torch:
+      fns.update(torch_fns(args, x_np, ct_np))
     times = measure(fns, args.steps)
+    impl_name = {"dropless": "dropless:" + MoEConfig(dropless=True, **common).resolved_expert_impl()}
     for pass_ in ("fwd", "fwd+bwd"):
-      rows.append(dict(layer=name, devices=num_devices, pass_=pass_,
-                       dense_ms=times[("dense", pass_)], moe_ms=times[("moe", pass_)]))
+      for impl in [i for i, p in times if p == pass_]:
+        ms = times[(impl, pass_)]
+        rows.append(dict(layer=name, devices=num_devices, pass_=pass_,
+                         impl=impl_name.get(impl, impl), ms=ms,
+                         ratio_to_dense=ms / times[("dense", pass_)],
+                         ratio_to_capacity=ms / times[("capacity", pass_)],
+                         a2a_bytes_over_min=a2a.get((impl, pass_))))
   return rows
 
 
@@ -151,29 +232,40 @@ def run_device_count(num_devices: int, args) -> list[dict]:
 
 
 def child_argv(args, num_devices: int) -> list[str]:
-  argv = [sys.executable, os.path.abspath(__file__), "--json", "--devices", str(num_devices),
+  argv = [sys.executable, os.path.abspath(__file__), "--child", "--devices", str(num_devices),
           "--steps", str(args.steps), "--tokens", str(args.tokens), "--d-model",
-          str(args.d_model), "--expert-d-ff", str(args.expert_d_ff)]
-  return argv + (["--quick"] if args.quick else [])
+          str(args.d_model), "--expert-d-ff", str(args.expert_d_ff), "--group-size",
+          str(args.group_size)]
+  return argv + (["--quick"] if args.quick else []) + (["--no-torch"] if args.no_torch else [])
 
 
 def format_table(rows: list[dict], args) -> str:
   lines = [f"tokens/step={args.tokens}  d_model={args.d_model}  top-2 expert_d_ff="
-           f"{args.expert_d_ff}  group_size=256  capacity_factor=1.25  f32  "
-           f"median of {args.steps} steps",
+           f"{args.expert_d_ff}  group_size={args.group_size}  f32  median of {args.steps} "
+           f"steps",
            "",
-           "| layer     | devices | pass    | dense ms | MoE ms | MoE/dense |",
-           "|-----------|---------|---------|----------|--------|-----------|"]
+           "| layer      | devices | pass    | impl             |     ms | /dense | /capacity "
+           "| a2a bytes/min |",
+           "|------------|---------|---------|------------------|--------|--------|-----------"
+           "|---------------|"]
   for r in rows:
-    lines.append(f"| {r['layer']:<9} | {r['devices']:>7} | {r['pass_']:<7} | "
-                 f"{r['dense_ms']:>8.2f} | {r['moe_ms']:>6.2f} | "
-                 f"{r['moe_ms'] / r['dense_ms']:>9.2f} |")
+    a2a = "" if r["a2a_bytes_over_min"] is None else f"{r['a2a_bytes_over_min']:.2f}"
+    lines.append(f"| {r['layer']:<10} | {r['devices']:>7} | {r['pass_']:<7} | "
+                 f"{r['impl']:<16} | {r['ms']:>6.1f} | {r['ratio_to_dense']:>6.2f} | "
+                 f"{r['ratio_to_capacity']:>9.2f} | {a2a:>13} |")
+  torch_rows = {(r["pass_"], r["impl"]): r["ms"] for r in rows if r["impl"].startswith("torch")}
+  ours = {r["pass_"]: r["ms"] for r in rows if r["layer"] == "top2_of_8"
+          and r["devices"] == 1 and r["impl"].startswith("dropless:")}
+  if torch_rows:
+    lines += ["", "moejax dropless / transformers MixtralSparseMoeBlock (top2_of_8, 1 device):"]
+    for (pass_, impl), ms in sorted(torch_rows.items()):
+      lines.append(f"  {pass_:<7} vs {impl:<16} {ours[pass_] / ms:.2f}")
   return "\n".join(lines)
 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  if args.json:  # child: exactly one device count, XLA flags already in the environment
+  if args.child:  # exactly one device count, XLA flags already in the environment
     rows = run_device_count(args.devices[0], args)
     print("RESULT " + json.dumps(rows))
     return
@@ -189,7 +281,16 @@ def main(argv=None) -> None:
       raise SystemExit(f"benchmark on {n} device(s) failed (exit {out.returncode})")
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
     rows.extend(json.loads(line[len("RESULT "):]))
-  print(format_table(rows, args))
+  if args.json:  # JSON lines on stdout, the table on stderr
+    sys.stderr.write(format_table(rows, args) + "\n")
+    for r in rows:
+      print(json.dumps({"layer": r["layer"], "devices": r["devices"], "pass": r["pass_"],
+                        "impl": r["impl"], "ms": r["ms"],
+                        "ratio_to_dense": r["ratio_to_dense"],
+                        "ratio_to_capacity": r["ratio_to_capacity"],
+                        "a2a_bytes_over_min": r["a2a_bytes_over_min"]}))
+  else:
+    print(format_table(rows, args))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from moejax.fields import check, is_int, is_number, section_from_config
 
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 ACTIVATIONS = ("silu", "gelu")
+EXPERT_IMPLS = ("auto", "ragged_dot", "blocked", "capacity")
+EP_EXCHANGES = ("auto", "ragged_all_to_all", "padded_all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,22 @@ class MoEConfig:
     routed_scaling_factor: router='shared_experts' only; multiplies the routed experts'
       combine weights (DeepSeek-V2's ``routed_scaling_factor``; 1.0 for V2-Lite, 16.0 for
       V2). Must be a finite number > 0, and 1.0 for every other router.
+    expert_impl: how a dropless token-choice layer runs its experts (capacity configs
+      always use slot buffers). 'ragged_dot': assignments sorted by expert, one
+      ``jax.lax.ragged_dot`` grouped matmul; 'blocked': sorted rows padded per expert to a
+      multiple of `expert_block_size`, one batched matmul over blocks (fast on CPU, where
+      ragged_dot has no native kernel); 'capacity': the C = S slot buffers (E/k times the
+      FLOPs; kept as the reference); 'auto': ragged_dot on gpu/tpu, blocked on cpu.
+    expert_block_size: rows per block of the 'blocked' impl; None picks a power of two in
+      [8, 256] whose padding is at most 1/4 of the rows.
+    ep_exchange: dropless expert-parallel exchange. 'ragged_all_to_all': exactly the routed
+      rows (gpu/tpu only; XLA:CPU rejects the op); 'padded_all_to_all': a fixed
+      [devices, rows_per_device] buffer per device (the CPU fallback); 'auto' picks by backend.
+    ragged_buffer_factor, ragged_buffer_min_rows: the static bound on rows one device sends
+      to (receives from) one other device in the dropless expert-parallel exchange:
+      max(ragged_buffer_min_rows, ceil(factor * A / P)) capped at A, for A = local
+      (token, expert) assignments and P expert-parallel devices. Assignments past the bound
+      are dropped and counted in the 'dropped_fraction' metric (factor >= P never drops).
     config_path: dotted path used in error messages; not part of equality.
   """
 
@@ -66,6 +84,11 @@ class MoEConfig:
   z_loss_weight: float = 0.001
   dynamic_loss_weight: float = 0.0
   routed_scaling_factor: float = 1.0
+  expert_impl: str = "auto"
+  expert_block_size: int | None = None
+  ep_exchange: str = "auto"
+  ragged_buffer_factor: float = 1.25
+  ragged_buffer_min_rows: int = 128
   config_path: str = dataclasses.field(default="moe", compare=False, hash=False, repr=False)
 
   def __post_init__(self):
@@ -84,6 +107,26 @@ class MoEConfig:
   @property
   def is_token_choice(self) -> bool:
     return self.router != "expert_choice"
+
+  @property
+  def sorted_dropless(self) -> bool:
+    """True when the layer runs its experts on expert-sorted assignments (no slots)."""
+    return (self.dropless and self.is_token_choice
+            and self.resolved_expert_impl() != "capacity")
+
+  def resolved_expert_impl(self) -> str:
+    """expert_impl with 'auto' resolved by ``jax.default_backend()``."""
+    if self.expert_impl != "auto":
+      return self.expert_impl
+    import jax
+    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+
+  def resolved_ep_exchange(self) -> str:
+    """ep_exchange with 'auto' resolved by ``jax.default_backend()``."""
+    if self.ep_exchange != "auto":
+      return self.ep_exchange
+    import jax
+    return "padded_all_to_all" if jax.default_backend() == "cpu" else "ragged_all_to_all"
 
   def capacity(self, group_size: int) -> int:
     """Slots C per expert for a routing group of `group_size` tokens, 1 <= C <= S.
@@ -150,5 +193,16 @@ def validate_moe_config(cfg: MoEConfig) -> None:
   _check(cfg, "routed_scaling_factor",
          cfg.router == "shared_experts" or cfg.routed_scaling_factor == 1.0,
          "only router='shared_experts' scales its routed weights; set it to 1.0")
+  _check(cfg, "expert_impl", cfg.expert_impl in EXPERT_IMPLS, f"allowed: {EXPERT_IMPLS}")
+  _check(cfg, "expert_block_size", cfg.expert_block_size is None or (
+      _is_int(cfg.expert_block_size) and cfg.expert_block_size >= 1),
+         "must be None (automatic) or an int >= 1")
+  _check(cfg, "ep_exchange", cfg.ep_exchange in EP_EXCHANGES, f"allowed: {EP_EXCHANGES}")
+  _check(cfg, "ragged_buffer_factor",
+         _is_finite_number(cfg.ragged_buffer_factor) and cfg.ragged_buffer_factor > 0,
+         "must be a finite number > 0")
+  _check(cfg, "ragged_buffer_min_rows",
+         _is_int(cfg.ragged_buffer_min_rows) and cfg.ragged_buffer_min_rows >= 1,
+         "must be an int >= 1")
   _check(cfg, "dropless", not (cfg.dropless and cfg.router == "expert_choice"),
          "expert_choice never drops by construction of its capacity; set dropless=False")

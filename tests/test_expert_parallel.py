@@ -20,8 +20,9 @@ from jax.sharding import PartitionSpec as P
 from moejax.errors import ConfigError
 from moejax.layers.moe import MoELayer
 from moejax.moe_config import MoEConfig
+from moejax.layers.expert_parallel import all_to_all_experts
+from moejax.parallel import make_mesh, params_shardings, shard_params
 from tests.helpers import make_moe_cfg, random_like
-from moejax.parallel import all_to_all_experts, make_mesh, params_shardings, shard_params
 
 D, F, E = 16, 32, 8
 X_SHAPE = (4, 32, D)  # 128 tokens: 16 groups of 8 (or 8 groups of 16)

@@ -1,10 +1,9 @@
 """The Mixture-of-Experts FFN layer (Flax linen).
 
-Design: *index dispatch*. Tokens are grouped [G, S, d]; the router (``moejax.routers``)
-returns per-expert slot buffers of token indices [G, E, C]; tokens are gathered into
-[G, E, C, d], every expert runs its gated FFN on its C slots
-('gecd,edf->gecf', 'gecf,efd->gecd'), and outputs are scatter-added back to tokens with
-their combine weights. Expert weights are stacked [E, d_model, d_ff] arrays whose leading
+Tokens are grouped [G, S, d] and routed per group (``moejax.routers``). Capacity configs
+gather tokens into per-expert slot buffers [G, E, C, d]; dropless token choice sorts the
+(token, choice) assignments by expert and runs one grouped matmul over them (see
+``moejax.layers.routed``; expert-parallel: ``moejax.layers.expert_parallel``). Expert weights are stacked [E, d_model, d_ff] arrays whose leading
 axis carries the logical name 'expert', so expert parallelism shards it (see
 ``moejax.parallel``). DeepSeekMoE shared experts run as one dense gated FFN of width
 num_shared_experts * expert_d_ff on every token.
@@ -14,46 +13,14 @@ num_shared_experts * expert_d_ff on every token.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.dispatch import combine, dispatch
-from moejax.layers.ffn import DenseFFN, dense_init, expert_ffn, expert_init
+from moejax.layers import expert_parallel as ep
+from moejax.layers.ffn import DenseFFN, dense_init, expert_init
+from moejax.layers.routed import moe_forward
 from moejax.moe_config import MoEConfig
-from moejax.routers import route
-
-# expert_fn(x_slots [G, E, C, d], w_gate, w_up, w_down) -> [G, E, C, d]
-ExpertFn = Callable[..., jax.Array]
-
-
-def local_experts(cfg: MoEConfig) -> ExpertFn:
-  """All E experts on this device (the single-device path)."""
-  return lambda x, w_gate, w_up, w_down: expert_ffn(x, w_gate, w_up, w_down, cfg.activation)
-
-
-def moe_forward(x: jax.Array, router_kernel: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                w_down: jax.Array, cfg: MoEConfig, expert_fn: ExpertFn | None = None):
-  """Routes, dispatches, computes and combines one batch of token groups.
-
-  Args:
-    x: [G, S, d] tokens in compute dtype.
-    router_kernel: [d, E + N] gating weights (logits computed in float32).
-    w_gate, w_up: [E, d, f]; w_down: [E, f, d] (all E experts, or the local shard when
-      `expert_fn` exchanges slots between devices).
-    expert_fn: how slot buffers reach their experts; default computes all E locally.
-  Returns:
-    (y [G, S, d], aux_losses dict, metrics dict).
-  """
-  expert_fn = expert_fn or local_experts(cfg)
-  logits = jnp.einsum("gsd,dr->gsr", x.astype(jnp.float32), router_kernel.astype(jnp.float32))
-  routing = route(logits, cfg)
-  x_slots = dispatch(x, routing.dispatch_index, routing.slot_valid)  # [G, E, C, d]
-  y_slots = expert_fn(x_slots, w_gate, w_up, w_down)  # [G, E, C, d]
-  y = combine(y_slots, routing.dispatch_index, routing.combine_weight, x.shape[1])
-  return y, routing.aux_losses, routing.metrics
 
 
 def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
@@ -73,15 +40,13 @@ class MoELayer(nn.Module):
   ``mesh`` (axes 'data', 'expert', 'model'): the routed experts run expert-parallel
   under ``jax.shard_map`` -- token groups split over ('data', 'expert'), slots exchanged
   with ``all_to_all`` over 'expert', expert hidden widths split over 'model' (see
-  ``moejax.parallel.expert_parallel``); outputs, aux losses and metrics equal the
-  unsharded layer's. Call it under ``jax.jit``. ``expert_fn`` replaces how slot buffers
-  reach their experts (default: all experts local, or the all_to_all exchange on a mesh).
+  ``moejax.layers.expert_parallel``); outputs, aux losses and metrics equal the
+  unsharded layer's. Call it under ``jax.jit``.
   """
 
   cfg: MoEConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  expert_fn: ExpertFn | None = None
   mesh: jax.sharding.Mesh | None = None  # expert-parallel path when set
 
   @nn.compact
@@ -104,10 +69,8 @@ class MoELayer(nn.Module):
     groups = to_groups(cast(x), cfg.group_size)
     weights = (router_kernel, cast(w_gate), cast(w_up), cast(w_down))
     if self.mesh is None:
-      y, aux_losses, metrics = moe_forward(groups, *weights, cfg, self.expert_fn)
+      y, aux_losses, metrics = moe_forward(groups, *weights, cfg)
     else:
-      # Imported here: moejax.parallel.expert_parallel builds on this module.
-      from moejax.parallel import expert_parallel as ep
       if self.is_initializing():
         # Init only needs shapes and often sees a dummy [1, L] batch that need not split
         # over the mesh; the unsharded math creates exactly the same parameters.
@@ -115,7 +78,7 @@ class MoELayer(nn.Module):
         y, aux_losses, metrics = moe_forward(groups, *weights, cfg)
       else:
         y, aux_losses, metrics = ep.expert_parallel_forward(
-            groups, *weights, cfg, self.mesh, self.expert_fn, batch_shape=x.shape[:2])
+            groups, *weights, cfg, self.mesh, batch_shape=x.shape[:2])
     y = y.reshape(x.shape)
     if cfg.num_shared_experts:
       shared, _ = DenseFFN(cfg.num_shared_experts * f, cfg.activation, self.dtype,

@@ -5,15 +5,30 @@ A router is a pure function ``route(logits, cfg) -> Routing``:
   logits: f32[G, S, R]   gating logits for G groups of S tokens, R = cfg.num_router_logits
                          (real experts first, then AdaMoE null experts if any).
 
-and returns slot buffers over the E *real* experts, each with C = cfg.capacity(S) slots:
+It returns the decision in one or both of two forms.
+
+*Slot form* (every router; GShard/Switch capacity semantics): buffers over the E *real*
+experts, each with C = cfg.capacity(S) slots:
 
   dispatch_index: i32[G, E, C]  which token s of the group fills slot (e, c)
   combine_weight: f32[G, E, C]  weight of that slot's expert output in token s's output
   slot_valid:    bool[G, E, C]  False for empty slots (their weight is 0)
 
 so that for every token  y_s = sum_{e,c: dispatch_index[e,c] = s, valid} w[e,c] * FFN_e(x_s).
-The same buffers drive the single-device layer (gather/scatter) and expert parallelism
-(the E axis is what ``all_to_all`` splits across devices). Null experts never get slots.
+
+*Assignment form* (token-choice routers): each token's K choices,
+
+  expert_index: i32[G, S, K]  chosen expert (indices >= E are null experts)
+  weight:       f32[G, S, K]  its combine weight
+  valid:       bool[G, S, K]  a real expert that was selected (False: null pick, or a
+                              choice top-p did not take)
+
+so that  y_s = sum_{k: valid[s, k]} weight[s, k] * FFN_{expert_index[s, k]}(x_s). Dropless
+token-choice routing (``cfg.dropless``) keeps every valid assignment; the layer then sorts
+the assignments by expert instead of building [G, E, S] slot buffers (``moejax.layers``).
+``route(logits, cfg, slots=False)`` skips the slot form of dropless token-choice routers;
+the default builds it (C = S, the same values). Aux losses and metrics do not depend on
+the form. Null experts never get slots or valid assignments.
 """
 
 from __future__ import annotations
@@ -32,11 +47,14 @@ from moejax.errors import config_error
 class Routing:
   """The routing decision for one batch of groups. See the module docstring for shapes."""
 
-  dispatch_index: jax.Array  # i32[G, E, C]
-  combine_weight: jax.Array  # f32[G, E, C]
-  slot_valid: jax.Array  # bool[G, E, C]
+  dispatch_index: jax.Array | None  # i32[G, E, C]; None: assignment form only
+  combine_weight: jax.Array | None  # f32[G, E, C]
+  slot_valid: jax.Array | None  # bool[G, E, C]
   aux_losses: dict  # name -> f32[] (already multiplied by its config weight)
   metrics: dict  # name -> f32[] or f32[E] (diagnostics, no gradient intended)
+  expert_index: jax.Array | None = None  # i32[G, S, K] (token-choice routers)
+  weight: jax.Array | None = None  # f32[G, S, K]
+  valid: jax.Array | None = None  # bool[G, S, K]
 
 
 class RouterFn(Protocol):
@@ -77,9 +95,20 @@ def get_router(name: str) -> RouterFn:
   return ROUTERS[name]
 
 
-def route(logits: jax.Array, cfg) -> Routing:
-  """Dispatches to the router named by ``cfg.router``."""
-  return get_router(cfg.router)(logits, cfg)
+def route(logits: jax.Array, cfg, slots: bool = True) -> Routing:
+  """Dispatches to the router named by ``cfg.router``.
+
+  slots=False lets dropless token-choice routers return the assignment form only (no
+  [G, E, S] buffers); otherwise the slot form is always present.
+  """
+  routing = get_router(cfg.router)(logits, cfg)
+  if slots and routing.dispatch_index is None:
+    s = logits.shape[1]
+    dispatch_index, combine_weight, slot_valid, _ = assign_slots(
+        routing.expert_index, routing.weight, routing.valid, cfg.num_experts, cfg.capacity(s))
+    routing = routing.replace(dispatch_index=dispatch_index, combine_weight=combine_weight,
+                              slot_valid=slot_valid)
+  return routing
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,8 +198,24 @@ def load_balance_loss(probs: jax.Array, assigned: jax.Array) -> jax.Array:
   return num * jnp.mean(jnp.sum(f * p, axis=-1))
 
 
-def routing_metrics(slot_valid: jax.Array, probs: jax.Array,
-                    num_selected_real: jax.Array) -> dict:
+def expert_counts(expert_index: jax.Array, kept: jax.Array, num_experts: int) -> jax.Array:
+  """i32[G, E]: kept assignments per expert and group (a scatter-add, no one-hot)."""
+  g = expert_index.shape[0]
+  flat = jnp.where(kept, expert_index, num_experts).reshape(g, -1)  # [G, S*K]
+  rows = jnp.broadcast_to(jnp.arange(g)[:, None], flat.shape)
+  return jnp.zeros((g, num_experts), jnp.int32).at[rows, flat].add(1, mode="drop")
+
+
+def assignment_metrics(expert_index: jax.Array, valid: jax.Array, kept: jax.Array,
+                       probs: jax.Array, num_experts: int) -> dict:
+  """``routing_metrics`` of the assignment form: `kept` (bool[G, S, K], a subset of
+  `valid`) are the assignments that were processed. Same values as the slot form."""
+  per_expert = expert_counts(expert_index, kept, num_experts)
+  return routing_metrics(None, probs, jnp.sum(valid, axis=(1, 2)), per_expert=per_expert)
+
+
+def routing_metrics(slot_valid: jax.Array | None, probs: jax.Array,
+                    num_selected_real: jax.Array, per_expert: jax.Array | None = None) -> dict:
   """Diagnostics common to all routers, each a mean of per-group values (so a mean over
   devices' groups equals the unsharded value).
 
@@ -183,9 +228,12 @@ def routing_metrics(slot_valid: jax.Array, probs: jax.Array,
 
   Args:
     slot_valid: bool[G, E, C]; probs: f32[G, S, R]; num_selected_real: i32[G].
+    per_expert: i32[G, E] processed assignments per expert, instead of `slot_valid`.
   """
   s = probs.shape[1]
-  per_expert = jnp.sum(slot_valid, axis=2).astype(jnp.float32)  # [G, E]
+  if per_expert is None:
+    per_expert = jnp.sum(slot_valid, axis=2)
+  per_expert = per_expert.astype(jnp.float32)  # [G, E]
   kept = jnp.sum(per_expert, axis=1)  # [G]
   selected = num_selected_real.astype(jnp.float32)  # [G]
   safe_p = jnp.where(probs > 0, probs, 1.0)
@@ -201,10 +249,10 @@ def token_choice_routing(logits: jax.Array, probs: jax.Array, expert_index: jax.
                          weight: jax.Array, selected: jax.Array, cfg,
                          balance_probs: jax.Array | None = None,
                          balance_assigned: jax.Array | None = None) -> Routing:
-  """Capacity assignment, aux losses and metrics shared by all token-choice routers."""
+  """Assignments (slots too unless dropless), aux losses and metrics shared by all
+  token-choice routers."""
   s = logits.shape[1]
-  dispatch_index, combine_weight, slot_valid, _ = assign_slots(
-      expert_index, weight, selected, cfg.num_experts, cfg.capacity(s))
+  valid = selected & (expert_index < cfg.num_experts)
   if balance_assigned is None:
     balance_probs = probs
     balance_assigned = jnp.sum(
@@ -214,6 +262,11 @@ def token_choice_routing(logits: jax.Array, probs: jax.Array, expert_index: jax.
           balance_probs, balance_assigned),
       "z_loss": cfg.z_loss_weight * z_loss(logits),
   }
-  num_selected_real = jnp.sum(selected & (expert_index < cfg.num_experts), axis=(1, 2))
-  metrics = routing_metrics(slot_valid, probs, num_selected_real)
-  return Routing(dispatch_index, combine_weight, slot_valid, aux, metrics)
+  if cfg.dropless:  # every valid assignment is kept; slots only if asked (``route``)
+    metrics = assignment_metrics(expert_index, valid, valid, probs, cfg.num_experts)
+    return Routing(None, None, None, aux, metrics, expert_index, weight, valid)
+  dispatch_index, combine_weight, slot_valid, _ = assign_slots(
+      expert_index, weight, selected, cfg.num_experts, cfg.capacity(s))
+  metrics = routing_metrics(slot_valid, probs, jnp.sum(valid, axis=(1, 2)))
+  return Routing(dispatch_index, combine_weight, slot_valid, aux, metrics, expert_index,
+                 weight, valid)

@@ -1,0 +1,362 @@
+"""Dropless MoE on expert-sorted assignments (issue 13).
+
+The sorted path (expert_impl 'blocked' / 'ragged_dot') against the per-token loop reference
+and against the C = S slot path it replaces (outputs, aux losses, metrics, gradients) for
+every token-choice router; the expert-parallel row exchange against the unsharded layer on
+the test meshes; the bounded exchange buffer's drops are counted exactly; and the compiled
+dropless HLO holds no [E, S]-sized slot buffer or [S*K, E] one-hot.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.errors import ConfigError
+from moejax.layers.expert_parallel import rows_per_device
+from moejax.layers.grouped import grouped_ffn, rank_in_group, sort_rows
+from moejax.layers.moe import MoELayer
+from moejax.layers.routed import router_logits
+from moejax.moe_config import MoEConfig
+from moejax.parallel import make_mesh, shard_params
+from moejax.routers import route
+
+try:
+  from tests import reference as ref
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+  import reference as ref
+
+D, F, E = 16, 32, 8
+X_SHAPE = (4, 32, D)  # 128 tokens: 16 groups of 8
+
+ROUTERS = {
+    "topk": dict(router="topk", top_k=2),
+    "topk_renorm": dict(router="topk", top_k=3, router_order="topk_softmax",
+                        activation="gelu"),
+    "null_experts": dict(router="null_experts", num_null_experts=4, top_k=2),
+    "shared_experts": dict(router="shared_experts", num_shared_experts=2, top_k=2),
+    "top_p": dict(router="top_p", top_k=3, top_p=0.6, dynamic_loss_weight=0.01),
+}
+IMPLS = ("blocked", "ragged_dot")
+MESHES = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1), (2, 2, 2), (1, 1, 1)]
+FAST_MESHES = [(1, 8, 1), (2, 2, 2)]
+
+
+def make_cfg(name: str, **kw) -> MoEConfig:
+  kw = {**ROUTERS[name], "num_experts": E, "expert_d_ff": F, "dropless": True,
+        "group_size": 8, **kw}
+  return MoEConfig(**kw, config_path="model.moe")
+
+
+def random_params(cfg: MoEConfig, seed: int = 3, boxed: bool = False):
+  """N(0, 1/fan_in) parameters, router weights 4x (clear routing margins)."""
+  tree = MoELayer(cfg).init(jax.random.key(0), jnp.zeros(X_SHAPE, jnp.float32))["params"]
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    scale = 4.0 if "router" in jax.tree_util.keystr(path) else 1.0
+    return jnp.asarray(rng.standard_normal(leaf.shape) * scale / np.sqrt(leaf.shape[-2]),
+                       leaf.dtype)
+
+  values = jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(tree))
+  return nn.meta.replace_boxed(tree, values) if boxed else values
+
+
+def inputs(seed: int = 1):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal(X_SHAPE), jnp.float32) for _ in range(2))
+
+
+def loss_and_grads(layer: MoELayer):
+  def loss(params, x, ct):
+    y, aux = layer.apply({"params": params}, x)
+    return jnp.sum(y * ct) + sum(aux["aux_losses"].values()), (y, aux)
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def assert_close(actual, expected, rtol=1e-5):
+  chex.assert_trees_all_equal_shapes(actual, expected)
+
+  def check(path, a, e):
+    e = np.asarray(e, np.float64)
+    atol = rtol * max(1.0, float(np.max(np.abs(e))) if e.size else 1.0)
+    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+  jax.tree_util.tree_map_with_path(check, actual, expected)
+
+
+@functools.cache
+def capacity_result(name: str):
+  """The C = S slot path's (loss, (y, aux)), grads: what the sorted path replaces."""
+  cfg = make_cfg(name, expert_impl="capacity")
+  out = loss_and_grads(MoELayer(cfg))(random_params(cfg), *inputs())
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), out)
+
+
+# ------------------------------------------------------------------------------------------
+# Single device.
+# ------------------------------------------------------------------------------------------
+
+
+def test_grouped_ffn_matches_per_row_loop():
+  """grouped_ffn == FFN_{expert[a]}(x[source[a]]) for valid rows, 0 for invalid ones, for
+  block sizes that do and do not divide the group sizes (and empty experts)."""
+  rng = np.random.default_rng(0)
+  n, a, e, d, f = 10, 40, 5, 6, 7
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  source = rng.integers(0, n, a).astype(np.int32)
+  expert = rng.choice([0, 1, 3, 4], a).astype(np.int32)  # expert 2 empty
+  valid = rng.random(a) < 0.7
+  w = [rng.standard_normal(s).astype(np.float32) / 3 for s in ((e, d, f), (e, d, f), (e, f, d))]
+  want = np.stack([ref.gated_ffn_np(x[source[i]], w[0][expert[i]], w[1][expert[i]],
+                                    w[2][expert[i]], "silu") if valid[i] else np.zeros(d)
+                   for i in range(a)])
+  for impl, block in (("blocked", 1), ("blocked", 3), ("blocked", 8), ("blocked", None),
+                      ("ragged_dot", None)):
+    got = jax.jit(grouped_ffn, static_argnums=(6, 7, 8))(
+        x[source], expert, valid, *w, "silu", impl, block)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5,
+                               err_msg=f"{impl} block={block}")
+
+
+def test_sort_rows_layout():
+  """Rows of one expert are contiguous, start on a block boundary, keep assignment order;
+  every block holds one expert; invalid assignments get no row."""
+  expert = jnp.asarray([2, 0, 2, 1, 0, 2, 2, 1], jnp.int32)
+  valid = jnp.asarray([1, 1, 0, 1, 1, 1, 1, 0], bool)
+  rows = sort_rows(expert, valid, 3, block=2)
+  num_rows = rows.row_source.shape[0]
+  assert num_rows == (8 + 3 * 1) // 2 * 2
+  np.testing.assert_array_equal(rows.counts, [2, 1, 3])
+  # expert 0: assignments 1, 4 -> rows 0, 1; expert 1: 3 -> row 2; expert 2: 0, 5, 6 -> 4, 5, 6
+  np.testing.assert_array_equal(rows.row, [4, 0, num_rows, 2, 1, 5, 6, num_rows])
+  np.testing.assert_array_equal(rows.block_expert[:4], [0, 1, 2, 2])
+  rank, counts = rank_in_group(expert, valid, 3)
+  np.testing.assert_array_equal(rank, [0, 0, 0, 0, 1, 1, 2, 0])
+  np.testing.assert_array_equal(counts, [2, 1, 3])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_sorted_equals_capacity_path_and_reference(name, impl):
+  """Outputs, aux losses, metrics and gradients of the sorted path == the C = S path; the
+  output == the per-token loop reference."""
+  cfg = make_cfg(name, expert_impl=impl)
+  params = random_params(cfg)
+  x, ct = inputs()
+  got = loss_and_grads(MoELayer(cfg))(params, x, ct)
+  assert_close(got, capacity_result(name))
+  r = ROUTERS[name]
+  want, _ = ref.moe_layer_reference(
+      x, jax.tree.map(np.asarray, params), router=r["router"], num_experts=E, k=r["top_k"],
+      dropless=True, order=r.get("router_order", "softmax_topk"), p=r.get("top_p", 0.5),
+      activation=r.get("activation", "silu"), group_size=8)
+  np.testing.assert_allclose(np.asarray(got[0][1][0]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_cases_exercise_variable_k():
+  """Guards the tests' power: null experts and top-p leave tokens with fewer than k real
+  experts, so invalid assignments are really skipped."""
+  for name, k in (("null_experts", 2), ("top_p", 3)):
+    metrics = capacity_result(name)[0][1][1]["metrics"]
+    assert 1.0 <= metrics["experts_per_token"] < k - 0.1, name
+    assert metrics["dropped_fraction"] == 0.0
+
+
+def test_route_without_slots_gives_the_same_assignments_and_metrics():
+  cfg = make_cfg("top_p")
+  logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8, E)) * 3, jnp.float32)
+  full, lean = route(logits, cfg), route(logits, cfg, slots=False)
+  assert lean.dispatch_index is None and full.dispatch_index.shape == (3, E, 8)
+  chex.assert_trees_all_equal((full.expert_index, full.weight, full.valid, full.metrics,
+                               full.aux_losses),
+                              (lean.expert_index, lean.weight, lean.valid, lean.metrics,
+                               lean.aux_losses))
+  # The slot form of the same decision holds exactly the valid assignments.
+  assert int(np.sum(full.slot_valid)) == int(np.sum(lean.valid))
+
+
+# ------------------------------------------------------------------------------------------
+# No [E, S]-sized buffers.
+# ------------------------------------------------------------------------------------------
+
+HLO_X = (3, 40, D)  # G = 3 groups of S = 40 tokens, K = 2: S*K = 80, G*S = 120
+
+
+def hlo_shapes(cfg: MoEConfig, mesh=None) -> list[tuple[int, ...]]:
+  x = jnp.zeros(HLO_X, jnp.float32)
+  params = nn.meta.unbox(MoELayer(cfg).init(jax.random.key(0), x)["params"])
+  fn = loss_and_grads(MoELayer(cfg, mesh=mesh))
+  text = fn.lower(params, x, x).compile().as_text()
+  return [tuple(int(n) for n in m.split(",") if n)
+          for m in re.findall(r"[a-z]\d+\[([\d,]*)\]", text)]
+
+
+def slot_like(shape, s=40, k=2, e=E, g=3):
+  """[.., E, C=S ..] slot buffers / [E, G*S, d] expert slot rows / [.., S*K, E] one-hot
+  positions. ([G*S, E] logits and their transpose are inherent and allowed.)"""
+  pairs = set(zip(shape, shape[1:]))
+  triples = set(zip(shape, shape[1:], shape[2:]))
+  return bool(pairs & {(e, s), (s * k, e), (g * s * k, e)} or (e, g * s, D) in triples)
+
+
+def test_dropless_hlo_has_no_slot_buffers():
+  cfg = MoEConfig(router="topk", num_experts=E, expert_d_ff=F, top_k=2, dropless=True,
+                  group_size=40, expert_impl="blocked")
+  shapes = hlo_shapes(cfg)
+  assert shapes and not [s for s in shapes if slot_like(s)]
+  # The test's power: the C = S path it replaces does build them.
+  capacity = hlo_shapes(MoEConfig(router="topk", num_experts=E, expert_d_ff=F, top_k=2,
+                                  dropless=True, group_size=40, expert_impl="capacity"))
+  assert [s for s in capacity if slot_like(s)]
+
+
+# ------------------------------------------------------------------------------------------
+# Expert parallelism.
+# ------------------------------------------------------------------------------------------
+
+
+def mesh_of(shape):
+  devices = jax.devices()[:int(np.prod(shape))]
+  return make_mesh(dict(zip(("data", "expert", "model"), shape)), devices=devices)
+
+
+def run_sharded(cfg: MoEConfig, shape):
+  mesh = mesh_of(shape)
+  params = nn.meta.unbox(shard_params(random_params(cfg, boxed=True), mesh))
+  return loss_and_grads(MoELayer(cfg, mesh=mesh))(params, *inputs())
+
+
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=() if s in FAST_MESHES else
+                                                pytest.mark.slow) for s in MESHES],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_sharded_dropless_equals_unsharded(name, shape):
+  """Row exchange (padded all_to_all, the CPU fallback) == the unsharded C = S layer:
+  outputs, aux losses, metrics (dropped_fraction 0) and gradients."""
+  got = run_sharded(make_cfg(name), shape)
+  assert_close(got, capacity_result(name))
+  assert float(got[0][1][1]["metrics"]["dropped_fraction"]) == 0.0
+
+
+def test_rows_per_device_bound():
+  cfg = make_cfg("topk", ragged_buffer_factor=1.25, ragged_buffer_min_rows=16)
+  assert rows_per_device(2048, 8, cfg) == 320  # ceil(1.25 * 2048 / 8)
+  assert rows_per_device(64, 8, cfg) == 16  # the floor
+  assert rows_per_device(8, 8, cfg) == 8  # never more than all assignments
+  assert rows_per_device(100, 4, make_cfg("topk", ragged_buffer_factor=4.0)) == 100
+
+
+def expected_overflow(cfg: MoEConfig, params, x, shape):
+  """Replays the bounded exchange in numpy: on each token shard, assignments ranked (in
+  (group, token, choice) order) >= R among those to one expert device are dropped.
+  Returns (y [B, L, d], dropped_fraction)."""
+  p = shape[1]
+  groups = jnp.asarray(x).reshape(-1, 8, D)
+  routing = route(router_logits(groups, params["router"]), cfg, slots=False)
+  idx, w, valid = (np.asarray(a) for a in (routing.expert_index, routing.weight,
+                                           routing.valid))
+  g, s, k = idx.shape
+  shards = shape[0] * shape[1]
+  g_loc = g // shards
+  r = rows_per_device(g_loc * s * k, p, cfg)
+  e_loc = E // p
+  kept = np.zeros_like(valid)
+  for dev in range(shards):
+    sl = slice(dev * g_loc, (dev + 1) * g_loc)
+    dest = (idx[sl] // e_loc).reshape(-1)
+    v = valid[sl].reshape(-1)
+    seen = np.zeros(p, int)
+    keep = np.zeros_like(v)
+    for a in range(v.size):
+      if v[a]:
+        keep[a] = seen[dest[a]] < r
+        seen[dest[a]] += 1
+    kept[sl] = keep.reshape(g_loc, s, k)
+  y = np.zeros(groups.shape)
+  gx = np.asarray(groups, np.float64)
+  pr = jax.tree.map(np.asarray, params)
+  for gi, si, ki in zip(*np.nonzero(kept)):
+    e = idx[gi, si, ki]
+    y[gi, si] += w[gi, si, ki] * ref.gated_ffn_np(gx[gi, si], pr["wi_gate"][e], pr["wi_up"][e],
+                                                  pr["wo"][e], cfg.activation)
+  dropped = np.mean((valid.sum((1, 2)) - kept.sum((1, 2))) / np.maximum(valid.sum((1, 2)), 1))
+  return y.reshape(X_SHAPE), dropped
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2)], ids=["1x8x1", "2x2x2"])
+def test_exchange_overflow_is_dropped_and_counted(shape):
+  """A buffer bound smaller than the routing needs: the overflowing assignments (and only
+  they) are dropped, and 'dropped_fraction' counts them exactly; never silent."""
+  cfg = make_cfg("topk", ragged_buffer_factor=0.75, ragged_buffer_min_rows=1)
+  params = random_params(cfg)
+  x, ct = inputs()
+  (_, (y, aux)), _ = run_sharded(cfg, shape)
+  want_y, want_dropped = expected_overflow(cfg, params, x, shape)
+  assert want_dropped > 0.05  # the bound really binds
+  np.testing.assert_allclose(float(aux["metrics"]["dropped_fraction"]), want_dropped,
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-4, atol=1e-5)
+  # With a bound that cannot bind, nothing is dropped: the overflow is the bound's doing.
+  (_, (_, aux_ok)), _ = run_sharded(make_cfg("topk", ragged_buffer_factor=8.0), shape)
+  assert float(aux_ok["metrics"]["dropped_fraction"]) == 0.0
+
+
+def test_dropless_ep_hlo_exchanges_rows_not_slots():
+  """8 devices: the dropless step's all-to-alls carry [P, R, d] row buffers (R from the
+  configured bound), and no slot buffer appears."""
+  cfg = make_cfg("topk", ragged_buffer_min_rows=1, ragged_buffer_factor=1.25)
+  mesh = mesh_of((1, 8, 1))
+  params = nn.meta.unbox(shard_params(random_params(cfg, boxed=True), mesh))
+  fn = loss_and_grads(MoELayer(cfg, mesh=mesh))
+  text = fn.lower(params, *inputs()).compile().as_text()
+  r = rows_per_device(2 * 8 * 2, 8, cfg)  # G_loc = 2 groups of 8 tokens, K = 2
+  sizes = [n for dtype, n in all_to_all_elements(text) if dtype == "f32"]
+  assert len(sizes) == 4 and all(n == 8 * r * D for n in sizes), sizes
+
+
+def all_to_all_elements(hlo_text: str) -> list[tuple[str, int]]:
+  """(dtype, elements) of each all-to-all's result (XLA:CPU splits it per peer into a
+  tuple of [1, ...] pieces, which are summed)."""
+  out = []
+  for line in hlo_text.splitlines():
+    if " all-to-all(" in line:
+      result = line.split(" all-to-all(")[0].split("= ", 1)[1]
+      shapes = re.findall(r"([a-z]+\d+)\[([\d,]*)\]", result)
+      out.append((shapes[0][0], sum(int(np.prod([int(n) for n in dims.split(",") if n]))
+                                    for _, dims in shapes)))
+  return out
+
+
+# ------------------------------------------------------------------------------------------
+# Config.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("expert_impl", "foo", r"model\.moe\.expert_impl='foo' is invalid: allowed: \('auto'"),
+    ("ep_exchange", "mpi", r"model\.moe\.ep_exchange='mpi' is invalid: allowed"),
+    ("expert_block_size", 0, r"model\.moe\.expert_block_size=0 is invalid"),
+    ("ragged_buffer_factor", 0.0, r"model\.moe\.ragged_buffer_factor=0\.0 is invalid"),
+    ("ragged_buffer_min_rows", 0, r"model\.moe\.ragged_buffer_min_rows=0 is invalid"),
+])
+def test_config_errors_name_the_field(field, value, match):
+  with pytest.raises(ConfigError, match=match):
+    MoEConfig.from_config({"dropless": True, field: value}, path="model.moe")
+
+
+def test_auto_impl_follows_backend():
+  cfg = make_cfg("topk")
+  want = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+  assert cfg.resolved_expert_impl() == want and cfg.sorted_dropless
+  assert not make_cfg("topk", expert_impl="capacity").sorted_dropless
+  assert not MoEConfig(router="topk", dropless=False).sorted_dropless
