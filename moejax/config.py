@@ -28,6 +28,10 @@ from moejax.moe_config import MoEConfig
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("gqa", "mla")
 NAN_POLICIES = ("stop", "skip")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "blockwise")
+REMAT_POLICIES = ("auto", "none", "full", "minimal", "save_a2a")
+# train fields added after runs were written: a config.json without them still loads.
+OPTIONAL_TRAIN_FIELDS = ("fsdp", "microbatches")
 SECTIONS = ("model", "data", "mesh", "train")
 MESH_AXES = ("data", "expert", "model")  # == moejax.parallel.mesh.MESH_AXES
 
@@ -92,7 +96,20 @@ class ModelConfig:
     param_dtype: storage dtype of the parameters.
     max_len: the longest sequence the model is configured for (checked against
       ``data.seq_len``; RoPE itself has no table, so nothing is allocated for it).
-    remat: rematerialise each block in the backward pass (``nn.remat``).
+    remat: rematerialise each block in the backward pass (``nn.remat``); the same as
+      remat_policy='full' (kept so that configs written before remat_policy load).
+    remat_policy: what the backward keeps of each block's forward
+      (``moejax.models.remat``): 'none', 'full' (recompute everything), 'minimal' (keep
+      the projections' outputs), 'save_a2a' (keep the expert-parallel all_to_all
+      results, so the backward does not exchange again); 'auto' = 'full' if remat else
+      'none'.
+    scan_layers: run the blocks with ``nn.scan`` over their repeating unit, parameters
+      stacked on a leading 'layers' axis (``moejax.models.layer_stack``): compile time
+      independent of depth.
+    attention_impl: the attention kernel (``moejax.models.attention_impl``): 'reference'
+      (materialises [B, H, L, L]), 'xla' / 'cudnn' (``jax.nn.dot_product_attention``),
+      'blockwise' (online softmax over key blocks, O(L * block) memory); 'auto' picks
+      cudnn on GPU and blockwise elsewhere for long sequences, reference for short ones.
     moe: the MoE layer config; None for a dense model. ``from_config`` drops a given
       ``moe`` section to None when ``moe_every == 0`` (after validating it), so a dense
       model never constrains the mesh through it.
@@ -121,6 +138,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   max_len: int = 2048
   remat: bool = False
+  remat_policy: str = "auto"
+  scan_layers: bool = False
+  attention_impl: str = "auto"
   moe: MoEConfig | None = None
   config_path: str = dataclasses.field(default="model", compare=False, hash=False, repr=False)
 
@@ -161,6 +181,13 @@ class ModelConfig:
   def num_groups(self) -> int:
     """G = num_heads / num_kv_heads, query heads sharing one key/value head."""
     return self.num_heads // self.num_kv_heads
+
+  @property
+  def remat_mode(self) -> str:
+    """The effective remat policy: remat_policy, with 'auto' -> 'full' iff remat."""
+    if self.remat_policy == "auto":
+      return "full" if self.remat else "none"
+    return self.remat_policy
 
 
 def _check(cfg: ModelConfig, name: str, ok: bool, allowed: str) -> None:
@@ -204,7 +231,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
          "must be a finite number > 0")
   _check(cfg, "rms_norm_eps", _is_number(cfg.rms_norm_eps) and cfg.rms_norm_eps > 0,
          "must be a finite number > 0")
-  for name in ("tie_embeddings", "remat"):
+  _check(cfg, "remat_policy", cfg.remat_policy in REMAT_POLICIES, f"allowed: {REMAT_POLICIES}")
+  _check(cfg, "attention_impl", cfg.attention_impl in ATTENTION_IMPLS,
+         f"allowed: {ATTENTION_IMPLS}")
+  for name in ("tie_embeddings", "remat", "scan_layers"):
     _check(cfg, name, isinstance(getattr(cfg, name), (bool, np.bool_)), "must be a bool")
   for name in ("dtype", "param_dtype"):
     _check(cfg, name, getattr(cfg, name) in DTYPES, f"allowed: {DTYPES}")
@@ -264,6 +294,8 @@ def default_train_config() -> ml_collections.ConfigDict:
       "keep_checkpoints": 3,
       "async_checkpointing": True,
       "nan_policy": "stop",  # 'stop' or 'skip' the update of a non-finite step
+      "fsdp": False,  # shard params / grads / optimizer state over 'data' (ZeRO-3)
+      "microbatches": 1,  # gradient accumulation: the batch is split into this many
   })
 
 
@@ -328,6 +360,9 @@ def _train_checks() -> dict[str, tuple[Any, str]]:
       "keep_checkpoints": pos_int,
       "async_checkpointing": (lambda v: isinstance(v, (bool, np.bool_)), "must be a bool"),
       "nan_policy": (lambda v: v in NAN_POLICIES, f"allowed: {NAN_POLICIES}"),
+      "fsdp": (lambda v: isinstance(v, (bool, np.bool_)), "must be a bool"),
+      "microbatches": (pos_int[0], "must be an int > 0 dividing the per-step batch "
+                       "(1 = no gradient accumulation)"),
   }
 
 
@@ -338,6 +373,8 @@ def validate_train_config(train_cfg: Any, path: str = "train") -> None:
   checks = _train_checks()
   _reject_unknown(values, checks, path)
   for name, (ok, allowed) in checks.items():
+    if name not in values and name in OPTIONAL_TRAIN_FIELDS:
+      continue  # a config written before the field existed: its default applies
     if name not in values:
       raise ConfigError(f"{path}.{name} is missing: {allowed} "
                         f"(default {default_train_config()[name]!r})")
@@ -380,6 +417,10 @@ def validate_config(config: Any) -> ModelConfig:
   if model.vocab_size < VOCAB_SIZE:
     raise config_error("model.vocab_size", model.vocab_size,
                        f"must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary size")
+  microbatches = sections["train"].get("microbatches", 1)
+  if data["global_batch_size"] % microbatches:
+    raise config_error("train.microbatches", microbatches,
+                       f"must divide data.global_batch_size={data['global_batch_size']}")
   if model.moe is not None and model.moe.group_size is not None:
     tokens = data["global_batch_size"] * data["seq_len"]
     if tokens % model.moe.group_size:

@@ -64,6 +64,7 @@ import math
 from typing import Sequence
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.errors import config_error
@@ -104,12 +105,14 @@ def all_to_all_experts(cfg: MoEConfig, axis: str = EXPERT_AXIS,
                        f"{e_loc} local experts x {ep} devices on mesh axis '{axis}'")
     x = x.reshape(g, ep, e_loc, c, d)  # [G, P_dst, E_loc, C, d]
     x = jax.lax.all_to_all(x, axis, split_axis=1, concat_axis=1, tiled=True)  # P_src
+    x = checkpoint_name(x, "moe_dispatch_a2a")
     # The local experts on the slots of G * P_src groups; partial sums over the f shards.
     y = expert_ffn(x.reshape(g * ep, e_loc, c, d), w_gate, w_up, w_down, cfg.activation)
     if model_axis is not None:
       y = jax.lax.psum(y, model_axis)
     y = y.reshape(g, ep, e_loc, c, d)
     y = jax.lax.all_to_all(y, axis, split_axis=1, concat_axis=1, tiled=True)  # P_dst
+    y = checkpoint_name(y, "moe_combine_a2a")
     return y.reshape(g, e, c, d)
 
   return expert_fn

@@ -40,8 +40,8 @@ def build_experiment(config, devices=None) -> Experiment:
   validate_mesh_for_moe(mesh, model_cfg.moe)
   model = Transformer(model_cfg, mesh=mesh)
   tx = make_optimizer(config.train)
-  shardings, abstract = state_shardings(model, tx, config.data.seq_len, mesh,
-                                        logical_axis_rules())
+  rules = logical_axis_rules(fsdp=bool(config.train.get("fsdp", False)))
+  shardings, abstract = state_shardings(model, tx, config.data.seq_len, mesh, rules)
   return Experiment(config=config, model_cfg=model_cfg, mesh=mesh, model=model, tx=tx,
                     schedule=learning_rate_schedule(config.train), state_shardings=shardings,
                     abstract_state=abstract, batch_sharding=batch_sharding(mesh))
