@@ -8,6 +8,7 @@ and writes a report directory or a new run (``write_run``: a step-0 checkpoint t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -26,7 +27,8 @@ def run_config(workdir: str):
   from moejax.convert.run_io import load_run_config
 
   config = load_run_config(workdir)
-  model_cfg = ModelConfig.from_config(config.model)
+  # Tools work on the unrolled layers_{i} params (restore_state unstacks scanned runs).
+  model_cfg = dataclasses.replace(ModelConfig.from_config(config.model), scan_layers=False)
   if model_cfg.moe is None:
     raise config_error("model.moe_every", model_cfg.moe_every,
                        f"{workdir} is a dense model; the expert tools need MoE layers (>= 1)")

@@ -102,3 +102,12 @@ def _layer_order(key: str):
   if key.startswith("layers_") and key[7:].isdigit():
     return (1, int(key[7:]), "")
   return (0 if key == "embed" else 2, 0, key)
+
+
+def unrolled_config(config):
+  """A copy of experiment `config` with ``model.scan_layers=False`` (the form the
+  converters and analysis tools read)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.scan_layers = False
+  return config

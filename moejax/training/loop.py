@@ -126,7 +126,8 @@ def train(config, workdir: str, resume: bool = True, max_steps: int | None = Non
     save_run_config(config, workdir)  # what the tools (convert, analysis) read back
     log.info("Model: %s parameters", f"{num_params:,}")
 
-  train_step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, tcfg.nan_policy),
+  train_step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, tcfg.nan_policy,
+                                       microbatches=tcfg.get("microbatches", 1)),
                        in_shardings=(shardings, batch_spec), out_shardings=(shardings, None),
                        donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(exp.model), in_shardings=(shardings.params, batch_spec))
