@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from moejax.planning import TARGETS_GIB, format_plan, plan_memory

@@ -97,6 +97,7 @@ def _moe_section(config, args) -> ConfigDict:
 
 
 def cmd_upcycle(args) -> None:
+  import dataclasses
   import jax.numpy as jnp
   import flax.linen as nn
   from moejax.config import ModelConfig
@@ -115,7 +116,8 @@ def cmd_upcycle(args) -> None:
     config.model.moe.expert_d_ff = dense_config.model.d_ff
     config.model.moe_every = args.moe_every
     config.model.first_moe_layer = args.first_moe_layer
-  model_cfg = ModelConfig.from_config(config.model)
+  # the unrolled layers_{i} form (write_run stacks it for a scanned config)
+  model_cfg = dataclasses.replace(ModelConfig.from_config(config.model), scan_layers=False)
   abstract = nn.meta.unbox(jax.eval_shape(
       lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
       ["params"])

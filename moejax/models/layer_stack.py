@@ -91,7 +91,7 @@ def unstack_layers(tree: Any, cfg) -> Any:
     out = {k: v for k, v in node.items() if k != SCAN_KEY}
     for j, block in ((int(k.split("_")[1]), v) for k, v in node[SCAN_KEY].items()):
       for u in range(plan.num_units):
-        out[f"layers_{plan.layer(u, j)}"] = jax.tree.map(lambda x: x[u], block)
+        out[f"layers_{plan.layer(u, j)}"] = jax.tree.map(lambda x, u=u: x[u], block)
     return dict(sorted(out.items(), key=lambda kv: _layer_order(kv[0])))
 
   return jax.tree.map(unstack, tree, is_leaf=_is_stacked)

@@ -165,7 +165,7 @@ class Transformer(nn.Module):
           h, unit_aux = ScannedUnits(cfg, self.mesh, name=SCAN_KEY)(h, cos, sin)
           for j, aux in unit_aux.items():  # stacked over the U units
             for u in range(plan.num_units):
-              add_aux(plan.layer(u, j), jax.tree.map(lambda x: x[u], aux))
+              add_aux(plan.layer(u, j), jax.tree.map(lambda x, u=u: x[u], aux))
         continue
       h, aux = block_cls(cfg, i, self.mesh, name=f"layers_{i}")(h, cos, sin)
       if cfg.is_moe_layer(i):
