@@ -38,6 +38,9 @@ def get_config():
   m.dtype = "bfloat16"
   m.param_dtype = "float32"
   m.remat = True
+  m.remat_policy = "full"  # or "save_a2a": no replayed all_to_alls, more saved activations
+  m.scan_layers = True  # nn.scan over the blocks: compile time independent of depth
+  m.attention_impl = "auto"  # cuDNN flash on GPU, blockwise online softmax elsewhere
   m.moe.router = "shared_experts"
   m.moe.num_experts = 64
   m.moe.num_shared_experts = 2
@@ -55,6 +58,8 @@ def get_config():
   cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model = -1, 8, 1
 
   t = cfg.train
+  t.fsdp = True  # params, gradients and AdamW moments split over every device (ZeRO-3)
+  t.microbatches = 1  # gradient accumulation, e.g. 4 for 4 sequences per chip
   t.steps = 100_000
   t.learning_rate = 4.2e-4
   t.warmup_steps = 2000

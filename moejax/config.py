@@ -28,6 +28,8 @@ from moejax.moe_config import MoEConfig
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("gqa", "mla")
 NAN_POLICIES = ("stop", "skip")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "blockwise")
+REMAT_POLICIES = ("auto", "none", "full", "minimal", "save_a2a")
 SECTIONS = ("model", "data", "mesh", "train")
 _is_int, _is_number, _check = is_int, is_number, check
 
@@ -69,7 +71,20 @@ class ModelConfig:
     param_dtype: storage dtype of the parameters.
     max_len: the longest sequence the model is configured for (checked against
       ``data.seq_len``; RoPE itself has no table, so nothing is allocated for it).
-    remat: rematerialise each block in the backward pass (``nn.remat``).
+    remat: rematerialise each block in the backward pass (``nn.remat``); the same as
+      remat_policy='full' (kept so that configs written before remat_policy load).
+    remat_policy: what the backward keeps of each block's forward
+      (``moejax.models.remat``): 'none', 'full' (recompute everything), 'minimal' (keep
+      the projections' outputs), 'save_a2a' (keep the expert-parallel all_to_all
+      results, so the backward does not exchange again); 'auto' = 'full' if remat else
+      'none'.
+    scan_layers: run the blocks with ``nn.scan`` over their repeating unit, parameters
+      stacked on a leading 'layers' axis (``moejax.models.layer_stack``): compile time
+      independent of depth.
+    attention_impl: the attention kernel (``moejax.models.attention_impl``): 'reference'
+      (materialises [B, H, L, L]), 'xla' / 'cudnn' (``jax.nn.dot_product_attention``),
+      'blockwise' (online softmax over key blocks, O(L * block) memory); 'auto' picks
+      cudnn on GPU and blockwise elsewhere for long sequences, reference for short ones.
     moe: the MoE layer config; None for a dense model. ``from_config`` drops a given
       ``moe`` section to None when ``moe_every == 0`` (after validating it), so a dense
       model never constrains the mesh through it.
@@ -98,6 +113,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   max_len: int = 2048
   remat: bool = False
+  remat_policy: str = "auto"
+  scan_layers: bool = False
+  attention_impl: str = "auto"
   moe: MoEConfig | None = None
   config_path: str = dataclasses.field(default="model", compare=False, hash=False, repr=False)
 
@@ -140,6 +158,13 @@ class ModelConfig:
     """G = num_heads / num_kv_heads, query heads sharing one key/value head."""
     return self.num_heads // self.num_kv_heads
 
+  @property
+  def remat_mode(self) -> str:
+    """The effective remat policy: remat_policy, with 'auto' -> 'full' iff remat."""
+    if self.remat_policy == "auto":
+      return "full" if self.remat else "none"
+    return self.remat_policy
+
 
 def validate_model_config(cfg: ModelConfig) -> None:
   """Raises ConfigError naming the first invalid field of `cfg`."""
@@ -177,7 +202,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
          "must be a finite number > 0")
   _check(cfg, "rms_norm_eps", _is_number(cfg.rms_norm_eps) and cfg.rms_norm_eps > 0,
          "must be a finite number > 0")
-  for name in ("tie_embeddings", "remat"):
+  _check(cfg, "remat_policy", cfg.remat_policy in REMAT_POLICIES, f"allowed: {REMAT_POLICIES}")
+  _check(cfg, "attention_impl", cfg.attention_impl in ATTENTION_IMPLS,
+         f"allowed: {ATTENTION_IMPLS}")
+  for name in ("tie_embeddings", "remat", "scan_layers"):
     _check(cfg, name, is_bool(getattr(cfg, name)), "must be a bool")
   for name in ("dtype", "param_dtype"):
     _check(cfg, name, getattr(cfg, name) in DTYPES, f"allowed: {DTYPES}")
@@ -282,6 +310,10 @@ class TrainConfig:
     log_every, eval_every (0 = never), eval_steps, checkpoint_every, keep_checkpoints.
     async_checkpointing: Orbax saves in the background.
     nan_policy: 'stop' the run at a non-finite step, or 'skip' its update.
+    fsdp: shard parameters, gradients and optimizer state over the 'data' mesh axis as well
+      (ZeRO-3 / FSDP; GSPMD all-gathers each layer's weights where it is used).
+    microbatches: gradient accumulation: the global batch is split into this many
+      microbatches inside the jitted step (1 = none); same update as one big batch.
   """
 
   steps: int = 1000
@@ -300,6 +332,8 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpointing: bool = True
   nan_policy: str = "stop"
+  fsdp: bool = False
+  microbatches: int = 1
   config_path: str = dataclasses.field(default="train", compare=False, hash=False, repr=False)
 
   def __post_init__(self):
@@ -323,10 +357,15 @@ class TrainConfig:
             "must be a number in [0, 1)")
     check(self, "async_checkpointing", is_bool(self.async_checkpointing), "must be a bool")
     check(self, "nan_policy", self.nan_policy in NAN_POLICIES, f"allowed: {NAN_POLICIES}")
+    check(self, "fsdp", is_bool(self.fsdp), "must be a bool")
+    check(self, "microbatches", is_int(self.microbatches) and self.microbatches > 0,
+          "must be an int > 0 dividing the per-step batch (1 = no gradient accumulation)")
 
   @classmethod
   def from_config(cls, cd: Any, path: str = "train") -> TrainConfig:
-    return section_from_config(cls, cd, path, required=True)
+    # fsdp / microbatches came later: config.json files written before them still load.
+    return section_from_config(cls, cd, path, required=True,
+                               optional=("fsdp", "microbatches"))
 
 
 # ----------------------------------------------------------------------------- experiment
@@ -380,6 +419,9 @@ class ExperimentConfig:
     if model.vocab_size < VOCAB_SIZE:
       raise config_error("model.vocab_size", model.vocab_size,
                          f"must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary size")
+    if data.global_batch_size % self.train.microbatches:
+      raise config_error("train.microbatches", self.train.microbatches,
+                         f"must divide data.global_batch_size={data.global_batch_size}")
     if model.moe is not None and model.moe.group_size is not None:
       tokens = data.global_batch_size * data.seq_len
       if tokens % model.moe.group_size:

@@ -60,9 +60,11 @@ def reject_unknown(values: dict[str, Any], known, path: str) -> None:
                        f"unknown field; allowed fields are {sorted(known)}")
 
 
-def section_from_config(cls, cd: Any, path: str, required: bool = False, **extra):
+def section_from_config(cls, cd: Any, path: str, required: bool = False,
+                        optional: tuple[str, ...] = (), **extra):
   """``cls(**cd, config_path=path)`` with unknown fields rejected; a missing field is an error
-  when `required` (``path.name is missing: ...``), else it takes its default."""
+  when `required` (``path.name is missing: ...``), else it takes its default. Fields named in
+  `optional` (added after runs were written) always fall back to their defaults."""
   if isinstance(cd, cls):
     return cd
   if not (hasattr(cd, "items") or dataclasses.is_dataclass(cd)):
@@ -73,7 +75,7 @@ def section_from_config(cls, cd: Any, path: str, required: bool = False, **extra
   if required:
     defaults = cls()
     for name in names:
-      if name not in values:
+      if name not in values and name not in optional:
         raise ConfigError(f"{path}.{name} is missing (default {getattr(defaults, name)!r})")
   return cls(**values, **extra, config_path=path)
 

@@ -4,6 +4,7 @@ batches of a data split."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -19,7 +20,8 @@ from moejax.training.workdir import load_run_config, restore_state
 def run_config(workdir: str):
   """(experiment config, ModelConfig) of a run, validated; raises for a dense model."""
   config = load_run_config(workdir)
-  model_cfg = ModelConfig.from_config(config.model)
+  # Tools work on the unrolled layers_{i} params (restore_state unstacks scanned runs).
+  model_cfg = dataclasses.replace(ModelConfig.from_config(config.model), scan_layers=False)
   if model_cfg.moe is None:
     raise config_error("model.moe_every", model_cfg.moe_every,
                        f"{workdir} is a dense model; the expert tools need MoE layers (>= 1)")

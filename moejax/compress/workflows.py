@@ -7,6 +7,8 @@ fine-tunes). Outputs that hold checkpoints are refused before any expensive work
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 
@@ -107,7 +109,9 @@ def upcycle_run(workdir: str, out: str, moe: dict, moe_every: int = 1,
   overrides.update({"model.moe.expert_d_ff": dense_config.model.d_ff,
                     "model.moe_every": moe_every, "model.first_moe_layer": first_moe_layer})
   config = with_overrides(dense_config, overrides)
-  model_cfg = ExperimentConfig.from_config(target_config(config, out)).model
+  # the unrolled layers_{i} form (write_run stacks it for a scanned config)
+  model_cfg = dataclasses.replace(ExperimentConfig.from_config(target_config(config, out)).model,
+                                  scan_layers=False)
   params = upcycle_params(jax.device_get(state.params), model_cfg, abstract_params(model_cfg),
                           jax.random.key(seed))
   write_run(config, out, params)

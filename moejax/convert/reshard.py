@@ -27,7 +27,7 @@ def reshard_checkpoint(config, src: str, dst: str, mesh_shape: dict[str, int],
   Returns the step written. `config` is the run's config; only its mesh is changed.
   """
   new_config = with_mesh(config, mesh_shape)
-  state, meta, step, _ = restore_state(new_config, src, step)
+  state, meta, step, _ = restore_state(new_config, src, step, unrolled=False)
   target = Checkpointer(os.path.join(os.path.abspath(dst), "checkpoints"), keep=1_000_000,
                         async_save=False)
   if target.all_steps():

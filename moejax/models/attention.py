@@ -8,6 +8,9 @@ h = j * G + r (G = H / H_kv, r < G) reads kv head j, exactly HF's ``repeat_kv`` 
   A[b, h, l, m] = softmax_m( q_{b,l,h} . k_{b,m,j(h)} / sqrt(D_h) + causal(l, m) )   (float32)
   out = (A v) W_o               [B, L, d]
 
+The kernel computing A v (materialised, blockwise, cuDNN flash) is chosen by ``impl``
+(``moejax.models.attention_impl``).
+
 Parameters (``nn.with_logical_partitioning`` names):
   q/kernel [d, H, D_h]     ('embed', 'heads', 'head_dim')
   k/kernel [d, H_kv, D_h]  ('embed', 'kv_heads', 'head_dim')
@@ -23,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.models.attention_impl import attend, causal_mask, gqa_attention  # noqa: F401
 from moejax.models.rope import apply_rope
 
 
@@ -55,29 +59,6 @@ class Projection(nn.Module):
     return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
-def causal_mask(length: int) -> jax.Array:
-  """bool [L, L]: query l may attend to key m iff m <= l."""
-  pos = jnp.arange(length)
-  return pos[None, :] <= pos[:, None]
-
-
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Masked softmax attention with grouped kv heads.
-
-  q: [B, L, H, D_h]; k, v: [B, M, H_kv, D_h]; mask: bool [L, M] -> [B, L, H, D_h].
-  Scores and softmax in float32; the weighted sum of v in v's dtype.
-  """
-  b, l, h, dh = q.shape
-  hkv = k.shape[2]
-  q = q.reshape(b, l, hkv, h // hkv, dh)  # head h = j * G + r
-  scores = jnp.einsum("bljrk,bmjk->bjrlm", q, k, preferred_element_type=jnp.float32)
-  scores = scores.astype(jnp.float32) / jnp.sqrt(jnp.float32(dh))
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bjrlm,bmjk->bljrk", probs, v)
-  return out.reshape(b, l, h, dh)
-
-
 class Attention(nn.Module):
   """Causal GQA self-attention: ``y = Attention(...)(x, cos, sin)``, x [B, L, d]."""
 
@@ -86,6 +67,7 @@ class Attention(nn.Module):
   head_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  impl: str = "reference"  # the kernel, ``moejax.models.attention_impl.attend``
 
   @nn.compact
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -97,6 +79,6 @@ class Attention(nn.Module):
     k = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "k")(x)
     v = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "v")(x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = gqa_attention(q, k, v, causal_mask(x.shape[1]))
+    out = attend(q, k, v, None, self.impl)
     return proj((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o",
                 (0, 1))(out)

@@ -35,6 +35,9 @@ have no sharding rule, so they replicate; heads shard over 'model' like GQA's):
 Each is the transpose of the HF ``DeepseekV2Attention`` Linear of the same role (q_proj,
 q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj,
 o_proj), reshaped where a head axis is split out; see ``moejax.convert.hf_deepseek``.
+
+``impl`` other than 'reference' concatenates [q_n | q_r] and [k_n | k_r] (k_r repeated
+over the heads) and runs a memory-efficient kernel (``moejax.models.attention_impl``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.models.attention import Projection, causal_mask
+from moejax.models.attention import Projection
+from moejax.models.attention_impl import attend, causal_mask, resolve_impl
 from moejax.models.norms import rms_norm
 from moejax.models.rope import apply_rope_interleaved
 
@@ -94,6 +98,7 @@ class MLAttention(nn.Module):
   q_lora_rank: int = 0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  impl: str = "reference"  # the kernel, ``moejax.models.attention_impl``
 
   @nn.compact
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -120,7 +125,13 @@ class MLAttention(nn.Module):
               "kv_b")(c_kv)
     k_nope, v = kv[..., :dn], kv[..., dn:]
 
-    out = mla_attention(q_nope, q_rope, k_nope, k_rope, v, causal_mask(x.shape[1]),
-                        (dn + dr) ** -0.5)
+    scale = (dn + dr) ** -0.5
+    if resolve_impl(self.impl, x.shape[1]) == "reference":
+      out = mla_attention(q_nope, q_rope, k_nope, k_rope, v, causal_mask(x.shape[1]), scale)
+    else:  # one key per head: [k_n | k_r], the shared k_r broadcast over the H heads
+      k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :].astype(k_nope.dtype),
+                                                    k_nope.shape[:3] + (dr,))], axis=-1)
+      q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
+      out = attend(q, k, v, scale, self.impl)
     return proj((h, dv, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o",
                 (0, 1))(out)

@@ -16,6 +16,12 @@ is MoE with router='topk', router_order='topk_softmax', dropless=True):
 No biases anywhere. Norms, attention softmax and logits are float32; matmuls run in
 ``cfg.dtype``; the residual stream h is kept in float32.
 
+With ``scan_layers=True`` the repeating blocks run under ``nn.scan`` and their params
+live stacked under ``scanned_layers/block_{j}`` (``moejax.models.layer_stack`` converts
+to and from the ``layers_{i}`` tree below); aux metrics keep their ``layers_{i}`` names.
+``remat_policy`` (``moejax.models.remat``) rematerialises each block;
+``attention_impl`` (``moejax.models.attention_impl``) picks the attention kernel.
+
 With ``attention='mla'`` the attention is DeepSeek-V2's Multi-head Latent Attention
 (``moejax.models.mla``, interleaved RoPE on its D_r dims, its own ``layers_{i}/attn/``
 parameters listed there); with moe_every=1 (every layer from first_moe_layer on),
@@ -59,8 +65,10 @@ import jax.numpy as jnp
 from moejax.config import ModelConfig
 from moejax.layers import DenseFFN, MoELayer
 from moejax.models.attention import Attention, fan_in_init
+from moejax.models.layer_stack import SCAN_KEY, scan_plan
 from moejax.models.mla import MLAttention
 from moejax.models.norms import RMSNorm
+from moejax.models.remat import remat_module
 from moejax.models.rope import interleaved_rope_angles, rope_angles
 
 
@@ -84,10 +92,10 @@ class Block(nn.Module):
     if cfg.attention == "mla":
       y = MLAttention(cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
                       cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.q_lora_rank, dtype,
-                      param_dtype, name="attn")(x, cos, sin)
+                      param_dtype, cfg.attention_impl, name="attn")(x, cos, sin)
     else:
       y = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, param_dtype,
-                    name="attn")(x, cos, sin)
+                    cfg.attention_impl, name="attn")(x, cos, sin)
     h = h + y.astype(h.dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ffn_norm")(h)
     if cfg.is_moe_layer(self.layer):
@@ -128,16 +136,28 @@ class Transformer(nn.Module):
     else:
       cos, sin = rope_angles(jnp.arange(length), cfg.head_dim, cfg.rope_theta)  # [L, Dh]
 
-    block_cls = nn.remat(Block) if cfg.remat else Block
     aux_losses: dict[str, jax.Array] = {}
     metrics: dict[str, dict] = {}
+
+    def add_aux(layer: int, aux: dict) -> None:
+      for k, v in aux["aux_losses"].items():
+        aux_losses[k] = aux_losses.get(k, 0.0) + v
+      metrics[f"layers_{layer}"] = aux["metrics"]
+
+    plan = scan_plan(cfg)
+    scanned = plan.scanned if cfg.scan_layers and plan.num_units else range(0)
+    block_cls = remat_module(Block, cfg.remat_mode)
     for i in range(cfg.num_layers):
-      name = f"layers_{i}"
-      h, aux = block_cls(cfg, i, self.mesh, name=name)(h, cos, sin)
+      if i in scanned:
+        if i == scanned.start:
+          h, unit_aux = ScannedUnits(cfg, self.mesh, name=SCAN_KEY)(h, cos, sin)
+          for j, aux in unit_aux.items():  # stacked over the U units
+            for u in range(plan.num_units):
+              add_aux(plan.layer(u, j), jax.tree.map(lambda x, u=u: x[u], aux))
+        continue
+      h, aux = block_cls(cfg, i, self.mesh, name=f"layers_{i}")(h, cos, sin)
       if cfg.is_moe_layer(i):
-        for k, v in aux["aux_losses"].items():
-          aux_losses[k] = aux_losses.get(k, 0.0) + v
-        metrics[name] = aux["metrics"]
+        add_aux(i, aux)
 
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="final_norm")(h)
     if cfg.tie_embeddings:
@@ -146,6 +166,36 @@ class Transformer(nn.Module):
     else:
       logits = LMHead(cfg.vocab_size, dtype, param_dtype, name="lm_head")(x)
     return logits.astype(jnp.float32), {"aux_losses": aux_losses, "metrics": metrics}
+
+
+class BlockUnit(nn.Module):
+  """One repeating unit of ``scan_plan(cfg).unit`` blocks (``moejax.models.layer_stack``):
+  ``h, {j: aux_j for its MoE blocks j} = BlockUnit(cfg)(h, cos, sin)``; block j plays
+  layer start + j (all units have the same dense/MoE pattern)."""
+
+  cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
+
+  @nn.compact
+  def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array):
+    cfg, plan = self.cfg, scan_plan(self.cfg)
+    block_cls = remat_module(Block, cfg.remat_mode, prevent_cse=False)
+    unit_aux = {}
+    for j in range(plan.unit):
+      layer = plan.layer(0, j)
+      h, aux = block_cls(cfg, layer, self.mesh, name=f"block_{j}")(h, cos, sin)
+      if cfg.is_moe_layer(layer):
+        unit_aux[j] = aux
+    return h, unit_aux
+
+
+def ScannedUnits(cfg: ModelConfig, mesh, name: str) -> nn.Module:
+  """``nn.scan`` of BlockUnit over the U units: params stacked on a leading 'layers'
+  axis (h carried, cos/sin broadcast, aux stacked)."""
+  scan = nn.scan(BlockUnit, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast, nn.broadcast), length=scan_plan(cfg).num_units,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+  return scan(cfg, mesh, name=name)
 
 
 class Embed(nn.Module):

@@ -1,7 +1,8 @@
 """The device mesh ('data', 'expert', 'model') and its validation against a config.
 
 Axes:
-  data:   pure data parallelism (tokens split, weights replicated).
+  data:   data parallelism (tokens split; weights replicated, or split as well with
+          ``train.fsdp``: FSDP / ZeRO-3, see ``moejax.parallel.rules``).
   expert: expert parallelism; tokens are split over it too (batch = data x expert), and
           the leading E axis of the stacked expert weights is split over it, so slot
           buffers travel between its devices with ``all_to_all``.

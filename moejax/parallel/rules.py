@@ -12,7 +12,19 @@ each mesh axis used at most once per array) turn the names into PartitionSpecs:
 
 e.g. an expert kernel ('expert', 'embed', 'expert_mlp') [E, d, f] -> P('expert', None,
 'model'); a token batch ('batch', 'length') [B, L] -> P(('data', 'expert'), None).
-Logical names without a rule are replicated.
+Logical names without a rule are replicated. 'layers' (the stacked axis of scanned
+blocks, ``moejax.models.layer_stack``) is never split.
+
+FSDP (ZeRO-3; Rajbhandari et al., 2020; MaxText's 'fsdp' axis), ``fsdp=True``: the
+parameters' d_model axis 'embed' is split over the token axes as well, so parameters,
+gradients and both AdamW moments (which carry the same names) are split over every
+device; GSPMD all-gathers each layer's weights just before use and reduce-scatters their
+gradients. Since a mesh axis is used at most once per array and the first free rule
+wins, 'embed' takes ('data', 'expert') where it can and 'data' where 'expert' is taken:
+
+  attention q [d, H, Dh]        -> P(('data', 'expert'), 'model', None)
+  expert wi_gate [E, d, f]      -> P('expert', 'data', 'model')
+  embedding [V, d]              -> P('model', ('data', 'expert'))
 """
 
 from __future__ import annotations
@@ -48,7 +60,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("q_lora", None),  # MLA latent widths: small, replicated
     ("kv_lora", None),
+    ("layers", None),
 )
+
+# FSDP: the same table with 'embed' split over the token axes (falling back to 'data').
+FSDP_LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = tuple(
+    r for r in LOGICAL_AXIS_RULES if r[0] != "embed") + (
+        ("embed", TOKEN_AXES),
+        ("embed", "data"),
+    )
 
 # Logical axes consumed by the expert-parallel shard_map with fixed in_specs: replicating
 # them as a fallback would not match those specs, so a non-divisible size is an error
@@ -56,9 +76,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 STRICT_LOGICAL_AXES: frozenset[str] = frozenset({"expert", "expert_mlp"})
 
 
-def logical_axis_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
-  """The project's rules, a tuple of (logical name, mesh axis | tuple of axes | None)."""
-  return LOGICAL_AXIS_RULES
+def logical_axis_rules(fsdp: bool = False
+                       ) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """The project's rules, a tuple of (logical name, mesh axis | tuple of axes | None);
+  ``fsdp=True`` adds the FSDP placement of parameters (module docstring)."""
+  return FSDP_LOGICAL_AXIS_RULES if fsdp else LOGICAL_AXIS_RULES
 
 
 def _is_spec(x: Any) -> bool:

@@ -2,6 +2,15 @@
 
 loss = mean cross-entropy over target tokens + sum of the MoE layers' weighted aux losses
 (load balance, router z-loss, and router-specific terms).
+
+Gradient accumulation (``microbatches`` = K > 1): the batch's rows split into K
+microbatches (row r goes to microbatch r % K, so every device keeps its own rows), a
+``lax.scan`` sums per microbatch k
+
+  loss_k = sum_t m_t CE_t / max(sum over the *whole* batch of m_t, 1) + aux_k / K
+
+and their gradients: the cross-entropy part is exactly the big batch's; the aux losses
+(per-batch statistics such as load balance) become their mean over the microbatches.
 """
 
 from __future__ import annotations
@@ -13,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moejax.parallel.mesh import TOKEN_AXES
 from moejax.training.state import TrainState
 
 Batch = dict  # inputs i32[B, L], targets i32[B, L], mask f32[B, L]
@@ -40,18 +52,69 @@ def _metrics(loss, ce, aux) -> dict:
   return metrics
 
 
+def split_microbatches(batch: Batch, k: int, mesh=None) -> Batch:
+  """[B, ...] -> [K, B / K, ...], microbatch k holding rows k, K + k, 2K + k, ...
+
+  Strided so that each device's contiguous block of rows splits locally (no data moves);
+  on a `mesh` the B / K axis is constrained to the token axes.
+  """
+  def split(x):
+    b = x.shape[0]
+    if b % k:
+      raise ValueError(f"batch of {b} rows does not split into train.microbatches={k}")
+    x = jnp.moveaxis(x.reshape(b // k, k, *x.shape[1:]), 1, 0)
+    if mesh is not None:
+      spec = P(None, TOKEN_AXES, *([None] * (x.ndim - 2)))
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return x
+
+  return jax.tree.map(split, batch)
+
+
+def _accumulated_grads(model: nn.Module, params, batch: Batch, k: int):
+  """(loss, (ce, aux)), grads summed over K microbatches (module docstring)."""
+  tokens = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+  micro = split_microbatches(batch, k, getattr(model, "mesh", None))
+
+  def loss_fn(p, mb):
+    logits, aux = model.apply({"params": p}, mb["inputs"])
+    per_token = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), mb["targets"])
+    ce = jnp.sum(per_token * mb["mask"]) / tokens
+    aux_total = sum(aux["aux_losses"].values(), jnp.zeros((), jnp.float32))
+    return ce + aux_total / k, (ce, aux)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def body(acc, mb):
+    (loss, (ce, aux)), grads = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, acc, (loss, ce, grads)), aux
+
+  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+           jax.tree.map(jnp.zeros_like, params))
+  (loss, ce, grads), auxes = jax.lax.scan(body, zeros, micro)
+  aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), auxes)  # mean over microbatches
+  return (loss, (ce, aux)), grads
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, nan_policy: str = "stop") -> Callable:
+                    schedule: optax.Schedule, nan_policy: str = "stop",
+                    microbatches: int = 1) -> Callable:
   """Builds train_step(state, batch) -> (state, metrics).
 
   With nan_policy='skip', a step whose loss or gradient norm is not finite leaves the
   state unchanged except for the step counter (metrics['skipped'] = 1); with 'stop' the
   update is applied and the caller stops on the non-finite metric, never saving it.
+  microbatches > 1 accumulates gradients over that many slices of the batch inside the
+  step (module docstring).
   """
 
   def train_step(state: TrainState, batch: Batch):
-    grad_fn = jax.value_and_grad(lambda p: _forward(model, p, batch), has_aux=True)
-    (loss, (ce, aux)), grads = grad_fn(state.params)
+    if microbatches > 1:
+      (loss, (ce, aux)), grads = _accumulated_grads(model, state.params, batch, microbatches)
+    else:
+      grad_fn = jax.value_and_grad(lambda p: _forward(model, p, batch), has_aux=True)
+      (loss, (ce, aux)), grads = grad_fn(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -127,7 +127,8 @@ class Trainer:
     self.num_params = count_params(self.state.params)
     shardings, batch_spec = self.exp.state_shardings, self.exp.batch_sharding
     self.train_step = jax.jit(
-        make_train_step(self.exp.model, self.exp.tx, self.exp.schedule, tcfg.nan_policy),
+        make_train_step(self.exp.model, self.exp.tx, self.exp.schedule, tcfg.nan_policy,
+                        microbatches=tcfg.microbatches),
         in_shardings=(shardings, batch_spec), out_shardings=(shardings, None),
         donate_argnums=(0,))
     self.eval_step = jax.jit(make_eval_step(self.exp.model),

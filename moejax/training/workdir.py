@@ -15,6 +15,7 @@ import ml_collections
 
 from moejax.config import ExperimentConfig, base_config
 from moejax.data import make_train_iterator
+from moejax.models.layer_stack import stack_layers, unrolled_config, unstack_layers
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.experiment import Experiment, build_experiment
 from moejax.training.state import TrainState
@@ -69,9 +70,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_merge(base_config().to_dict(), stored))
 
 
-def restore_state(config, workdir: str, step: int | None = None,
-                  devices=None) -> tuple[TrainState, dict, int, Experiment]:
-  """Restores (state, meta, step, experiment) from the newest (or given) verified step."""
+def restore_state(config, workdir: str, step: int | None = None, devices=None,
+                  unrolled: bool = True) -> tuple[TrainState, dict, int, Experiment]:
+  """Restores (state, meta, step, experiment) from the newest (or given) verified step.
+
+  unrolled: a scanned run (model.scan_layers) comes back in the ``layers_{i}`` form with
+  the experiment of its unrolled config (``moejax.models.layer_stack``).
+  """
   exp = build_experiment(config, devices=devices)
   ckpt = Checkpointer(checkpoint_dir(workdir), keep=1_000_000, async_save=False)
   try:
@@ -85,17 +90,22 @@ def restore_state(config, workdir: str, step: int | None = None,
     state, meta = ckpt.restore(step, exp.abstract_state)
   finally:
     ckpt.close()
+  if unrolled and exp.model_cfg.scan_layers:
+    exp = build_experiment(unrolled_config(config), devices=devices)
+    state = jax.device_put(unstack_layers(state, exp.model_cfg), exp.state_shardings)
   return state, meta, step, exp
 
 
 def write_run(config, workdir: str, params, step: int = 0,
               host_data_states: dict | None = None, opt_state=None) -> int:
   """Writes `workdir` as a run at `step` holding `params` (fresh optimizer state unless
-  given) and fresh input positions; returns the step. Refuses a workdir with checkpoints."""
+  given) and fresh input positions; returns the step. Refuses a workdir with checkpoints.
+  params / opt_state may be unrolled (``layers_{i}``) for a scanned config."""
   exp = build_experiment(config)
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise FileExistsError(f"{workdir} already holds checkpoints; choose a fresh workdir")
+  params, opt_state = stack_layers((params, opt_state), exp.model_cfg)
   params = jax.device_put(params, exp.state_shardings.params)
   if opt_state is None:
     opt_state = jax.jit(exp.tx.init, out_shardings=exp.state_shardings.opt_state)(params)

@@ -1,0 +1,116 @@
+"""Scanned layers: the blocks' repeating unit and the stacked <-> unrolled param trees.
+
+With ``model.scan_layers`` the transformer runs its identical blocks with ``nn.scan``
+(compile time independent of depth, as MaxText's ``scan_layers``). The layers split into
+
+  prefix   layers [0, start)                  unrolled, ``layers_{i}`` (e.g. DeepSeek's
+                                              dense layer 0)
+  scanned  U units of `unit` consecutive      params under ``scanned_layers/block_{j}``,
+           layers from `start`                every leaf with a leading [U] axis
+           ('layers'); unit u, block j is layer start + u * unit + j
+  suffix   the remaining layers               unrolled, ``layers_{i}``
+
+with start = first_moe_layer and unit = moe_every for a MoE model (every unit is "one
+MoE layer then moe_every - 1 dense ones"), start = 0 and unit = 1 for a dense one.
+
+``stack_layers`` / ``unstack_layers`` convert any tree holding such a params dict (the
+params, the AdamW moments) between the two forms; converters, HF export/import and the
+analysis tools work on the unrolled form (``moejax.convert.run_io`` converts at the
+boundary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+SCAN_KEY = "scanned_layers"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanPlan:
+  start: int  # first scanned layer
+  unit: int  # layers per scanned unit
+  num_units: int  # U
+
+  @property
+  def scanned(self) -> range:
+    return range(self.start, self.start + self.unit * self.num_units)
+
+  def layer(self, u: int, j: int) -> int:
+    return self.start + u * self.unit + j
+
+
+def scan_plan(cfg) -> ScanPlan:
+  """How `cfg` (a ModelConfig) splits into prefix / scanned units / suffix."""
+  start, unit = (cfg.first_moe_layer, cfg.moe_every) if cfg.moe_every > 0 else (0, 1)
+  return ScanPlan(start, unit, (cfg.num_layers - start) // unit)
+
+
+def _is_unrolled(plan: ScanPlan):
+  first = f"layers_{plan.start}"
+  return lambda x: isinstance(x, Mapping) and first in x and SCAN_KEY not in x
+
+
+def _is_stacked(x) -> bool:
+  return isinstance(x, Mapping) and SCAN_KEY in x
+
+
+def stack_layers(tree: Any, cfg) -> Any:
+  """Unrolled -> scanned form of every params-shaped dict in `tree` (identity unless
+  ``cfg.scan_layers``)."""
+  plan = scan_plan(cfg)
+  if not cfg.scan_layers or plan.num_units == 0:
+    return tree
+
+  def stack(node):
+    if not _is_unrolled(plan)(node):
+      return node
+    out = {k: v for k, v in node.items() if k not in {f"layers_{i}" for i in plan.scanned}}
+    out[SCAN_KEY] = {
+        f"block_{j}": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                   *[node[f"layers_{plan.layer(u, j)}"]
+                                     for u in range(plan.num_units)])
+        for j in range(plan.unit)}
+    return out
+
+  return jax.tree.map(stack, tree, is_leaf=_is_unrolled(plan))
+
+
+def unstack_layers(tree: Any, cfg) -> Any:
+  """Scanned -> unrolled (``layers_{i}``) form of every params-shaped dict in `tree`."""
+  plan = scan_plan(cfg)
+
+  def unstack(node):
+    if not _is_stacked(node):
+      return node
+    out = {k: v for k, v in node.items() if k != SCAN_KEY}
+    for j, block in ((int(k.split("_")[1]), v) for k, v in node[SCAN_KEY].items()):
+      for u in range(plan.num_units):
+        out[f"layers_{plan.layer(u, j)}"] = jax.tree.map(lambda x, u=u: x[u], block)
+    return dict(sorted(out.items(), key=lambda kv: _layer_order(kv[0])))
+
+  return jax.tree.map(unstack, tree, is_leaf=_is_stacked)
+
+
+def _layer_order(key: str):
+  """Sort key restoring the unrolled order: embed, layers_0..N-1, the rest."""
+  if key.startswith("layers_") and key[7:].isdigit():
+    return (1, int(key[7:]), "")
+  return (0 if key == "embed" else 2, 0, key)
+
+
+def unrolled_config(config):
+  """A copy of experiment `config` (an ``ExperimentConfig`` or a ConfigDict) with
+  ``model.scan_layers=False`` (the form the converters and analysis tools read)."""
+  if dataclasses.is_dataclass(config):
+    return dataclasses.replace(config,
+                               model=dataclasses.replace(config.model, scan_layers=False))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.scan_layers = False
+  return config
