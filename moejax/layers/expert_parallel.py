@@ -132,7 +132,7 @@ def combine_a2a(y: jax.Array, axis: str, split_axis: int) -> jax.Array:
 
 def all_to_all_experts(cfg: MoEConfig, axis: str = EXPERT_AXIS,
                        model_axis: str | None = MODEL_AXIS) -> ExpertFn:
-  """An ``expert_fn`` for ``moe_forward`` that runs inside ``shard_map``.
+  """A slot-buffer ``expert_fn`` (``moejax.layers.routed.slot_experts``) for ``shard_map``.
 
   Sends every expert's slots to the device holding it over mesh axis `axis`, runs the
   local experts on this device's slice of their hidden width, sums the down-projection
