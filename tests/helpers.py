@@ -42,14 +42,15 @@ def random_like(params, seed: int, router_scale: float = 1.0):
   return nn.meta.replace_boxed(params, values)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_model(cfg: ModelConfig, rng: jax.Array):
-  return nn.meta.unbox(Transformer(cfg).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_model(cfg: ModelConfig, rng: jax.Array, shape: tuple[int, int]):
+  return nn.meta.unbox(Transformer(cfg).init(rng, jnp.zeros(shape, jnp.int32))["params"])
 
 
-def init_model_params(cfg: ModelConfig, seed: int = 0):
-  """The Transformer's own (jitted) init, unboxed."""
-  return _init_model(cfg, jax.random.key(seed))
+def init_model_params(cfg: ModelConfig, seed: int = 0, shape: tuple[int, int] = (1, 8)):
+  """The Transformer's own (jitted) init, unboxed; `shape` [B, L] of the init tokens must
+  tile the MoE routing groups (``moe.group_size``)."""
+  return _init_model(cfg, jax.random.key(seed), shape)
 
 
 def load_config(name: str):

@@ -49,7 +49,7 @@ def tokens_for(cfg: ModelConfig, seed: int = 0, b: int = B, l: int = L) -> jax.A
 
 def init_params(cfg: ModelConfig, seed: int = 0, perturb_norms: bool = True):
   """Unboxed params; norm scales drawn from U(0.5, 1.5) so the reference tests them."""
-  params = init_model_params(cfg, seed)
+  params = init_model_params(cfg, seed, shape=(B, L))
   if not perturb_norms:
     return params
   rng = np.random.default_rng(seed)
