@@ -51,8 +51,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--devices", type=int, choices=(1, 8), action="append",
-                 help="device counts to run (repeatable; default: 1 and 8)")
+  p.add_argument(
+    "--devices",
+    type=int,
+    choices=(1, 8),
+    action="append",
+    help="device counts to run (repeatable; default: 1 and 8)",
+  )
   p.add_argument("--quick", action="store_true", help="small shapes and few steps")
   p.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
   p.add_argument("--tokens", type=int, default=None, help="tokens per step (batch * length)")
@@ -84,6 +89,7 @@ def measure(fns: dict, steps: int) -> dict:
   load during the run affects all of them alike.
   """
   import jax
+
   for fn in fns.values():
     jax.block_until_ready(fn())
   times = {k: [] for k in fns}
@@ -99,6 +105,7 @@ def all_to_all_bytes(hlo_text: str) -> int:
   """Bytes of all all-to-all results of one device in compiled HLO text (XLA:CPU splits an
   all-to-all into a tuple of per-peer pieces; they are summed)."""
   import re
+
   width = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s64": 8}
   total = 0
   for line in hlo_text.splitlines():
@@ -124,9 +131,13 @@ def torch_fns(args, x_np, ct_np) -> dict:
   x = torch.tensor(x_np.reshape(-1, x_np.shape[-1])[None])
   ct = torch.tensor(ct_np.reshape(-1, ct_np.shape[-1])[None])
   for impl in ("eager", "grouped_mm"):
-    cfg = MixtralConfig(hidden_size=args.d_model, intermediate_size=args.expert_d_ff,
-                        num_local_experts=8, num_experts_per_tok=2,
-                        experts_implementation=impl)
+    cfg = MixtralConfig(
+      hidden_size=args.d_model,
+      intermediate_size=args.expert_d_ff,
+      num_local_experts=8,
+      num_experts_per_tok=2,
+      experts_implementation=impl,
+    )
     torch.manual_seed(0)
     block = MixtralSparseMoeBlock(cfg).float().train()
 
@@ -163,8 +174,9 @@ def run_device_count(num_devices: int, args) -> list[dict]:
   devices = jax.devices()[:num_devices]
   if len(devices) != num_devices:
     raise SystemExit(f"asked for {num_devices} devices, jax sees {len(jax.devices())}")
-  mesh = (make_mesh({"data": 1, "expert": -1, "model": 1}, devices=devices)
-          if num_devices > 1 else None)
+  mesh = (
+    make_mesh({"data": 1, "expert": -1, "model": 1}, devices=devices) if num_devices > 1 else None
+  )
   d, f, group = args.d_model, args.expert_d_ff, args.group_size
   seq = group
   batch = args.tokens // seq
@@ -189,14 +201,16 @@ def run_device_count(num_devices: int, args) -> list[dict]:
 
   rows = []
   for name, (e, k, width) in shapes.items():
-    common = dict(router="topk", num_experts=e, top_k=k, expert_d_ff=width,
-                  group_size=group, activation="silu")
+    common = dict(
+      router="topk", num_experts=e, top_k=k, expert_d_ff=width, group_size=group, activation="silu"
+    )
     layers = {
-        "dropless": MoELayer(MoEConfig(dropless=True, **common), mesh=mesh),
-        "dropless_cs": MoELayer(MoEConfig(dropless=True, expert_impl="capacity", **common),
-                                mesh=mesh),
-        "capacity": MoELayer(MoEConfig(capacity_factor=1.25, **common), mesh=mesh),
-        "dense": DenseFFN(k * width),
+      "dropless": MoELayer(MoEConfig(dropless=True, **common), mesh=mesh),
+      "dropless_cs": MoELayer(
+        MoEConfig(dropless=True, expert_impl="capacity", **common), mesh=mesh
+      ),
+      "capacity": MoELayer(MoEConfig(capacity_factor=1.25, **common), mesh=mesh),
+      "dense": DenseFFN(k * width),
     }
     fns, a2a = {}, {}
     for impl, layer in layers.items():
@@ -207,22 +221,33 @@ def run_device_count(num_devices: int, args) -> list[dict]:
       fns[(impl, "fwd+bwd")] = functools.partial(fwd_bwd, params, x, ct)
       if mesh is not None and impl != "dense":
         minimum = args.tokens // num_devices * k * d * 4  # bytes, one direction
-        for pass_, fn, argv, ways in (("fwd", fwd, (params, x), 2),
-                                      ("fwd+bwd", fwd_bwd, (params, x, ct), 4)):
+        for pass_, fn, argv, ways in (
+          ("fwd", fwd, (params, x), 2),
+          ("fwd+bwd", fwd_bwd, (params, x, ct), 4),
+        ):
           text = fn.lower(*argv).compile().as_text()
           a2a[(impl, pass_)] = all_to_all_bytes(text) / (ways * minimum)
     if name == "top2_of_8" and num_devices == 1 and not args.no_torch:
       fns.update(torch_fns(args, x_np, ct_np))
     times = measure(fns, args.steps)
-    impl_name = {"dropless": "dropless:" + MoEConfig(dropless=True, **common).resolved_expert_impl()}
+    impl_name = {
+      "dropless": "dropless:" + MoEConfig(dropless=True, **common).resolved_expert_impl()
+    }
     for pass_ in ("fwd", "fwd+bwd"):
       for impl in [i for i, p in times if p == pass_]:
         ms = times[(impl, pass_)]
-        rows.append(dict(layer=name, devices=num_devices, pass_=pass_,
-                         impl=impl_name.get(impl, impl), ms=ms,
-                         ratio_to_dense=ms / times[("dense", pass_)],
-                         ratio_to_capacity=ms / times[("capacity", pass_)],
-                         a2a_bytes_over_min=a2a.get((impl, pass_))))
+        rows.append(
+          dict(
+            layer=name,
+            devices=num_devices,
+            pass_=pass_,
+            impl=impl_name.get(impl, impl),
+            ms=ms,
+            ratio_to_dense=ms / times[("dense", pass_)],
+            ratio_to_capacity=ms / times[("capacity", pass_)],
+            a2a_bytes_over_min=a2a.get((impl, pass_)),
+          )
+        )
   return rows
 
 
@@ -232,30 +257,50 @@ def run_device_count(num_devices: int, args) -> list[dict]:
 
 
 def child_argv(args, num_devices: int) -> list[str]:
-  argv = [sys.executable, os.path.abspath(__file__), "--child", "--devices", str(num_devices),
-          "--steps", str(args.steps), "--tokens", str(args.tokens), "--d-model",
-          str(args.d_model), "--expert-d-ff", str(args.expert_d_ff), "--group-size",
-          str(args.group_size)]
+  argv = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--child",
+    "--devices",
+    str(num_devices),
+    "--steps",
+    str(args.steps),
+    "--tokens",
+    str(args.tokens),
+    "--d-model",
+    str(args.d_model),
+    "--expert-d-ff",
+    str(args.expert_d_ff),
+    "--group-size",
+    str(args.group_size),
+  ]
   return argv + (["--quick"] if args.quick else []) + (["--no-torch"] if args.no_torch else [])
 
 
 def format_table(rows: list[dict], args) -> str:
-  lines = [f"tokens/step={args.tokens}  d_model={args.d_model}  top-2 expert_d_ff="
-           f"{args.expert_d_ff}  group_size={args.group_size}  f32  median of {args.steps} "
-           f"steps",
-           "",
-           "| layer      | devices | pass    | impl             |     ms | /dense | /capacity "
-           "| a2a bytes/min |",
-           "|------------|---------|---------|------------------|--------|--------|-----------"
-           "|---------------|"]
+  lines = [
+    f"tokens/step={args.tokens}  d_model={args.d_model}  top-2 expert_d_ff="
+    f"{args.expert_d_ff}  group_size={args.group_size}  f32  median of {args.steps} "
+    f"steps",
+    "",
+    "| layer      | devices | pass    | impl             |     ms | /dense | /capacity "
+    "| a2a bytes/min |",
+    "|------------|---------|---------|------------------|--------|--------|-----------"
+    "|---------------|",
+  ]
   for r in rows:
     a2a = "" if r["a2a_bytes_over_min"] is None else f"{r['a2a_bytes_over_min']:.2f}"
-    lines.append(f"| {r['layer']:<10} | {r['devices']:>7} | {r['pass_']:<7} | "
-                 f"{r['impl']:<16} | {r['ms']:>6.1f} | {r['ratio_to_dense']:>6.2f} | "
-                 f"{r['ratio_to_capacity']:>9.2f} | {a2a:>13} |")
+    lines.append(
+      f"| {r['layer']:<10} | {r['devices']:>7} | {r['pass_']:<7} | "
+      f"{r['impl']:<16} | {r['ms']:>6.1f} | {r['ratio_to_dense']:>6.2f} | "
+      f"{r['ratio_to_capacity']:>9.2f} | {a2a:>13} |"
+    )
   torch_rows = {(r["pass_"], r["impl"]): r["ms"] for r in rows if r["impl"].startswith("torch")}
-  ours = {r["pass_"]: r["ms"] for r in rows if r["layer"] == "top2_of_8"
-          and r["devices"] == 1 and r["impl"].startswith("dropless:")}
+  ours = {
+    r["pass_"]: r["ms"]
+    for r in rows
+    if r["layer"] == "top2_of_8" and r["devices"] == 1 and r["impl"].startswith("dropless:")
+  }
   if torch_rows:
     lines += ["", "moejax dropless / transformers MixtralSparseMoeBlock (top2_of_8, 1 device):"]
     for (pass_, impl), ms in sorted(torch_rows.items()):
@@ -280,15 +325,24 @@ def main(argv=None) -> None:
       sys.stderr.write(out.stderr)
       raise SystemExit(f"benchmark on {n} device(s) failed (exit {out.returncode})")
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    rows.extend(json.loads(line[len("RESULT "):]))
+    rows.extend(json.loads(line[len("RESULT ") :]))
   if args.json:  # JSON lines on stdout, the table on stderr
     sys.stderr.write(format_table(rows, args) + "\n")
     for r in rows:
-      print(json.dumps({"layer": r["layer"], "devices": r["devices"], "pass": r["pass_"],
-                        "impl": r["impl"], "ms": r["ms"],
-                        "ratio_to_dense": r["ratio_to_dense"],
-                        "ratio_to_capacity": r["ratio_to_capacity"],
-                        "a2a_bytes_over_min": r["a2a_bytes_over_min"]}))
+      print(
+        json.dumps(
+          {
+            "layer": r["layer"],
+            "devices": r["devices"],
+            "pass": r["pass_"],
+            "impl": r["impl"],
+            "ms": r["ms"],
+            "ratio_to_dense": r["ratio_to_dense"],
+            "ratio_to_capacity": r["ratio_to_capacity"],
+            "a2a_bytes_over_min": r["a2a_bytes_over_min"],
+          }
+        )
+      )
   else:
     print(format_table(rows, args))
 

@@ -1,6 +1,6 @@
 """A small MoE LM (8 experts, top-2, every other layer) that trains in minutes on 2 CPU cores.
 
-  python -m moejax.train --config configs/tiny_cpu.py --workdir runs/tiny
+python -m moejax.train --config configs/tiny_cpu.py --workdir runs/tiny
 """
 
 from moejax.config import base_config

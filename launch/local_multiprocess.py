@@ -24,20 +24,38 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(num_processes: int, devices_per_process: int, config: str, workdir: str,
-           trainer_flags: list[str], timeout: float | None = None) -> list[int]:
+def launch(
+  num_processes: int,
+  devices_per_process: int,
+  config: str,
+  workdir: str,
+  trainer_flags: list[str],
+  timeout: float | None = None,
+) -> list[int]:
   """Starts the processes, waits for all, returns their exit codes."""
   os.makedirs(workdir, exist_ok=True)
   port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+  )
   procs, logs = [], []
   for i in range(num_processes):
     log = open(os.path.join(workdir, f"process_{i}.log"), "w")
-    cmd = [sys.executable, "-m", "moejax.train", f"--config={config}", f"--workdir={workdir}",
-           "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-           f"--num_processes={num_processes}", f"--process_id={i}", "--noprogress",
-           *trainer_flags]
+    cmd = [
+      sys.executable,
+      "-m",
+      "moejax.train",
+      f"--config={config}",
+      f"--workdir={workdir}",
+      "--distributed",
+      f"--coordinator_address=127.0.0.1:{port}",
+      f"--num_processes={num_processes}",
+      f"--process_id={i}",
+      "--noprogress",
+      *trainer_flags,
+    ]
     procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     logs.append(log)
   codes = []
@@ -55,16 +73,17 @@ def launch(num_processes: int, devices_per_process: int, config: str, workdir: s
 
 def main() -> int:
   argv = sys.argv[1:]
-  trainer_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-  argv = argv[:argv.index("--")] if "--" in argv else argv
+  trainer_flags = argv[argv.index("--") + 1 :] if "--" in argv else []
+  argv = argv[: argv.index("--")] if "--" in argv else argv
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--num_processes", type=int, default=2)
   p.add_argument("--devices_per_process", type=int, default=2)
   p.add_argument("--config", required=True)
   p.add_argument("--workdir", required=True)
   args = p.parse_args(argv)
-  codes = launch(args.num_processes, args.devices_per_process, args.config, args.workdir,
-                 trainer_flags)
+  codes = launch(
+    args.num_processes, args.devices_per_process, args.config, args.workdir, trainer_flags
+  )
   for i, code in enumerate(codes):
     print(f"process {i}: exit {code} (log: {args.workdir}/process_{i}.log)")
   return max(codes, default=0)

@@ -22,20 +22,38 @@ import sys
 
 def build_commands(args, trainer_flags: list[str]) -> list[list[str]]:
   """The gcloud argument vectors to run, in order."""
-  ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, f"--zone={args.zone}",
-         "--worker=all"]
+  ssh = [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "ssh",
+    args.tpu,
+    f"--zone={args.zone}",
+    "--worker=all",
+  ]
   if args.project:
     ssh.append(f"--project={args.project}")
-  setup = (f"set -e; if [ ! -d {shlex.quote(args.repo_dir)} ]; then git clone "
-           f"{shlex.quote(args.repo_url)} {shlex.quote(args.repo_dir)}; fi; "
-           f"cd {shlex.quote(args.repo_dir)} && git fetch -q && git checkout -q "
-           f"{shlex.quote(args.ref)} && python3 -m venv .venv && .venv/bin/pip install -q "
-           f"'jax[tpu]' -e .")
-  train = " ".join([f"cd {shlex.quote(args.repo_dir)} &&", ".venv/bin/python", "-m",
-                    "moejax.train", "--distributed", "--noprogress",
-                    f"--config={shlex.quote(args.config)}",
-                    f"--workdir={shlex.quote(args.workdir)}",
-                    *map(shlex.quote, trainer_flags)])
+  setup = (
+    f"set -e; if [ ! -d {shlex.quote(args.repo_dir)} ]; then git clone "
+    f"{shlex.quote(args.repo_url)} {shlex.quote(args.repo_dir)}; fi; "
+    f"cd {shlex.quote(args.repo_dir)} && git fetch -q && git checkout -q "
+    f"{shlex.quote(args.ref)} && python3 -m venv .venv && .venv/bin/pip install -q "
+    f"'jax[tpu]' -e ."
+  )
+  train = " ".join(
+    [
+      f"cd {shlex.quote(args.repo_dir)} &&",
+      ".venv/bin/python",
+      "-m",
+      "moejax.train",
+      "--distributed",
+      "--noprogress",
+      f"--config={shlex.quote(args.config)}",
+      f"--workdir={shlex.quote(args.workdir)}",
+      *map(shlex.quote, trainer_flags),
+    ]
+  )
   commands = []
   if not args.skip_setup:
     commands.append(ssh + [f"--command={setup}"])
@@ -46,7 +64,7 @@ def build_commands(args, trainer_flags: list[str]) -> list[list[str]]:
 def parse(argv: list[str]):
   if "--" in argv:
     cut = argv.index("--")
-    argv, trainer_flags = argv[:cut], argv[cut + 1:]
+    argv, trainer_flags = argv[:cut], argv[cut + 1 :]
   else:
     trainer_flags = []
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

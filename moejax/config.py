@@ -21,8 +21,17 @@ from typing import Any
 import ml_collections
 
 from moejax.errors import ConfigError, config_error
-from moejax.fields import (as_dict, check, field_names, is_bool, is_int, is_number,
-                           reject_unknown, section_from_config, to_config_dict)
+from moejax.fields import (
+  as_dict,
+  check,
+  field_names,
+  is_bool,
+  is_int,
+  is_number,
+  reject_unknown,
+  section_from_config,
+  to_config_dict,
+)
 from moejax.moe_config import MoEConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -145,8 +154,11 @@ class ModelConfig:
   def is_moe_layer(self, i: int) -> bool:
     """Layer i is MoE iff moe_every > 0, i >= first_moe_layer and
     (i - first_moe_layer) % moe_every == 0."""
-    return (self.moe_every > 0 and i >= self.first_moe_layer
-            and (i - self.first_moe_layer) % self.moe_every == 0)
+    return (
+      self.moe_every > 0
+      and i >= self.first_moe_layer
+      and (i - self.first_moe_layer) % self.moe_every == 0
+    )
 
   @property
   def moe_layers(self) -> tuple[int, ...]:
@@ -169,42 +181,92 @@ class ModelConfig:
 def validate_model_config(cfg: ModelConfig) -> None:
   """Raises ConfigError naming the first invalid field of `cfg`."""
   p = cfg.config_path
-  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-               "d_ff", "max_len"):
+  for name in (
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "d_ff",
+    "max_len",
+  ):
     v = getattr(cfg, name)
     _check(cfg, name, _is_int(v) and v >= 1, "must be an int >= 1")
-  _check(cfg, "num_heads", cfg.num_heads % cfg.num_kv_heads == 0,
-         f"must be divisible by {p}.num_kv_heads={cfg.num_kv_heads}")
-  _check(cfg, "head_dim", cfg.head_dim % 2 == 0,
-         "must be even (rotary embeddings rotate pairs of dimensions)")
+  _check(
+    cfg,
+    "num_heads",
+    cfg.num_heads % cfg.num_kv_heads == 0,
+    f"must be divisible by {p}.num_kv_heads={cfg.num_kv_heads}",
+  )
+  _check(
+    cfg,
+    "head_dim",
+    cfg.head_dim % 2 == 0,
+    "must be even (rotary embeddings rotate pairs of dimensions)",
+  )
   _check(cfg, "attention", cfg.attention in ATTENTIONS, f"allowed: {ATTENTIONS}")
   # The MLA fields are checked whatever the attention (their defaults are valid).
-  _check(cfg, "q_lora_rank", _is_int(cfg.q_lora_rank) and cfg.q_lora_rank >= 0,
-         "must be an int >= 0 (0 = MLA queries projected directly from the residual stream)")
+  _check(
+    cfg,
+    "q_lora_rank",
+    _is_int(cfg.q_lora_rank) and cfg.q_lora_rank >= 0,
+    "must be an int >= 0 (0 = MLA queries projected directly from the residual stream)",
+  )
   for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
     v = getattr(cfg, name)
     _check(cfg, name, _is_int(v) and v >= 1, "must be an int >= 1")
-  _check(cfg, "qk_rope_head_dim", cfg.qk_rope_head_dim % 2 == 0,
-         "must be even (rotary embeddings rotate pairs of dimensions)")
-  _check(cfg, "moe_every", _is_int(cfg.moe_every) and cfg.moe_every >= 0,
-         "must be an int >= 0 (0 = dense model)")
-  _check(cfg, "first_moe_layer", _is_int(cfg.first_moe_layer) and cfg.first_moe_layer >= 0,
-         "must be an int >= 0")
+  _check(
+    cfg,
+    "qk_rope_head_dim",
+    cfg.qk_rope_head_dim % 2 == 0,
+    "must be even (rotary embeddings rotate pairs of dimensions)",
+  )
+  _check(
+    cfg,
+    "moe_every",
+    _is_int(cfg.moe_every) and cfg.moe_every >= 0,
+    "must be an int >= 0 (0 = dense model)",
+  )
+  _check(
+    cfg,
+    "first_moe_layer",
+    _is_int(cfg.first_moe_layer) and cfg.first_moe_layer >= 0,
+    "must be an int >= 0",
+  )
   if cfg.moe_every > 0:
-    _check(cfg, "first_moe_layer", cfg.first_moe_layer < cfg.num_layers,
-           f"must be < {p}.num_layers={cfg.num_layers} when {p}.moe_every > 0")
-    _check(cfg, "moe", isinstance(cfg.moe, MoEConfig),
-           f"a MoE section is required when {p}.moe_every={cfg.moe_every} > 0")
+    _check(
+      cfg,
+      "first_moe_layer",
+      cfg.first_moe_layer < cfg.num_layers,
+      f"must be < {p}.num_layers={cfg.num_layers} when {p}.moe_every > 0",
+    )
+    _check(
+      cfg,
+      "moe",
+      isinstance(cfg.moe, MoEConfig),
+      f"a MoE section is required when {p}.moe_every={cfg.moe_every} > 0",
+    )
   else:
-    _check(cfg, "moe", cfg.moe is None or isinstance(cfg.moe, MoEConfig),
-           "must be a MoE section or None")
-  _check(cfg, "rope_theta", _is_number(cfg.rope_theta) and cfg.rope_theta > 0,
-         "must be a finite number > 0")
-  _check(cfg, "rms_norm_eps", _is_number(cfg.rms_norm_eps) and cfg.rms_norm_eps > 0,
-         "must be a finite number > 0")
+    _check(
+      cfg, "moe", cfg.moe is None or isinstance(cfg.moe, MoEConfig), "must be a MoE section or None"
+    )
+  _check(
+    cfg,
+    "rope_theta",
+    _is_number(cfg.rope_theta) and cfg.rope_theta > 0,
+    "must be a finite number > 0",
+  )
+  _check(
+    cfg,
+    "rms_norm_eps",
+    _is_number(cfg.rms_norm_eps) and cfg.rms_norm_eps > 0,
+    "must be a finite number > 0",
+  )
   _check(cfg, "remat_policy", cfg.remat_policy in REMAT_POLICIES, f"allowed: {REMAT_POLICIES}")
-  _check(cfg, "attention_impl", cfg.attention_impl in ATTENTION_IMPLS,
-         f"allowed: {ATTENTION_IMPLS}")
+  _check(
+    cfg, "attention_impl", cfg.attention_impl in ATTENTION_IMPLS, f"allowed: {ATTENTION_IMPLS}"
+  )
   for name in ("tie_embeddings", "remat", "scan_layers"):
     _check(cfg, name, is_bool(getattr(cfg, name)), "must be a bool")
   for name in ("dtype", "param_dtype"):
@@ -242,12 +304,19 @@ class DataConfig:
     for name in ("name", "train_split", "eval_split", "text_key"):
       v = getattr(self, name)
       check(self, name, isinstance(v, str) and bool(v), "must be a non-empty string")
-    check(self, "data_dir", self.data_dir is None or (isinstance(self.data_dir, str)
-                                                       and bool(self.data_dir)),
-          "must be None or a non-empty string")
+    check(
+      self,
+      "data_dir",
+      self.data_dir is None or (isinstance(self.data_dir, str) and bool(self.data_dir)),
+      "must be None or a non-empty string",
+    )
     for name in ("seq_len", "global_batch_size"):
-      check(self, name, is_int(getattr(self, name)) and getattr(self, name) > 0,
-            "must be a positive int")
+      check(
+        self,
+        name,
+        is_int(getattr(self, name)) and getattr(self, name) > 0,
+        "must be a positive int",
+      )
     check(self, "seed", is_int(self.seed) and self.seed >= 0, "must be a non-negative int")
     check(self, "shuffle", is_bool(self.shuffle), "must be a bool")
 
@@ -274,11 +343,19 @@ class MeshConfig:
     fill = None
     for name in field_names(type(self)):
       v = getattr(self, name)
-      check(self, name, is_int(v) and (v >= 1 or v == -1),
-            "must be an int >= 1, or -1 to use all remaining devices")
+      check(
+        self,
+        name,
+        is_int(v) and (v >= 1 or v == -1),
+        "must be an int >= 1, or -1 to use all remaining devices",
+      )
       if v == -1:
-        check(self, name, fill is None,
-              f"only one mesh axis may be -1 and {self.config_path}.{fill} is already -1")
+        check(
+          self,
+          name,
+          fill is None,
+          f"only one mesh axis may be -1 and {self.config_path}.{fill} is already -1",
+        )
         fill = name
 
   @classmethod
@@ -341,31 +418,55 @@ class TrainConfig:
     for name in ("steps", "log_every", "eval_steps", "checkpoint_every", "keep_checkpoints"):
       check(self, name, is_int(getattr(self, name)) and getattr(self, name) > 0, pos)
     for name in ("warmup_steps", "seed"):
-      check(self, name, is_int(getattr(self, name)) and getattr(self, name) >= 0,
-            "must be an int >= 0")
-    check(self, "eval_every", is_int(self.eval_every) and self.eval_every >= 0,
-          "must be an int >= 0 (0 = never)")
+      check(
+        self, name, is_int(getattr(self, name)) and getattr(self, name) >= 0, "must be an int >= 0"
+      )
+    check(
+      self,
+      "eval_every",
+      is_int(self.eval_every) and self.eval_every >= 0,
+      "must be an int >= 0 (0 = never)",
+    )
     for name in ("learning_rate", "grad_clip_norm"):
-      check(self, name, is_number(getattr(self, name)) and getattr(self, name) > 0,
-            "must be a finite number > 0")
-    check(self, "end_lr_ratio", is_number(self.end_lr_ratio) and 0 <= self.end_lr_ratio <= 1,
-          "must be a number in [0, 1]")
-    check(self, "weight_decay", is_number(self.weight_decay) and self.weight_decay >= 0,
-          "must be a finite number >= 0")
+      check(
+        self,
+        name,
+        is_number(getattr(self, name)) and getattr(self, name) > 0,
+        "must be a finite number > 0",
+      )
+    check(
+      self,
+      "end_lr_ratio",
+      is_number(self.end_lr_ratio) and 0 <= self.end_lr_ratio <= 1,
+      "must be a number in [0, 1]",
+    )
+    check(
+      self,
+      "weight_decay",
+      is_number(self.weight_decay) and self.weight_decay >= 0,
+      "must be a finite number >= 0",
+    )
     for name in ("b1", "b2"):
-      check(self, name, is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1,
-            "must be a number in [0, 1)")
+      check(
+        self,
+        name,
+        is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1,
+        "must be a number in [0, 1)",
+      )
     check(self, "async_checkpointing", is_bool(self.async_checkpointing), "must be a bool")
     check(self, "nan_policy", self.nan_policy in NAN_POLICIES, f"allowed: {NAN_POLICIES}")
     check(self, "fsdp", is_bool(self.fsdp), "must be a bool")
-    check(self, "microbatches", is_int(self.microbatches) and self.microbatches > 0,
-          "must be an int > 0 dividing the per-step batch (1 = no gradient accumulation)")
+    check(
+      self,
+      "microbatches",
+      is_int(self.microbatches) and self.microbatches > 0,
+      "must be an int > 0 dividing the per-step batch (1 = no gradient accumulation)",
+    )
 
   @classmethod
   def from_config(cls, cd: Any, path: str = "train") -> TrainConfig:
     # fsdp / microbatches came later: config.json files written before them still load.
-    return section_from_config(cls, cd, path, required=True,
-                               optional=("fsdp", "microbatches"))
+    return section_from_config(cls, cd, path, required=True, optional=("fsdp", "microbatches"))
 
 
 # ----------------------------------------------------------------------------- experiment
@@ -397,16 +498,21 @@ class ExperimentConfig:
     if unknown:
       value = sections[unknown[0]]
       value = value.to_dict() if hasattr(value, "to_dict") else value
-      raise config_error(unknown[0], value,
-                         f"unknown config section; allowed sections are {list(SECTIONS)}")
+      raise config_error(
+        unknown[0], value, f"unknown config section; allowed sections are {list(SECTIONS)}"
+      )
     for name in SECTIONS:
       if name not in sections or sections[name] is None:
-        raise ConfigError(f"{name} is missing: an experiment config needs the sections "
-                          f"{list(SECTIONS)} (start from moejax.config.base_config())")
-    exp = cls(model=ModelConfig.from_config(sections["model"], path="model"),
-              data=DataConfig.from_config(sections["data"], path="data"),
-              mesh=MeshConfig.from_config(sections["mesh"], path="mesh"),
-              train=TrainConfig.from_config(sections["train"], path="train"))
+        raise ConfigError(
+          f"{name} is missing: an experiment config needs the sections "
+          f"{list(SECTIONS)} (start from moejax.config.base_config())"
+        )
+    exp = cls(
+      model=ModelConfig.from_config(sections["model"], path="model"),
+      data=DataConfig.from_config(sections["data"], path="data"),
+      mesh=MeshConfig.from_config(sections["mesh"], path="mesh"),
+      train=TrainConfig.from_config(sections["train"], path="train"),
+    )
     exp.check_cross_section()
     return exp
 
@@ -417,18 +523,27 @@ class ExperimentConfig:
     if data.seq_len > model.max_len:
       raise config_error("data.seq_len", data.seq_len, f"must be <= model.max_len={model.max_len}")
     if model.vocab_size < VOCAB_SIZE:
-      raise config_error("model.vocab_size", model.vocab_size,
-                         f"must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary size")
+      raise config_error(
+        "model.vocab_size",
+        model.vocab_size,
+        f"must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary size",
+      )
     if data.global_batch_size % self.train.microbatches:
-      raise config_error("train.microbatches", self.train.microbatches,
-                         f"must divide data.global_batch_size={data.global_batch_size}")
+      raise config_error(
+        "train.microbatches",
+        self.train.microbatches,
+        f"must divide data.global_batch_size={data.global_batch_size}",
+      )
     if model.moe is not None and model.moe.group_size is not None:
       tokens = data.global_batch_size * data.seq_len
       if tokens % model.moe.group_size:
-        raise config_error("model.moe.group_size", model.moe.group_size,
-                           f"must divide the tokens of a batch, data.global_batch_size * "
-                           f"data.seq_len = {data.global_batch_size} * {data.seq_len} = "
-                           f"{tokens}")
+        raise config_error(
+          "model.moe.group_size",
+          model.moe.group_size,
+          f"must divide the tokens of a batch, data.global_batch_size * "
+          f"data.seq_len = {data.global_batch_size} * {data.seq_len} = "
+          f"{tokens}",
+        )
 
   def to_config_dict(self) -> ml_collections.ConfigDict:
     """The ConfigDict form (what ``config.json`` of a run holds)."""
@@ -487,8 +602,9 @@ def validate_config(config: Any) -> ModelConfig:
   return ExperimentConfig.from_config(config).model
 
 
-def with_overrides(cd: ml_collections.ConfigDict,
-                   overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+def with_overrides(
+  cd: ml_collections.ConfigDict, overrides: dict[str, Any]
+) -> ml_collections.ConfigDict:
   """A copy of the ConfigDict `cd` with dotted fields set, e.g. {'mesh.expert': 2,
   'model.moe.top_k': 1}; missing sub-sections are created. The only place tools edit
   configs (the trainer's command line uses ``--config.a.b=v``)."""

@@ -25,8 +25,11 @@ def is_int(v: Any) -> bool:
 
 def is_number(v: Any) -> bool:
   """A finite int or float (not a bool)."""
-  return (isinstance(v, (int, float, np.integer, np.floating))
-          and not isinstance(v, (bool, np.bool_)) and math.isfinite(float(v)))
+  return (
+    isinstance(v, (int, float, np.integer, np.floating))
+    and not isinstance(v, (bool, np.bool_))
+    and math.isfinite(float(v))
+  )
 
 
 def is_bool(v: Any) -> bool:
@@ -56,12 +59,16 @@ def reject_unknown(values: dict[str, Any], known, path: str) -> None:
   """``path.name=value is invalid: unknown field; allowed fields are [...]``."""
   unknown = sorted(set(values) - set(known))
   if unknown:
-    raise config_error(f"{path}.{unknown[0]}", values[unknown[0]],
-                       f"unknown field; allowed fields are {sorted(known)}")
+    raise config_error(
+      f"{path}.{unknown[0]}",
+      values[unknown[0]],
+      f"unknown field; allowed fields are {sorted(known)}",
+    )
 
 
-def section_from_config(cls, cd: Any, path: str, required: bool = False,
-                        optional: tuple[str, ...] = (), **extra):
+def section_from_config(
+  cls, cd: Any, path: str, required: bool = False, optional: tuple[str, ...] = (), **extra
+):
   """``cls(**cd, config_path=path)`` with unknown fields rejected; a missing field is an error
   when `required` (``path.name is missing: ...``), else it takes its default. Fields named in
   `optional` (added after runs were written) always fall back to their defaults."""

@@ -111,14 +111,14 @@ class MoEConfig:
   @property
   def sorted_dropless(self) -> bool:
     """True when the layer runs its experts on expert-sorted assignments (no slots)."""
-    return (self.dropless and self.is_token_choice
-            and self.resolved_expert_impl() != "capacity")
+    return self.dropless and self.is_token_choice and self.resolved_expert_impl() != "capacity"
 
   def resolved_expert_impl(self) -> str:
     """expert_impl with 'auto' resolved by ``jax.default_backend()``."""
     if self.expert_impl != "auto":
       return self.expert_impl
     import jax
+
     return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
 
   def resolved_ep_exchange(self) -> str:
@@ -126,6 +126,7 @@ class MoEConfig:
     if self.ep_exchange != "auto":
       return self.ep_exchange
     import jax
+
     return "padded_all_to_all" if jax.default_backend() == "cpu" else "ragged_all_to_all"
 
   def capacity(self, group_size: int) -> int:
@@ -154,55 +155,106 @@ def validate_moe_config(cfg: MoEConfig) -> None:
   from moejax.routers import ROUTERS  # local import: routers import this module
 
   _check(cfg, "router", cfg.router in ROUTERS, f"allowed routers are {sorted(ROUTERS)}")
-  _check(cfg, "num_experts", _is_int(cfg.num_experts) and cfg.num_experts >= 1,
-         "must be an int >= 1")
-  _check(cfg, "expert_d_ff", _is_int(cfg.expert_d_ff) and cfg.expert_d_ff >= 1,
-         "must be an int >= 1")
-  _check(cfg, "num_null_experts", _is_int(cfg.num_null_experts) and cfg.num_null_experts >= 0,
-         "must be an int >= 0")
-  _check(cfg, "num_shared_experts",
-         _is_int(cfg.num_shared_experts) and cfg.num_shared_experts >= 0,
-         "must be an int >= 0")
+  _check(
+    cfg, "num_experts", _is_int(cfg.num_experts) and cfg.num_experts >= 1, "must be an int >= 1"
+  )
+  _check(
+    cfg, "expert_d_ff", _is_int(cfg.expert_d_ff) and cfg.expert_d_ff >= 1, "must be an int >= 1"
+  )
+  _check(
+    cfg,
+    "num_null_experts",
+    _is_int(cfg.num_null_experts) and cfg.num_null_experts >= 0,
+    "must be an int >= 0",
+  )
+  _check(
+    cfg,
+    "num_shared_experts",
+    _is_int(cfg.num_shared_experts) and cfg.num_shared_experts >= 0,
+    "must be an int >= 0",
+  )
   # Before top_k, whose bound counts the null experts.
-  _check(cfg, "num_null_experts", cfg.router == "null_experts" or cfg.num_null_experts == 0,
-         "null experts are only used by router='null_experts'; set it to 0")
-  _check(cfg, "num_null_experts", cfg.router != "null_experts" or cfg.num_null_experts >= 1,
-         "router='null_experts' needs num_null_experts >= 1")
+  _check(
+    cfg,
+    "num_null_experts",
+    cfg.router == "null_experts" or cfg.num_null_experts == 0,
+    "null experts are only used by router='null_experts'; set it to 0",
+  )
+  _check(
+    cfg,
+    "num_null_experts",
+    cfg.router != "null_experts" or cfg.num_null_experts >= 1,
+    "router='null_experts' needs num_null_experts >= 1",
+  )
   total = cfg.num_router_logits
-  _check(cfg, "top_k", _is_int(cfg.top_k) and 1 <= cfg.top_k <= total,
-         f"must be an int in [1, num_experts + num_null_experts = {total}]")
-  _check(cfg, "capacity_factor",
-         _is_finite_number(cfg.capacity_factor) and cfg.capacity_factor > 0,
-         "must be a finite number > 0")
+  _check(
+    cfg,
+    "top_k",
+    _is_int(cfg.top_k) and 1 <= cfg.top_k <= total,
+    f"must be an int in [1, num_experts + num_null_experts = {total}]",
+  )
+  _check(
+    cfg,
+    "capacity_factor",
+    _is_finite_number(cfg.capacity_factor) and cfg.capacity_factor > 0,
+    "must be a finite number > 0",
+  )
   _check(cfg, "router_order", cfg.router_order in ROUTER_ORDERS, f"allowed: {ROUTER_ORDERS}")
   _check(cfg, "activation", cfg.activation in ACTIVATIONS, f"allowed: {ACTIVATIONS}")
-  _check(cfg, "top_p", _is_finite_number(cfg.top_p) and 0 < cfg.top_p <= 1,
-         "must be a number in (0, 1]")
-  _check(cfg, "group_size", cfg.group_size is None or (_is_int(cfg.group_size)
-                                                       and cfg.group_size >= 1),
-         "must be None or an int >= 1")
+  _check(
+    cfg, "top_p", _is_finite_number(cfg.top_p) and 0 < cfg.top_p <= 1, "must be a number in (0, 1]"
+  )
+  _check(
+    cfg,
+    "group_size",
+    cfg.group_size is None or (_is_int(cfg.group_size) and cfg.group_size >= 1),
+    "must be None or an int >= 1",
+  )
   for name in ("load_balance_weight", "z_loss_weight", "dynamic_loss_weight"):
     v = getattr(cfg, name)
     _check(cfg, name, _is_finite_number(v) and v >= 0, "must be a finite number >= 0")
-  _check(cfg, "num_shared_experts",
-         cfg.router != "shared_experts" or cfg.num_shared_experts >= 1,
-         "router='shared_experts' needs num_shared_experts >= 1 (DeepSeekMoE)")
-  _check(cfg, "routed_scaling_factor",
-         _is_finite_number(cfg.routed_scaling_factor) and cfg.routed_scaling_factor > 0,
-         "must be a finite number > 0")
-  _check(cfg, "routed_scaling_factor",
-         cfg.router == "shared_experts" or cfg.routed_scaling_factor == 1.0,
-         "only router='shared_experts' scales its routed weights; set it to 1.0")
+  _check(
+    cfg,
+    "num_shared_experts",
+    cfg.router != "shared_experts" or cfg.num_shared_experts >= 1,
+    "router='shared_experts' needs num_shared_experts >= 1 (DeepSeekMoE)",
+  )
+  _check(
+    cfg,
+    "routed_scaling_factor",
+    _is_finite_number(cfg.routed_scaling_factor) and cfg.routed_scaling_factor > 0,
+    "must be a finite number > 0",
+  )
+  _check(
+    cfg,
+    "routed_scaling_factor",
+    cfg.router == "shared_experts" or cfg.routed_scaling_factor == 1.0,
+    "only router='shared_experts' scales its routed weights; set it to 1.0",
+  )
   _check(cfg, "expert_impl", cfg.expert_impl in EXPERT_IMPLS, f"allowed: {EXPERT_IMPLS}")
-  _check(cfg, "expert_block_size", cfg.expert_block_size is None or (
-      _is_int(cfg.expert_block_size) and cfg.expert_block_size >= 1),
-         "must be None (automatic) or an int >= 1")
+  _check(
+    cfg,
+    "expert_block_size",
+    cfg.expert_block_size is None
+    or (_is_int(cfg.expert_block_size) and cfg.expert_block_size >= 1),
+    "must be None (automatic) or an int >= 1",
+  )
   _check(cfg, "ep_exchange", cfg.ep_exchange in EP_EXCHANGES, f"allowed: {EP_EXCHANGES}")
-  _check(cfg, "ragged_buffer_factor",
-         _is_finite_number(cfg.ragged_buffer_factor) and cfg.ragged_buffer_factor > 0,
-         "must be a finite number > 0")
-  _check(cfg, "ragged_buffer_min_rows",
-         _is_int(cfg.ragged_buffer_min_rows) and cfg.ragged_buffer_min_rows >= 1,
-         "must be an int >= 1")
-  _check(cfg, "dropless", not (cfg.dropless and cfg.router == "expert_choice"),
-         "expert_choice never drops by construction of its capacity; set dropless=False")
+  _check(
+    cfg,
+    "ragged_buffer_factor",
+    _is_finite_number(cfg.ragged_buffer_factor) and cfg.ragged_buffer_factor > 0,
+    "must be a finite number > 0",
+  )
+  _check(
+    cfg,
+    "ragged_buffer_min_rows",
+    _is_int(cfg.ragged_buffer_min_rows) and cfg.ragged_buffer_min_rows >= 1,
+    "must be an int >= 1",
+  )
+  _check(
+    cfg,
+    "dropless",
+    not (cfg.dropless and cfg.router == "expert_choice"),
+    "expert_choice never drops by construction of its capacity; set dropless=False",
+  )

@@ -18,9 +18,12 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file "
-                                          "(default: the workdir's config.json).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "Path to a configs/*.py file (default: the workdir's config.json).",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl.")
 _RESUME = flags.DEFINE_bool("resume", True, "Resume from the newest usable checkpoint.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps this run.")
@@ -28,14 +31,17 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo",
-                                       "CPU collectives backend for multi-process CPU runs.")
+_CPU_COLLECTIVES = flags.DEFINE_string(
+  "cpu_collectives", "gloo", "CPU collectives backend for multi-process CPU runs."
+)
 _DEBUG_NANS = flags.DEFINE_bool("debug_nans", False, "jax_debug_nans: raise at the first NaN.")
 _DISABLE_JIT = flags.DEFINE_bool("disable_jit", False, "Run op by op (slow; for debugging).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (else log lines).")
-_REPORT_LOSSES = flags.DEFINE_bool("report_losses", False,
-                                   "At the end, print 'losses: {step: loss}' JSON (every "
-                                   "process; for scripts comparing runs).")
+_REPORT_LOSSES = flags.DEFINE_bool(
+  "report_losses",
+  False,
+  "At the end, print 'losses: {step: loss}' JSON (every process; for scripts comparing runs).",
+)
 
 
 def initialize_runtime() -> None:
@@ -51,8 +57,11 @@ def initialize_runtime() -> None:
     jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     kwargs = {}
     if _COORDINATOR.value:
-      kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                    process_id=_PROCESS_ID.value)
+      kwargs = dict(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+      )
     jax.distributed.initialize(**kwargs)
 
 
@@ -67,6 +76,7 @@ def main(argv) -> int:
   config = _CONFIG.value
   if config is None:  # continue a run (e.g. one written by tools/) with its own config
     from moejax.training.workdir import load_run_config
+
     try:
       config = load_run_config(_WORKDIR.value)
     except FileNotFoundError as e:
@@ -77,8 +87,13 @@ def main(argv) -> int:
   from moejax.training.trainer import TrainingDiverged, train
 
   try:
-    result = train(config, _WORKDIR.value, resume=_RESUME.value,
-                   max_steps=_MAX_STEPS.value, show_progress=_PROGRESS.value)
+    result = train(
+      config,
+      _WORKDIR.value,
+      resume=_RESUME.value,
+      max_steps=_MAX_STEPS.value,
+      show_progress=_PROGRESS.value,
+    )
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
@@ -86,10 +101,12 @@ def main(argv) -> int:
     print(str(e), file=sys.stderr)
     return 3
   last = result.losses.get(result.final_step)
-  print(f"finished at step {result.final_step} ({result.stopped_by}); "
-        f"last loss {last if last is None else round(last, 4)}; "
-        f"eval {({k: round(v, 4) for k, v in result.eval_losses.items()})}; "
-        f"checkpoints in {_WORKDIR.value}/checkpoints")
+  print(
+    f"finished at step {result.final_step} ({result.stopped_by}); "
+    f"last loss {last if last is None else round(last, 4)}; "
+    f"eval { ({k: round(v, 4) for k, v in result.eval_losses.items()}) }; "
+    f"checkpoints in {_WORKDIR.value}/checkpoints"
+  )
   if _REPORT_LOSSES.value:
     print("losses: " + json.dumps({str(k): v for k, v in sorted(result.losses.items())}))
   return 0

@@ -8,18 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.training.workdir import load_config_file
-from moejax.convert.safetensors_io import read_safetensors
-
 from moejax.config import ModelConfig
+from moejax.convert.safetensors_io import read_safetensors
 from moejax.models import Transformer
 from moejax.moe_config import MoEConfig
+from moejax.training.workdir import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_moe_cfg(router: str = "topk", num_experts: int = 4, expert_d_ff: int = 8,
-                 **kw) -> MoEConfig:
+def make_moe_cfg(
+  router: str = "topk", num_experts: int = 4, expert_d_ff: int = 8, **kw
+) -> MoEConfig:
   """A small MoEConfig; routers that need extra experts get one/two by default."""
   if router == "null_experts":
     kw.setdefault("num_null_experts", 2)
@@ -58,8 +58,15 @@ def load_config(name: str):
   return load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
-def tiny_config(data_dir: str, steps: int = 8, learning_rate: float = 1e-3,
-                checkpoint_every: int = 4, mesh=(1, 1, 1), router: str = "topk", **moe):
+def tiny_config(
+  data_dir: str,
+  steps: int = 8,
+  learning_rate: float = 1e-3,
+  checkpoint_every: int = 4,
+  mesh=(1, 1, 1),
+  router: str = "topk",
+  **moe,
+):
   """configs/tiny_cpu.py shrunk so a few steps compile and run in seconds."""
   cfg = load_config("tiny_cpu")
   with cfg.unlocked():
@@ -94,11 +101,18 @@ def tiny_config(data_dir: str, steps: int = 8, learning_rate: float = 1e-3,
 
 # The same tiny model as `tiny_config`, as trainer command-line overrides of tiny_cpu.py.
 TINY_FLAGS = [
-    "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-    "--config.model.num_kv_heads=2", "--config.model.head_dim=16", "--config.model.d_ff=64",
-    "--config.model.moe.num_experts=4", "--config.model.moe.expert_d_ff=32",
-    "--config.data.seq_len=32", "--config.data.global_batch_size=8",
-    "--config.train.log_every=1", "--config.train.eval_every=0",
+  "--config.model.d_model=32",
+  "--config.model.num_layers=2",
+  "--config.model.num_heads=2",
+  "--config.model.num_kv_heads=2",
+  "--config.model.head_dim=16",
+  "--config.model.d_ff=64",
+  "--config.model.moe.num_experts=4",
+  "--config.model.moe.expert_d_ff=32",
+  "--config.data.seq_len=32",
+  "--config.data.global_batch_size=8",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=0",
 ]
 
 

@@ -102,9 +102,16 @@ def expert_choice_assign(logits_group: np.ndarray, capacity: int):
   return kept, len(kept)
 
 
-def reference_routing(logits: np.ndarray, router: str, num_experts: int, k: int = 2,
-                      cf: float = 1.25, dropless: bool = False, order: str = "softmax_topk",
-                      p: float = 0.5):
+def reference_routing(
+  logits: np.ndarray,
+  router: str,
+  num_experts: int,
+  k: int = 2,
+  cf: float = 1.25,
+  dropless: bool = False,
+  order: str = "softmax_topk",
+  p: float = 0.5,
+):
   """Per group: (kept {(e, s): w}, selected real count, choices per token (None for EC))."""
   logits = np.asarray(logits, np.float64)
   g, s, _ = logits.shape
@@ -126,7 +133,7 @@ def silu(x):
 
 
 def gelu_tanh(x):  # jax.nn.gelu's default (approximate=True)
-  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 ACT = {"silu": silu, "gelu": gelu_tanh}
@@ -138,8 +145,20 @@ def gated_ffn_np(x, w_gate, w_up, w_down, activation: str):
   return h @ np.asarray(w_down, np.float64)
 
 
-def moe_layer_reference(x, params, *, router, num_experts, k=2, cf=1.25, dropless=False,
-                        order="softmax_topk", p=0.5, activation="silu", group_size=None):
+def moe_layer_reference(
+  x,
+  params,
+  *,
+  router,
+  num_experts,
+  k=2,
+  cf=1.25,
+  dropless=False,
+  order="softmax_topk",
+  p=0.5,
+  activation="silu",
+  group_size=None,
+):
   """Per-token loop: y_t = sum_{(e, w) kept for t} w * FFN_e(x_t) [+ shared FFN(x_t)].
 
   x: [B, L, d]; params: dict with 'router' [d, R], 'wi_gate'/'wi_up' [E, d, f], 'wo' [E, f, d]
@@ -158,8 +177,8 @@ def moe_layer_reference(x, params, *, router, num_experts, k=2, cf=1.25, droples
       for e in range(num_experts):
         if (e, si) in kept:
           y[gi, si] += kept[(e, si)] * gated_ffn_np(
-              groups[gi, si], params["wi_gate"][e], params["wi_up"][e], params["wo"][e],
-              activation)
+            groups[gi, si], params["wi_gate"][e], params["wi_up"][e], params["wo"][e], activation
+          )
   y = y.reshape(b, l, d)
   if "shared" in params:
     sh = params["shared"]

@@ -16,9 +16,18 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from moejax.config import (DataConfig, ExperimentConfig, MeshConfig, ModelConfig, TrainConfig,
-                           base_config, default_train_config, validate_config,
-                           validate_train_config, with_overrides)
+from moejax.config import (
+  DataConfig,
+  ExperimentConfig,
+  MeshConfig,
+  ModelConfig,
+  TrainConfig,
+  base_config,
+  default_train_config,
+  validate_config,
+  validate_train_config,
+  with_overrides,
+)
 from moejax.errors import ConfigError
 from moejax.fields import field_names
 from moejax.models import Transformer
@@ -30,16 +39,18 @@ from tests.helpers import REPO
 # ml_collections' config_flags loads config files with the deprecated load_module().
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
-CONFIG_NAMES = sorted(os.path.splitext(os.path.basename(p))[0]
-                      for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
+CONFIG_NAMES = sorted(
+  os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+)
 
 
 def load(name: str, *overrides: str) -> ml_collections.ConfigDict:
   """Loads configs/<name>.py exactly as the trainer does (absl config_flags + overrides)."""
   argv = ["prog", f"--config={os.path.join(REPO, 'configs', name + '.py')}", *overrides]
   values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
-                                           lock_config=True, sys_argv=argv)
+  holder = config_flags.DEFINE_config_file(
+    "config", None, "config file", flag_values=values, lock_config=True, sys_argv=argv
+  )
   values(argv)
   return holder.value
 
@@ -52,9 +63,14 @@ def expected_param_count(m: ModelConfig) -> int:
   if m.attention == "mla":  # q (or q_a, q_norm, q_b), kv_a, kv_norm, kv_b, o; 2 block norms
     h, dqk = m.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim
     rq, rkv = m.q_lora_rank, m.kv_lora_rank
-    attn = ((d * rq + rq + rq * h * dqk) if rq else d * h * dqk) + d * (
-        rkv + m.qk_rope_head_dim) + rkv + rkv * h * (m.qk_nope_head_dim + m.v_head_dim) + (
-            h * m.v_head_dim * d) + 2 * d
+    attn = (
+      ((d * rq + rq + rq * h * dqk) if rq else d * h * dqk)
+      + d * (rkv + m.qk_rope_head_dim)
+      + rkv
+      + rkv * h * (m.qk_nope_head_dim + m.v_head_dim)
+      + (h * m.v_head_dim * d)
+      + 2 * d
+    )
   for i in range(m.num_layers):
     n += attn
     if m.is_moe_layer(i):
@@ -66,8 +82,7 @@ def expected_param_count(m: ModelConfig) -> int:
 
 
 def test_all_expected_config_files_exist():
-  assert {"tiny_cpu", "mixtral_like", "deepseek_like", "switch_base", "debug"} <= set(
-      CONFIG_NAMES)
+  assert {"tiny_cpu", "mixtral_like", "deepseek_like", "switch_base", "debug"} <= set(CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -81,8 +96,9 @@ def test_config_file_loads_validates_and_builds_abstractly(name):
   leaves = jax.tree.leaves(nn.meta.unbox(abstract["params"]))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
   assert sum(x.size for x in leaves) == expected_param_count(model_cfg)
-  out = jax.eval_shape(lambda v, t: Transformer(model_cfg).apply(v, t),
-                       nn.meta.unbox(abstract), tokens)
+  out = jax.eval_shape(
+    lambda v, t: Transformer(model_cfg).apply(v, t), nn.meta.unbox(abstract), tokens
+  )
   assert out[0].shape == (1, cfg.data.seq_len, model_cfg.vocab_size)
   assert sorted(out[1]["metrics"]) == sorted(f"layers_{i}" for i in model_cfg.moe_layers)
 
@@ -90,14 +106,18 @@ def test_config_file_loads_validates_and_builds_abstractly(name):
 def test_mixtral_like_has_mixtral_8x7b_parameter_count():
   m = validate_config(load("mixtral_like"))
   v, d, layers, e, f = 32000, 4096, 32, 8, 14336
-  per_layer = (2 * d * 32 * 128 + 2 * d * 8 * 128  # q, o; k, v (GQA 32/8 heads of 128)
-               + 2 * d  # two RMSNorm scales
-               + d * e  # router
-               + 3 * e * d * f)  # experts: w1, w3, w2
+  per_layer = (
+    2 * d * 32 * 128
+    + 2 * d * 8 * 128  # q, o; k, v (GQA 32/8 heads of 128)
+    + 2 * d  # two RMSNorm scales
+    + d * e  # router
+    + 3 * e * d * f
+  )  # experts: w1, w3, w2
   formula = 2 * v * d + d + layers * per_layer
   assert formula == 46_702_792_704  # ~46.7B, the published Mixtral-8x7B size
-  abstract = jax.eval_shape(Transformer(m).init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  abstract = jax.eval_shape(
+    Transformer(m).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  )
   assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract))) == formula
   assert m.moe.router_order == "topk_softmax" and m.moe.dropless and m.moe.top_k == 2
   assert m.rope_theta == 1e6 and m.moe_layers == tuple(range(32))
@@ -113,17 +133,21 @@ def test_deepseek_like_shape():
 def test_deepseek_like_has_deepseek_v2_lite_parameter_count():
   m = validate_config(load("deepseek_like"))
   v, d, layers, h = 102400, 2048, 27, 16
-  attn = (d * h * (128 + 64)  # q_proj
-          + d * (512 + 64) + 512  # kv_a_proj_with_mqa, kv_a_layernorm
-          + 512 * h * (128 + 128)  # kv_b_proj
-          + h * 128 * d  # o_proj
-          + 2 * d)  # input / post-attention RMSNorms
+  attn = (
+    d * h * (128 + 64)  # q_proj
+    + d * (512 + 64)
+    + 512  # kv_a_proj_with_mqa, kv_a_layernorm
+    + 512 * h * (128 + 128)  # kv_b_proj
+    + h * 128 * d  # o_proj
+    + 2 * d
+  )  # input / post-attention RMSNorms
   dense_ffn = 3 * d * 10944
   moe_ffn = d * 64 + 3 * 64 * d * 1408 + 3 * d * 2 * 1408  # router, routed, shared
   formula = 2 * v * d + d + layers * attn + dense_ffn + (layers - 1) * moe_ffn
   assert formula == 15_706_484_224  # ~15.7B, the published DeepSeek-V2-Lite size
-  abstract = jax.eval_shape(Transformer(m).init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  abstract = jax.eval_shape(
+    Transformer(m).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  )
   assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract))) == formula
   assert m.attention == "mla" and m.q_lora_rank == 0 and m.num_layers == layers
 
@@ -136,21 +160,29 @@ def test_switch_base_shape():
 
 
 def test_command_line_overrides():
-  cfg = load("tiny_cpu", "--config.model.moe.num_experts=16", "--config.model.moe.group_size=64",
-             "--config.train.steps=7", "--config.model.dtype=bfloat16")
+  cfg = load(
+    "tiny_cpu",
+    "--config.model.moe.num_experts=16",
+    "--config.model.moe.group_size=64",
+    "--config.train.steps=7",
+    "--config.model.dtype=bfloat16",
+  )
   m = validate_config(cfg)
   assert m.moe.num_experts == 16 and m.moe.group_size == 64 and m.dtype == "bfloat16"
   assert cfg.train.steps == 7
 
 
-@pytest.mark.parametrize("moe_every,first,layers,expected", [
+@pytest.mark.parametrize(
+  "moe_every,first,layers,expected",
+  [
     (0, 0, 4, ()),
     (1, 0, 4, (0, 1, 2, 3)),
     (2, 1, 6, (1, 3, 5)),
     (2, 0, 5, (0, 2, 4)),
     (3, 2, 9, (2, 5, 8)),
     (1, 3, 4, (3,)),
-])
+  ],
+)
 def test_is_moe_layer(moe_every, first, layers, expected):
   cfg = base_config()
   cfg.model.moe_every, cfg.model.first_moe_layer, cfg.model.num_layers = moe_every, first, layers
@@ -179,64 +211,63 @@ def test_base_config_and_train_defaults_are_valid():
 
 # (dotted field to set, value, field the error must name)
 INVALID = [
-    ("model.d_model", -8, "model.d_model"),
-    ("model.num_layers", 0, "model.num_layers"),
-    ("model.num_heads", -4, "model.num_heads"),
-    ("model.num_kv_heads", 0, "model.num_kv_heads"),
-    ("model.head_dim", 31, "model.head_dim"),
-    ("model.d_ff", 0, "model.d_ff"),
-    ("model.vocab_size", 100, "model.vocab_size"),
-    ("model.max_len", -1, "model.max_len"),
-    ("model.moe_every", -1, "model.moe_every"),
-    ("model.first_moe_layer", 4, "model.first_moe_layer"),
-    ("model.rope_theta", -1.0, "model.rope_theta"),
-    ("model.rms_norm_eps", 0.0, "model.rms_norm_eps"),
-    ("model.dtype", "float64", "model.dtype"),
-    ("model.param_dtype", "int8", "model.param_dtype"),
-    ("model.tie_embeddings", "yes", "model.tie_embeddings"),
-    ("model.num_layers", 2.5, "model.num_layers"),
-    ("model.d_modle", 64, "model.d_modle"),
-    ("model.moe", None, "model.moe"),
-    ("model.moe.top_k", 9, "model.moe.top_k"),
-    ("model.moe.num_experts", -2, "model.moe.num_experts"),
-    ("model.moe.expert_d_ff", 0, "model.moe.expert_d_ff"),
-    ("model.moe.router", "no_such_router", "model.moe.router"),
-    ("model.moe.router_order", "random", "model.moe.router_order"),
-    ("model.moe.capacity_factor", -1.0, "model.moe.capacity_factor"),
-    ("model.moe.topk", 2, "model.moe.topk"),
-    ("model.moe.group_size", 3, "model.moe.group_size"),
-    ("data.seq_len", 1024, "data.seq_len"),  # > model.max_len = 512
-    ("data.seq_len", -3, "data.seq_len"),
-    ("data.global_batch_size", 0, "data.global_batch_size"),
-    ("data.sequence_length", 64, "data.sequence_length"),
-    ("mesh.expert", 0, "mesh.expert"),
-    ("mesh.model", -1, "mesh.model"),  # data is already -1
-    ("mesh.model", 1.5, "mesh.model"),
-    ("mesh.pipeline", 2, "mesh.pipeline"),
-    ("train.steps", 0, "train.steps"),
-    ("train.learning_rate", 0.0, "train.learning_rate"),
-    ("train.learning_rate", float("nan"), "train.learning_rate"),
-    ("train.warmup_steps", -1, "train.warmup_steps"),
-    ("train.end_lr_ratio", 1.5, "train.end_lr_ratio"),
-    ("train.weight_decay", -0.1, "train.weight_decay"),
-    ("train.grad_clip_norm", 0.0, "train.grad_clip_norm"),
-    ("train.b1", 1.0, "train.b1"),
-    ("train.b2", -0.5, "train.b2"),
-    ("train.seed", -1, "train.seed"),
-    ("train.log_every", 0, "train.log_every"),
-    ("train.eval_every", -1, "train.eval_every"),
-    ("train.eval_steps", 0, "train.eval_steps"),
-    ("train.checkpoint_every", 0, "train.checkpoint_every"),
-    ("train.keep_checkpoints", 0, "train.keep_checkpoints"),
-    ("train.async_checkpointing", "yes", "train.async_checkpointing"),
-    ("train.nan_policy", "ignore", "train.nan_policy"),
-    ("train.lr", 1e-3, "train.lr"),
-    ("optim", {"lr": 1e-3}, "optim"),
+  ("model.d_model", -8, "model.d_model"),
+  ("model.num_layers", 0, "model.num_layers"),
+  ("model.num_heads", -4, "model.num_heads"),
+  ("model.num_kv_heads", 0, "model.num_kv_heads"),
+  ("model.head_dim", 31, "model.head_dim"),
+  ("model.d_ff", 0, "model.d_ff"),
+  ("model.vocab_size", 100, "model.vocab_size"),
+  ("model.max_len", -1, "model.max_len"),
+  ("model.moe_every", -1, "model.moe_every"),
+  ("model.first_moe_layer", 4, "model.first_moe_layer"),
+  ("model.rope_theta", -1.0, "model.rope_theta"),
+  ("model.rms_norm_eps", 0.0, "model.rms_norm_eps"),
+  ("model.dtype", "float64", "model.dtype"),
+  ("model.param_dtype", "int8", "model.param_dtype"),
+  ("model.tie_embeddings", "yes", "model.tie_embeddings"),
+  ("model.num_layers", 2.5, "model.num_layers"),
+  ("model.d_modle", 64, "model.d_modle"),
+  ("model.moe", None, "model.moe"),
+  ("model.moe.top_k", 9, "model.moe.top_k"),
+  ("model.moe.num_experts", -2, "model.moe.num_experts"),
+  ("model.moe.expert_d_ff", 0, "model.moe.expert_d_ff"),
+  ("model.moe.router", "no_such_router", "model.moe.router"),
+  ("model.moe.router_order", "random", "model.moe.router_order"),
+  ("model.moe.capacity_factor", -1.0, "model.moe.capacity_factor"),
+  ("model.moe.topk", 2, "model.moe.topk"),
+  ("model.moe.group_size", 3, "model.moe.group_size"),
+  ("data.seq_len", 1024, "data.seq_len"),  # > model.max_len = 512
+  ("data.seq_len", -3, "data.seq_len"),
+  ("data.global_batch_size", 0, "data.global_batch_size"),
+  ("data.sequence_length", 64, "data.sequence_length"),
+  ("mesh.expert", 0, "mesh.expert"),
+  ("mesh.model", -1, "mesh.model"),  # data is already -1
+  ("mesh.model", 1.5, "mesh.model"),
+  ("mesh.pipeline", 2, "mesh.pipeline"),
+  ("train.steps", 0, "train.steps"),
+  ("train.learning_rate", 0.0, "train.learning_rate"),
+  ("train.learning_rate", float("nan"), "train.learning_rate"),
+  ("train.warmup_steps", -1, "train.warmup_steps"),
+  ("train.end_lr_ratio", 1.5, "train.end_lr_ratio"),
+  ("train.weight_decay", -0.1, "train.weight_decay"),
+  ("train.grad_clip_norm", 0.0, "train.grad_clip_norm"),
+  ("train.b1", 1.0, "train.b1"),
+  ("train.b2", -0.5, "train.b2"),
+  ("train.seed", -1, "train.seed"),
+  ("train.log_every", 0, "train.log_every"),
+  ("train.eval_every", -1, "train.eval_every"),
+  ("train.eval_steps", 0, "train.eval_steps"),
+  ("train.checkpoint_every", 0, "train.checkpoint_every"),
+  ("train.keep_checkpoints", 0, "train.keep_checkpoints"),
+  ("train.async_checkpointing", "yes", "train.async_checkpointing"),
+  ("train.nan_policy", "ignore", "train.nan_policy"),
+  ("train.lr", 1e-3, "train.lr"),
+  ("optim", {"lr": 1e-3}, "optim"),
 ]
 
 
-@pytest.mark.parametrize("dotted,value,field", INVALID,
-                         ids=[f"{d}={v!r}" for d, v, _ in INVALID])
+@pytest.mark.parametrize("dotted,value,field", INVALID, ids=[f"{d}={v!r}" for d, v, _ in INVALID])
 def test_invalid_value_raises_config_error_naming_field(dotted, value, field):
   cfg = with_overrides(load("tiny_cpu"), {dotted: value})
   with pytest.raises(ConfigError) as err:
@@ -248,12 +279,14 @@ def test_heads_not_divisible_by_kv_heads_message():
   cfg = load("tiny_cpu", "--config.model.num_heads=3")
   with pytest.raises(ConfigError) as err:
     validate_config(cfg)
-  assert str(err.value) == ("model.num_heads=3 is invalid: must be divisible by "
-                            "model.num_kv_heads=2")
+  assert str(err.value) == (
+    "model.num_heads=3 is invalid: must be divisible by model.num_kv_heads=2"
+  )
 
 
-@pytest.mark.parametrize("section,field", [("train", "seed"), ("train", "nan_policy"),
-                                           ("mesh", "expert")])
+@pytest.mark.parametrize(
+  "section,field", [("train", "seed"), ("train", "nan_policy"), ("mesh", "expert")]
+)
 def test_missing_required_field(section, field):
   cfg = load("tiny_cpu")
   with cfg.unlocked():
@@ -284,8 +317,9 @@ def test_model_config_direct_construction_validates():
 
 def test_base_config_is_the_dataclass_defaults():
   exp = ExperimentConfig.from_config(base_config())
-  assert exp == ExperimentConfig(model=ModelConfig(), data=DataConfig(), mesh=MeshConfig(),
-                                 train=TrainConfig())
+  assert exp == ExperimentConfig(
+    model=ModelConfig(), data=DataConfig(), mesh=MeshConfig(), train=TrainConfig()
+  )
   assert ModelConfig.from_config(base_config().model) == ModelConfig()  # dense by default
   moe = ModelConfig.from_config(base_config().model.to_dict() | {"moe_every": 1}).moe
   assert moe == MoEConfig()
@@ -299,8 +333,9 @@ def test_experiment_config_round_trips_through_its_config_dict(name):
   assert ExperimentConfig.from_config(exp) is exp  # parsed once: an instance passes through
 
 
-@pytest.mark.parametrize("section,cls", [("data", DataConfig), ("mesh", MeshConfig),
-                                         ("train", TrainConfig)])
+@pytest.mark.parametrize(
+  "section,cls", [("data", DataConfig), ("mesh", MeshConfig), ("train", TrainConfig)]
+)
 def test_unknown_field_error_lists_the_allowed_fields(section, cls):
   cfg = load("tiny_cpu")
   with cfg.unlocked():
@@ -308,8 +343,9 @@ def test_unknown_field_error_lists_the_allowed_fields(section, cls):
   with pytest.raises(ConfigError) as err:
     ExperimentConfig.from_config(cfg)
   allowed = sorted(f.name for f in dataclasses.fields(cls) if f.name != "config_path")
-  assert str(err.value) == (f"{section}.no_such_field=1 is invalid: unknown field; allowed "
-                            f"fields are {allowed}")
+  assert str(err.value) == (
+    f"{section}.no_such_field=1 is invalid: unknown field; allowed fields are {allowed}"
+  )
 
 
 def test_section_dataclasses_validate_on_direct_construction():
@@ -341,5 +377,4 @@ def test_with_overrides_copies_and_sets_dotted_fields():
 
 def test_mesh_config_fields_are_the_mesh_axes():
   assert tuple(field_names(MeshConfig)) == MESH_AXES  # one field per axis, in mesh order
-  assert MeshConfig.from_config(base_config().mesh).sizes() == {"data": -1, "expert": 1,
-                                                                "model": 1}
+  assert MeshConfig.from_config(base_config().mesh).sizes() == {"data": -1, "expert": 1, "model": 1}

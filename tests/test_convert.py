@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from moejax.compress import contiguous_groups, merge_experts, upcycle_params
 from moejax.config import ModelConfig
 from moejax.convert import hf, hf_mixtral
 from moejax.convert.reshard import reshard_checkpoint
-from moejax.training.workdir import load_run_config, restore_state, write_run
-from moejax.convert.safetensors_io import ConversionError, INDEX_FILE
-from moejax.compress import contiguous_groups, merge_experts, upcycle_params
+from moejax.convert.safetensors_io import INDEX_FILE, ConversionError
 from moejax.models import Transformer
 from moejax.training.state import abstract_params
 from moejax.training.trainer import train
+from moejax.training.workdir import load_run_config, restore_state, write_run
 from tests.helpers import REPO, assert_same_safetensors, init_model_params, tiny_config
 
 MIXTRAL_MOE = dict(router="topk", router_order="topk_softmax", dropless=True, top_k=2)
@@ -45,8 +45,9 @@ def logits_of(model_cfg: ModelConfig, params, tokens) -> np.ndarray:
 
 
 def random_tokens(model_cfg, shape=(2, 16), seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, model_cfg.vocab_size, shape),
-                     jnp.int32)
+  return jnp.asarray(
+    np.random.default_rng(seed).integers(0, model_cfg.vocab_size, shape), jnp.int32
+  )
 
 
 def test_export_import_is_bit_exact(tmp_path):
@@ -83,8 +84,9 @@ def test_export_names_follow_the_mixtral_layout(tmp_path):
       assert tensors[f"{prefix}.w1.weight"].shape == (f, d)
       assert tensors[f"{prefix}.w3.weight"].shape == (f, d)
       assert tensors[f"{prefix}.w2.weight"].shape == (d, f)
-      np.testing.assert_array_equal(tensors[f"{prefix}.w1.weight"],
-                                    params[f"layers_{i}"]["ffn"]["wi_gate"][j].T)
+      np.testing.assert_array_equal(
+        tensors[f"{prefix}.w1.weight"], params[f"layers_{i}"]["ffn"]["wi_gate"][j].T
+      )
     assert tensors[f"model.layers.{i}.block_sparse_moe.gate.weight"].shape == (e, d)
   assert tensors["lm_head.weight"].shape == (model_cfg.vocab_size, d)
 
@@ -99,6 +101,7 @@ def test_export_rejects_a_model_mixtral_cannot_express(tmp_path):
 
 def test_import_errors_name_the_tensor_and_leave_nothing_behind(tmp_path):
   from safetensors.numpy import load_file, save_file
+
   model_cfg = mixtral_model_cfg()
   src = tmp_path / "hf"
   hf.export_hf(init_params(model_cfg), model_cfg, str(src))
@@ -110,8 +113,11 @@ def test_import_errors_name_the_tensor_and_leave_nothing_behind(tmp_path):
   bad = dict(tensors)
   bad["model.layers.0.self_attn.q_proj.weight"] = np.zeros((3, 5), np.float32)
   save_file(bad, str(src / "model.safetensors"))
-  with pytest.raises(ConversionError, match=r"q_proj\.weight has shape \(3, 5\) but .* "
-                                            r"expects \(32, 32\)"):
+  with pytest.raises(
+    ConversionError,
+    match=r"q_proj\.weight has shape \(3, 5\) but .* "
+    r"expects \(32, 32\)",
+  ):
     hf.import_hf(str(src))
   (src / "config.json").write_text('{"model_type": "gpt_oss_unknown"}')
   with pytest.raises(ConversionError, match="unknown architecture"):
@@ -131,12 +137,16 @@ def test_upcycled_model_equals_the_dense_model_at_step_zero():
     moe_cfg.model.moe.expert_d_ff = dense_cfg.model.d_ff
   moe_model_cfg = ModelConfig.from_config(moe_cfg.model)
   dense_params = init_params(dense_model_cfg, seed=3)
-  moe_params = upcycle_params(dense_params, moe_model_cfg, abstract_params(moe_model_cfg),
-                              jax.random.key(1))
+  moe_params = upcycle_params(
+    dense_params, moe_model_cfg, abstract_params(moe_model_cfg), jax.random.key(1)
+  )
   tokens = random_tokens(dense_model_cfg)
-  np.testing.assert_allclose(logits_of(moe_model_cfg, moe_params, tokens),
-                             logits_of(dense_model_cfg, dense_params, tokens),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    logits_of(moe_model_cfg, moe_params, tokens),
+    logits_of(dense_model_cfg, dense_params, tokens),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   router = moe_params["layers_0"]["ffn"]["router"]
   assert np.std(router) > 0  # a fresh router, not a copy of anything
 
@@ -155,14 +165,20 @@ def test_merging_groups_of_identical_experts_keeps_the_output():
   paired = traverse_util.unflatten_dict(flat, sep="/")
   groups = contiguous_groups(4, 2)
   layers = {i: groups for i in range(model_cfg.num_layers)}
-  merged = merge_experts(paired, model_cfg, layers,
-                         {i: np.array([0.1, 0.3, 0.2, 0.4]) for i in layers})
+  merged = merge_experts(
+    paired, model_cfg, layers, {i: np.array([0.1, 0.3, 0.2, 0.4]) for i in layers}
+  )
   merged_cfg = mixtral_model_cfg()
   merged_cfg = dataclasses.replace(
-      merged_cfg, moe=dataclasses.replace(merged_cfg.moe, num_experts=2, top_k=1))
+    merged_cfg, moe=dataclasses.replace(merged_cfg.moe, num_experts=2, top_k=1)
+  )
   tokens = random_tokens(model_cfg, seed=5)
-  np.testing.assert_allclose(logits_of(merged_cfg, merged, tokens),
-                             logits_of(model_cfg, paired, tokens), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    logits_of(merged_cfg, merged, tokens),
+    logits_of(model_cfg, paired, tokens),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   assert merged["layers_0"]["ffn"]["wi_gate"].shape[0] == 2
 
 
@@ -190,23 +206,37 @@ def test_resharded_checkpoint_gives_the_same_model(trained_run, tmp_path):
   tokens = random_tokens(exp_before.model_cfg, shape=(8, 16))
   out_before = jax.jit(exp_before.model.apply)({"params": before.params}, tokens)[0]
   out_after = jax.jit(exp_after.model.apply)({"params": after.params}, tokens)[0]
-  np.testing.assert_allclose(np.asarray(out_after), np.asarray(out_before), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out_after), np.asarray(out_before), rtol=1e-5, atol=1e-5)
 
 
 def test_cli_help_and_export(trained_run, tmp_path):
   tool = os.path.join(REPO, "tools", "convert_checkpoint.py")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=REPO)  # this checkout's moejax, whatever is installed
-  out = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True,
-                       env=env, timeout=120)
+  env = dict(
+    os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO
+  )  # this checkout's moejax, whatever is installed
+  out = subprocess.run(
+    [sys.executable, tool, "--help"], capture_output=True, text=True, env=env, timeout=120
+  )
   assert out.returncode == 0
   for sub in ("reshard", "export-hf", "import-hf", "upcycle"):
     assert sub in out.stdout
   # relative paths, as users type them (Orbax itself insists on absolute ones)
-  out = subprocess.run([sys.executable, tool, "export-hf", "--workdir",
-                        os.path.relpath(trained_run, tmp_path), "--out", "hf"],
-                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+  out = subprocess.run(
+    [
+      sys.executable,
+      tool,
+      "export-hf",
+      "--workdir",
+      os.path.relpath(trained_run, tmp_path),
+      "--out",
+      "hf",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    cwd=tmp_path,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   state, _, _, exp = restore_state(load_run_config(trained_run), trained_run)
   _, imported = hf.import_hf(str(tmp_path / "hf"))
@@ -221,9 +251,14 @@ def test_trainer_continues_a_tool_written_run_from_its_own_config(tmp_path, data
   params = init_params(ModelConfig.from_config(cfg.model), seed=6)
   write_run(cfg, str(tmp_path / "run"), params)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, "-m", "moejax.train", "--workdir", "run",
-                        "--noprogress"], cwd=tmp_path, env=dict(env, PYTHONPATH=REPO),
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "moejax.train", "--workdir", "run", "--noprogress"],
+    cwd=tmp_path,
+    env=dict(env, PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resumed from checkpoint step 0" in out.stderr
   assert "finished at step 2" in out.stdout
@@ -231,6 +266,7 @@ def test_trainer_continues_a_tool_written_run_from_its_own_config(tmp_path, data
 
 def test_upcycle_run_cli_writes_a_run_equal_to_the_dense_model(tmp_path, data_dir):
   from tools.convert_checkpoint import main
+
   dense_cfg = tiny_config(data_dir, mesh=(-1, 1, 1))
   with dense_cfg.unlocked():
     dense_cfg.model.moe_every = 0
@@ -238,16 +274,36 @@ def test_upcycle_run_cli_writes_a_run_equal_to_the_dense_model(tmp_path, data_di
   dense_params = init_params(dense_model_cfg, seed=3)
   write_run(dense_cfg, str(tmp_path / "dense"), dense_params)
   out = str(tmp_path / "moe")
-  assert main(["upcycle", "--workdir", str(tmp_path / "dense"), "--out", out,
-               "--num_experts", "4", "--top_k", "2", "--seed", "1"]) == 0
+  assert (
+    main(
+      [
+        "upcycle",
+        "--workdir",
+        str(tmp_path / "dense"),
+        "--out",
+        out,
+        "--num_experts",
+        "4",
+        "--top_k",
+        "2",
+        "--seed",
+        "1",
+      ]
+    )
+    == 0
+  )
   state, _, step, exp = restore_state(load_run_config(out), out)
   assert step == 0 and exp.model_cfg.moe_layers == (0, 1)
   assert exp.model_cfg.moe.num_experts == 4 and exp.model_cfg.moe.expert_d_ff == 64
   tokens = random_tokens(dense_model_cfg)
-  np.testing.assert_allclose(logits_of(exp.model_cfg, jax.device_get(state.params), tokens),
-                             logits_of(dense_model_cfg, dense_params, tokens),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    logits_of(exp.model_cfg, jax.device_get(state.params), tokens),
+    logits_of(dense_model_cfg, dense_params, tokens),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   # an MoE run is refused with an error naming the field, before anything is written
-  assert main(["upcycle", "--workdir", out, "--out", str(tmp_path / "again"),
-               "--num_experts", "4"]) == 2
+  assert (
+    main(["upcycle", "--workdir", out, "--out", str(tmp_path / "again"), "--num_experts", "4"]) == 2
+  )
   assert not os.path.exists(tmp_path / "again")

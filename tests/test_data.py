@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 
 from moejax.data import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    ByteTokenizer,
-    LMBatchIterator,
-    default_data_config,
-    generate_document,
-    generate_documents,
-    host_document_order,
-    load_source,
-    make_eval_iterator,
-    make_train_iterator,
+  BOS_ID,
+  EOS_ID,
+  PAD_ID,
+  ByteTokenizer,
+  LMBatchIterator,
+  default_data_config,
+  generate_document,
+  generate_documents,
+  host_document_order,
+  load_source,
+  make_eval_iterator,
+  make_train_iterator,
+  tiny_corpus,
 )
-from moejax.data import tiny_corpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = ByteTokenizer()
@@ -34,8 +34,7 @@ TOK = ByteTokenizer()
 def _fake_source(num_docs: int, seed: int = 0) -> list[dict[str, bytes]]:
   """Unique documents of varied length (2..40 bytes), as a TFDS source returns them."""
   rng = np.random.default_rng(seed)
-  return [{"text": f"d{i}:{'x' * int(rng.integers(0, 36))}".encode()}
-          for i in range(num_docs)]
+  return [{"text": f"d{i}:{'x' * int(rng.integers(0, 36))}".encode()} for i in range(num_docs)]
 
 
 def _stream(source, order) -> np.ndarray:
@@ -137,20 +136,30 @@ def test_tiny_corpus_prepares_offline(tiny_dir):
 
 
 def test_tiny_corpus_prepare_is_idempotent(tiny_dir):
-  record = next(os.path.join(r, f) for r, _, fs in os.walk(tiny_dir) for f in fs
-                if "train.array_record" in f)
+  record = next(
+    os.path.join(r, f) for r, _, fs in os.walk(tiny_dir) for f in fs if "train.array_record" in f
+  )
   before = os.stat(record).st_mtime_ns
   load_source("moejax_tiny_corpus", "validation", tiny_dir)
   assert os.stat(record).st_mtime_ns == before
 
 
 def test_concurrent_prepare_in_two_processes(tmp_path):
-  code = ("import sys; from moejax.data import load_source; "
-          "print(len(load_source('moejax_tiny_corpus', 'validation', sys.argv[1])))")
+  code = (
+    "import sys; from moejax.data import load_source; "
+    "print(len(load_source('moejax_tiny_corpus', 'validation', sys.argv[1])))"
+  )
   env = {**os.environ, "PYTHONPATH": REPO_ROOT}
-  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for _ in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", code, str(tmp_path)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for _ in range(2)
+  ]
   outs = [p.communicate(timeout=120) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
@@ -186,7 +195,10 @@ def test_real_corpus_batches_and_speed(tiny_dir):
   for b in batches:
     assert b["inputs"].shape == b["targets"].shape == b["mask"].shape == (16, 128)
     assert (b["inputs"].dtype, b["targets"].dtype, b["mask"].dtype) == (
-        np.int32, np.int32, np.float32)
+      np.int32,
+      np.int32,
+      np.float32,
+    )
     assert np.all(b["mask"] == 1.0)  # training batches are fully packed
   ev = list(make_eval_iterator(cfg, process_index=1, process_count=2))
   assert all(b["inputs"].shape == (8, 128) for b in ev)
@@ -204,7 +216,7 @@ def test_batches_are_the_packed_stream_shifted_by_one():
   stream = _stream(source, range(30))
   for k, b in enumerate(batches):
     assert b["inputs"].shape == b["targets"].shape == b["mask"].shape == (3, 7)
-    rows = stream[k * 24:(k + 1) * 24].reshape(3, 8)
+    rows = stream[k * 24 : (k + 1) * 24].reshape(3, 8)
     np.testing.assert_array_equal(b["inputs"], rows[:, :-1])
     np.testing.assert_array_equal(b["targets"], rows[:, 1:])
     np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
@@ -220,10 +232,10 @@ def test_eval_pass_stops_and_masks_padding():
   with pytest.raises(StopIteration):
     next(it)
   rows = np.concatenate([_rows(b) for b in batches]).reshape(-1)
-  np.testing.assert_array_equal(rows[:len(stream)], stream)
-  assert np.all(rows[len(stream):] == PAD_ID)
+  np.testing.assert_array_equal(rows[: len(stream)], stream)
+  assert np.all(rows[len(stream) :] == PAD_ID)
   mask = np.concatenate([b["mask"] for b in batches]).reshape(-1, 5)
-  targets_real = (np.arange(rows.size).reshape(-1, 6)[:, 1:] < len(stream))
+  targets_real = np.arange(rows.size).reshape(-1, 6)[:, 1:] < len(stream)
   np.testing.assert_array_equal(mask, targets_real.astype(np.float32))
   assert 0 < mask.sum() < mask.size
 
@@ -275,16 +287,26 @@ def test_two_hosts_read_disjoint_documents_covering_the_epoch():
   source = _fake_source(23)
   everything = {d["text"].decode() for d in source}
   for epoch in (0, 1):
-    orders = [host_document_order(23, seed=5, epoch=epoch, shuffle=True, process_index=p,
-                                  process_count=2) for p in (0, 1)]
+    orders = [
+      host_document_order(23, seed=5, epoch=epoch, shuffle=True, process_index=p, process_count=2)
+      for p in (0, 1)
+    ]
     assert (len(orders[0]), len(orders[1])) == (12, 11)
     assert not set(orders[0].tolist()) & set(orders[1].tolist())
     assert sorted(np.concatenate(orders).tolist()) == list(range(23))
   # The same through the iterators' token streams (one pass each).
   host_docs = []
   for p in (0, 1):
-    it = LMBatchIterator(source, seq_len=6, global_batch_size=4, seed=5, shuffle=True,
-                         process_index=p, process_count=2, repeat=False)
+    it = LMBatchIterator(
+      source,
+      seq_len=6,
+      global_batch_size=4,
+      seed=5,
+      shuffle=True,
+      process_index=p,
+      process_count=2,
+      repeat=False,
+    )
     batches = list(it)
     assert all(b["inputs"].shape == (2, 6) for b in batches)
     host_docs.append(_documents_in(_real_tokens(batches)))
@@ -298,26 +320,37 @@ def test_epochs_have_different_orders_only_when_shuffling():
   stream_len = len(_stream(source, range(40)))
   for shuffle in (True, False):
     it = LMBatchIterator(source, seq_len=9, global_batch_size=1, seed=0, shuffle=shuffle)
-    rows = np.concatenate([_rows(next(it)).reshape(-1)
-                           for _ in range(2 * stream_len // 10 + 2)])
-    epoch0, epoch1 = rows[:stream_len], rows[stream_len:2 * stream_len]
+    rows = np.concatenate([_rows(next(it)).reshape(-1) for _ in range(2 * stream_len // 10 + 2)])
+    epoch0, epoch1 = rows[:stream_len], rows[stream_len : 2 * stream_len]
     assert sorted(_documents_in(epoch0)) == sorted(_documents_in(epoch1))
     assert (_documents_in(epoch0) != _documents_in(epoch1)) == shuffle
-  orders = [host_document_order(40, seed=0, epoch=e, shuffle=True, process_index=0,
-                                process_count=1) for e in (0, 1)]
+  orders = [
+    host_document_order(40, seed=0, epoch=e, shuffle=True, process_index=0, process_count=1)
+    for e in (0, 1)
+  ]
   assert orders[0].tolist() != orders[1].tolist()
-  other_seed = host_document_order(40, seed=1, epoch=0, shuffle=True, process_index=0,
-                                   process_count=1)
+  other_seed = host_document_order(
+    40, seed=1, epoch=0, shuffle=True, process_index=0, process_count=1
+  )
   assert other_seed.tolist() != orders[0].tolist()
 
 
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("field,value", [
-    ("seq_len", -3), ("seq_len", 0), ("seq_len", 2.5), ("global_batch_size", 0),
-    ("seed", -1), ("shuffle", "yes"), ("name", ""), ("seqlen", 64),
-])
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("seq_len", -3),
+    ("seq_len", 0),
+    ("seq_len", 2.5),
+    ("global_batch_size", 0),
+    ("seed", -1),
+    ("shuffle", "yes"),
+    ("name", ""),
+    ("seqlen", 64),
+  ],
+)
 def test_bad_config_values_name_the_field(tmp_path, field, value):
   cfg = default_data_config().to_dict()
   cfg["data_dir"] = str(tmp_path)

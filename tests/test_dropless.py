@@ -37,12 +37,11 @@ D, F, E = 16, 32, 8
 X_SHAPE = (4, 32, D)  # 128 tokens: 16 groups of 8
 
 ROUTERS = {
-    "topk": dict(router="topk", top_k=2),
-    "topk_renorm": dict(router="topk", top_k=3, router_order="topk_softmax",
-                        activation="gelu"),
-    "null_experts": dict(router="null_experts", num_null_experts=4, top_k=2),
-    "shared_experts": dict(router="shared_experts", num_shared_experts=2, top_k=2),
-    "top_p": dict(router="top_p", top_k=3, top_p=0.6, dynamic_loss_weight=0.01),
+  "topk": dict(router="topk", top_k=2),
+  "topk_renorm": dict(router="topk", top_k=3, router_order="topk_softmax", activation="gelu"),
+  "null_experts": dict(router="null_experts", num_null_experts=4, top_k=2),
+  "shared_experts": dict(router="shared_experts", num_shared_experts=2, top_k=2),
+  "top_p": dict(router="top_p", top_k=3, top_p=0.6, dynamic_loss_weight=0.01),
 }
 IMPLS = ("blocked", "ragged_dot")
 MESHES = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1), (2, 2, 2), (1, 1, 1)]
@@ -50,8 +49,14 @@ FAST_MESHES = [(1, 8, 1), (2, 2, 2)]
 
 
 def make_cfg(name: str, **kw) -> MoEConfig:
-  kw = {**ROUTERS[name], "num_experts": E, "expert_d_ff": F, "dropless": True,
-        "group_size": 8, **kw}
+  kw = {
+    **ROUTERS[name],
+    "num_experts": E,
+    "expert_d_ff": F,
+    "dropless": True,
+    "group_size": 8,
+    **kw,
+  }
   return MoEConfig(**kw, config_path="model.moe")
 
 
@@ -62,8 +67,9 @@ def random_params(cfg: MoEConfig, seed: int = 3, boxed: bool = False):
 
   def fill(path, leaf):
     scale = 4.0 if "router" in jax.tree_util.keystr(path) else 1.0
-    return jnp.asarray(rng.standard_normal(leaf.shape) * scale / np.sqrt(leaf.shape[-2]),
-                       leaf.dtype)
+    return jnp.asarray(
+      rng.standard_normal(leaf.shape) * scale / np.sqrt(leaf.shape[-2]), leaf.dtype
+    )
 
   values = jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(tree))
   return nn.meta.replace_boxed(tree, values) if boxed else values
@@ -88,8 +94,9 @@ def assert_close(actual, expected, rtol=1e-5):
   def check(path, a, e):
     e = np.asarray(e, np.float64)
     atol = rtol * max(1.0, float(np.max(np.abs(e))) if e.size else 1.0)
-    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(a, np.float64), e, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+    )
 
   jax.tree_util.tree_map_with_path(check, actual, expected)
 
@@ -117,15 +124,27 @@ def test_grouped_ffn_matches_per_row_loop():
   expert = rng.choice([0, 1, 3, 4], a).astype(np.int32)  # expert 2 empty
   valid = rng.random(a) < 0.7
   w = [rng.standard_normal(s).astype(np.float32) / 3 for s in ((e, d, f), (e, d, f), (e, f, d))]
-  want = np.stack([ref.gated_ffn_np(x[source[i]], w[0][expert[i]], w[1][expert[i]],
-                                    w[2][expert[i]], "silu") if valid[i] else np.zeros(d)
-                   for i in range(a)])
-  for impl, block in (("blocked", 1), ("blocked", 3), ("blocked", 8), ("blocked", None),
-                      ("ragged_dot", None)):
+  want = np.stack(
+    [
+      ref.gated_ffn_np(x[source[i]], w[0][expert[i]], w[1][expert[i]], w[2][expert[i]], "silu")
+      if valid[i]
+      else np.zeros(d)
+      for i in range(a)
+    ]
+  )
+  for impl, block in (
+    ("blocked", 1),
+    ("blocked", 3),
+    ("blocked", 8),
+    ("blocked", None),
+    ("ragged_dot", None),
+  ):
     got = jax.jit(grouped_ffn, static_argnums=(6, 7, 8))(
-        x[source], expert, valid, *w, "silu", impl, block)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5,
-                               err_msg=f"{impl} block={block}")
+      x[source], expert, valid, *w, "silu", impl, block
+    )
+    np.testing.assert_allclose(
+      np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=f"{impl} block={block}"
+    )
 
 
 def test_sort_rows_layout():
@@ -157,9 +176,17 @@ def test_sorted_equals_capacity_path_and_reference(name, impl):
   assert_close(got, capacity_result(name))
   r = ROUTERS[name]
   want, _ = ref.moe_layer_reference(
-      x, jax.tree.map(np.asarray, params), router=r["router"], num_experts=E, k=r["top_k"],
-      dropless=True, order=r.get("router_order", "softmax_topk"), p=r.get("top_p", 0.5),
-      activation=r.get("activation", "silu"), group_size=8)
+    x,
+    jax.tree.map(np.asarray, params),
+    router=r["router"],
+    num_experts=E,
+    k=r["top_k"],
+    dropless=True,
+    order=r.get("router_order", "softmax_topk"),
+    p=r.get("top_p", 0.5),
+    activation=r.get("activation", "silu"),
+    group_size=8,
+  )
   np.testing.assert_allclose(np.asarray(got[0][1][0]), want, rtol=1e-4, atol=1e-5)
 
 
@@ -177,10 +204,10 @@ def test_route_without_slots_gives_the_same_assignments_and_metrics():
   logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8, E)) * 3, jnp.float32)
   full, lean = route(logits, cfg), route(logits, cfg, slots=False)
   assert lean.dispatch_index is None and full.dispatch_index.shape == (3, E, 8)
-  chex.assert_trees_all_equal((full.expert_index, full.weight, full.valid, full.metrics,
-                               full.aux_losses),
-                              (lean.expert_index, lean.weight, lean.valid, lean.metrics,
-                               lean.aux_losses))
+  chex.assert_trees_all_equal(
+    (full.expert_index, full.weight, full.valid, full.metrics, full.aux_losses),
+    (lean.expert_index, lean.weight, lean.valid, lean.metrics, lean.aux_losses),
+  )
   # The slot form of the same decision holds exactly the valid assignments.
   assert int(np.sum(full.slot_valid)) == int(np.sum(lean.valid))
 
@@ -197,8 +224,9 @@ def hlo_shapes(cfg: MoEConfig, mesh=None) -> list[tuple[int, ...]]:
   params = nn.meta.unbox(MoELayer(cfg).init(jax.random.key(0), x)["params"])
   fn = loss_and_grads(MoELayer(cfg, mesh=mesh))
   text = fn.lower(params, x, x).compile().as_text()
-  return [tuple(int(n) for n in m.split(",") if n)
-          for m in re.findall(r"[a-z]\d+\[([\d,]*)\]", text)]
+  return [
+    tuple(int(n) for n in m.split(",") if n) for m in re.findall(r"[a-z]\d+\[([\d,]*)\]", text)
+  ]
 
 
 def slot_like(shape, s=40, k=2, e=E, g=3):
@@ -210,13 +238,29 @@ def slot_like(shape, s=40, k=2, e=E, g=3):
 
 
 def test_dropless_hlo_has_no_slot_buffers():
-  cfg = MoEConfig(router="topk", num_experts=E, expert_d_ff=F, top_k=2, dropless=True,
-                  group_size=40, expert_impl="blocked")
+  cfg = MoEConfig(
+    router="topk",
+    num_experts=E,
+    expert_d_ff=F,
+    top_k=2,
+    dropless=True,
+    group_size=40,
+    expert_impl="blocked",
+  )
   shapes = hlo_shapes(cfg)
   assert shapes and not [s for s in shapes if slot_like(s)]
   # The test's power: the C = S path it replaces does build them.
-  capacity = hlo_shapes(MoEConfig(router="topk", num_experts=E, expert_d_ff=F, top_k=2,
-                                  dropless=True, group_size=40, expert_impl="capacity"))
+  capacity = hlo_shapes(
+    MoEConfig(
+      router="topk",
+      num_experts=E,
+      expert_d_ff=F,
+      top_k=2,
+      dropless=True,
+      group_size=40,
+      expert_impl="capacity",
+    )
+  )
   assert [s for s in capacity if slot_like(s)]
 
 
@@ -226,7 +270,7 @@ def test_dropless_hlo_has_no_slot_buffers():
 
 
 def mesh_of(shape):
-  devices = jax.devices()[:int(np.prod(shape))]
+  devices = jax.devices()[: int(np.prod(shape))]
   return make_mesh(dict(zip(("data", "expert", "model"), shape)), devices=devices)
 
 
@@ -236,9 +280,11 @@ def run_sharded(cfg: MoEConfig, shape):
   return loss_and_grads(MoELayer(cfg, mesh=mesh))(params, *inputs())
 
 
-@pytest.mark.parametrize("shape", [pytest.param(s, marks=() if s in FAST_MESHES else
-                                                pytest.mark.slow) for s in MESHES],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+  "shape",
+  [pytest.param(s, marks=() if s in FAST_MESHES else pytest.mark.slow) for s in MESHES],
+  ids=lambda s: "x".join(map(str, s)),
+)
 @pytest.mark.parametrize("name", list(ROUTERS))
 def test_sharded_dropless_equals_unsharded(name, shape):
   """Row exchange (padded all_to_all, the CPU fallback) == the unsharded C = S layer:
@@ -263,8 +309,7 @@ def expected_overflow(cfg: MoEConfig, params, x, shape):
   p = shape[1]
   groups = jnp.asarray(x).reshape(-1, 8, D)
   routing = route(router_logits(groups, params["router"]), cfg, slots=False)
-  idx, w, valid = (np.asarray(a) for a in (routing.expert_index, routing.weight,
-                                           routing.valid))
+  idx, w, valid = (np.asarray(a) for a in (routing.expert_index, routing.weight, routing.valid))
   g, s, k = idx.shape
   shards = shape[0] * shape[1]
   g_loc = g // shards
@@ -287,8 +332,9 @@ def expected_overflow(cfg: MoEConfig, params, x, shape):
   pr = jax.tree.map(np.asarray, params)
   for gi, si, ki in zip(*np.nonzero(kept)):
     e = idx[gi, si, ki]
-    y[gi, si] += w[gi, si, ki] * ref.gated_ffn_np(gx[gi, si], pr["wi_gate"][e], pr["wi_up"][e],
-                                                  pr["wo"][e], cfg.activation)
+    y[gi, si] += w[gi, si, ki] * ref.gated_ffn_np(
+      gx[gi, si], pr["wi_gate"][e], pr["wi_up"][e], pr["wo"][e], cfg.activation
+    )
   dropped = np.mean((valid.sum((1, 2)) - kept.sum((1, 2))) / np.maximum(valid.sum((1, 2)), 1))
   return y.reshape(X_SHAPE), dropped
 
@@ -303,8 +349,7 @@ def test_exchange_overflow_is_dropped_and_counted(shape):
   (_, (y, aux)), _ = run_sharded(cfg, shape)
   want_y, want_dropped = expected_overflow(cfg, params, x, shape)
   assert want_dropped > 0.05  # the bound really binds
-  np.testing.assert_allclose(float(aux["metrics"]["dropped_fraction"]), want_dropped,
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(aux["metrics"]["dropped_fraction"]), want_dropped, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-4, atol=1e-5)
   # With a bound that cannot bind, nothing is dropped: the overflow is the bound's doing.
   (_, (_, aux_ok)), _ = run_sharded(make_cfg("topk", ragged_buffer_factor=8.0), shape)
@@ -332,8 +377,12 @@ def all_to_all_elements(hlo_text: str) -> list[tuple[str, int]]:
     if " all-to-all(" in line:
       result = line.split(" all-to-all(")[0].split("= ", 1)[1]
       shapes = re.findall(r"([a-z]+\d+)\[([\d,]*)\]", result)
-      out.append((shapes[0][0], sum(int(np.prod([int(n) for n in dims.split(",") if n]))
-                                    for _, dims in shapes)))
+      out.append(
+        (
+          shapes[0][0],
+          sum(int(np.prod([int(n) for n in dims.split(",") if n])) for _, dims in shapes),
+        )
+      )
   return out
 
 
@@ -342,13 +391,16 @@ def all_to_all_elements(hlo_text: str) -> list[tuple[str, int]]:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("expert_impl", "foo", r"model\.moe\.expert_impl='foo' is invalid: allowed: \('auto'"),
     ("ep_exchange", "mpi", r"model\.moe\.ep_exchange='mpi' is invalid: allowed"),
     ("expert_block_size", 0, r"model\.moe\.expert_block_size=0 is invalid"),
     ("ragged_buffer_factor", 0.0, r"model\.moe\.ragged_buffer_factor=0\.0 is invalid"),
     ("ragged_buffer_min_rows", 0, r"model\.moe\.ragged_buffer_min_rows=0 is invalid"),
-])
+  ],
+)
 def test_config_errors_name_the_field(field, value, match):
   with pytest.raises(ConfigError, match=match):
     MoEConfig.from_config({"dropless": True, field: value}, path="model.moe")

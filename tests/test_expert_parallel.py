@@ -18,9 +18,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moejax.errors import ConfigError
+from moejax.layers.expert_parallel import all_to_all_experts
 from moejax.layers.moe import MoELayer
 from moejax.moe_config import MoEConfig
-from moejax.layers.expert_parallel import all_to_all_experts
 from moejax.parallel import make_mesh, params_shardings, shard_params
 from tests.helpers import make_moe_cfg, random_like
 
@@ -28,16 +28,25 @@ D, F, E = 16, 32, 8
 X_SHAPE = (4, 32, D)  # 128 tokens: 16 groups of 8 (or 8 groups of 16)
 
 ROUTERS = {
-    "topk_capacity": dict(router="topk", top_k=2, capacity_factor=0.75, group_size=8),
-    "topk_dropless": dict(router="topk", top_k=2, dropless=True, group_size=8,
-                          router_order="topk_softmax"),
-    "expert_choice": dict(router="expert_choice", capacity_factor=2.0, group_size=16),
-    "null_experts": dict(router="null_experts", num_null_experts=4, top_k=2,
-                         capacity_factor=1.0, group_size=8),
-    "shared_experts": dict(router="shared_experts", num_shared_experts=2, top_k=2,
-                           capacity_factor=1.0, group_size=8, activation="gelu"),
-    "top_p": dict(router="top_p", top_k=3, top_p=0.6, capacity_factor=1.0, group_size=8,
-                  dynamic_loss_weight=0.01),
+  "topk_capacity": dict(router="topk", top_k=2, capacity_factor=0.75, group_size=8),
+  "topk_dropless": dict(
+    router="topk", top_k=2, dropless=True, group_size=8, router_order="topk_softmax"
+  ),
+  "expert_choice": dict(router="expert_choice", capacity_factor=2.0, group_size=16),
+  "null_experts": dict(
+    router="null_experts", num_null_experts=4, top_k=2, capacity_factor=1.0, group_size=8
+  ),
+  "shared_experts": dict(
+    router="shared_experts",
+    num_shared_experts=2,
+    top_k=2,
+    capacity_factor=1.0,
+    group_size=8,
+    activation="gelu",
+  ),
+  "top_p": dict(
+    router="top_p", top_k=3, top_p=0.6, capacity_factor=1.0, group_size=8, dynamic_loss_weight=0.01
+  ),
 }
 
 # (data, expert, model); (1, 1, 1) runs on jax.devices()[:1].
@@ -49,7 +58,7 @@ def make_cfg(**kw) -> MoEConfig:
 
 
 def mesh_of(shape):
-  devices = jax.devices()[:int(np.prod(shape))]
+  devices = jax.devices()[: int(np.prod(shape))]
   return make_mesh(dict(zip(("data", "expert", "model"), shape)), devices=devices)
 
 
@@ -82,8 +91,9 @@ def reference(name: str):
   """The unsharded layer's (loss, (y, aux)), grads as float64 numpy trees."""
   cfg = make_cfg(**ROUTERS[name])
   params = nn.meta.unbox(random_boxed_params(cfg, seed=3))
-  return jax.tree.map(lambda a: np.asarray(a, np.float64),
-                      loss_and_grads(MoELayer(cfg))(params, *inputs()))
+  return jax.tree.map(
+    lambda a: np.asarray(a, np.float64), loss_and_grads(MoELayer(cfg))(params, *inputs())
+  )
 
 
 def run_sharded(cfg: MoEConfig, shape, seed: int = 3):
@@ -100,8 +110,9 @@ def assert_close(actual, expected, rtol=1e-5):
   def check(path, a, e):
     e = np.asarray(e, np.float64)
     atol = rtol * max(1.0, float(np.max(np.abs(e))) if e.size else 1.0)
-    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(a, np.float64), e, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+    )
 
   jax.tree_util.tree_map_with_path(check, actual, expected)
 
@@ -161,14 +172,23 @@ def test_all_to_all_experts_applies_each_expert_to_its_slots():
   x = jnp.asarray(rng.standard_normal((8, E, 3, D)), jnp.float32)  # [G, E, C, d]
   w_in = jnp.asarray(rng.standard_normal((2, E, D, F)) / np.sqrt(D), jnp.float32)
   w_down = jnp.asarray(rng.standard_normal((E, F, D)) / np.sqrt(F), jnp.float32)
-  fn = jax.jit(jax.shard_map(
-      all_to_all_experts(cfg), mesh=mesh,
-      in_specs=(P(("data", "expert")), P("expert", None, "model"),
-                P("expert", None, "model"), P("expert", "model", None)),
-      out_specs=P(("data", "expert"))))
+  fn = jax.jit(
+    jax.shard_map(
+      all_to_all_experts(cfg),
+      mesh=mesh,
+      in_specs=(
+        P(("data", "expert")),
+        P("expert", None, "model"),
+        P("expert", None, "model"),
+        P("expert", "model", None),
+      ),
+      out_specs=P(("data", "expert")),
+    )
+  )
   got = fn(x, w_in[0], w_in[1], w_down)
   h = jax.nn.silu(jnp.einsum("gecd,edf->gecf", x, w_in[0])) * jnp.einsum(
-      "gecd,edf->gecf", x, w_in[1])
+    "gecd,edf->gecf", x, w_in[1]
+  )
   want = jnp.einsum("gecf,efd->gecd", h, w_down)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -183,8 +203,11 @@ def _trace(cfg: MoEConfig, shape, x_shape=X_SHAPE):
 
 def test_indivisible_groups_name_group_size():
   cfg = make_cfg(router="topk", group_size=32)  # 128 tokens -> 4 groups on 8 shards
-  with pytest.raises(ConfigError, match=r"model\.moe\.group_size=32 is invalid.*4 routing "
-                     r"groups.*8 token shards"):
+  with pytest.raises(
+    ConfigError,
+    match=r"model\.moe\.group_size=32 is invalid.*4 routing "
+    r"groups.*8 token shards",
+  ):
     _trace(cfg, (2, 4, 1))
 
 
@@ -206,8 +229,9 @@ def test_params_placed_by_rules_match_shard_map_specs():
   no resharding is needed at the layer boundary."""
   mesh = mesh_of((2, 2, 2))
   cfg = make_cfg(router="shared_experts", num_shared_experts=2, group_size=8)
-  abstract = jax.eval_shape(MoELayer(cfg).init, jax.random.key(0),
-                            jnp.zeros(X_SHAPE, jnp.float32))["params"]
+  abstract = jax.eval_shape(MoELayer(cfg).init, jax.random.key(0), jnp.zeros(X_SHAPE, jnp.float32))[
+    "params"
+  ]
   specs = jax.tree.map(lambda s: s.spec, params_shardings(abstract, mesh))
   assert specs["wi_gate"] == P("expert", None, "model")
   assert specs["wi_up"] == P("expert", None, "model")

@@ -14,20 +14,26 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from moejax.analysis import (build_report, collect_sums, layer_report, layer_sums,
-                             moe_layer_inputs, split_batches)
+from moejax.analysis import (
+  build_report,
+  collect_sums,
+  layer_report,
+  layer_sums,
+  moe_layer_inputs,
+  split_batches,
+)
 from moejax.analysis.workflows import load_params, run_config
 from moejax.compress import dominant_experts, mc_smoe_groups, prune_model, router_logit_similarity
 from moejax.compress.workflows import merge_run, prune_run
 from moejax.config import ModelConfig
 from moejax.convert import hf
-from moejax.training.workdir import load_run_config, restore_state, save_run_config, write_run
 from moejax.errors import ConfigError
 from moejax.layers import moe_forward
 from moejax.models import Transformer
 from moejax.moe_config import MoEConfig
-from moejax.training.trainer import train
 from moejax.training.state import count_params
+from moejax.training.trainer import train
+from moejax.training.workdir import load_run_config, restore_state, save_run_config, write_run
 from tests.helpers import REPO, tiny_config
 
 TOOL = os.path.join(REPO, "tools", "expert_tools.py")
@@ -102,8 +108,13 @@ def per_token_reference(model_cfg, params, batch):
       coact[np.ix_(top[t], top[t])] += 1
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    out[i] = {"tokens": x.shape[0], "gate_norm": gate_norm, "max_abs": max_abs,
-              "prob": probs.sum(0), "coactivation": coact}
+    out[i] = {
+      "tokens": x.shape[0],
+      "gate_norm": gate_norm,
+      "max_abs": max_abs,
+      "prob": probs.sum(0),
+      "coactivation": coact,
+    }
   return out
 
 
@@ -127,26 +138,32 @@ def test_sums_match_a_per_token_reference_with_padding_masked(source):
     np.testing.assert_array_equal(got[i]["coactivation"], want[i]["coactivation"])
 
 
-@pytest.mark.parametrize("router, extra", [
+@pytest.mark.parametrize(
+  "router, extra",
+  [
     ("topk", dict(capacity_factor=0.75)),
     ("top_p", dict(top_p=0.6, capacity_factor=1.0)),
     ("expert_choice", dict(capacity_factor=1.5)),
     ("null_experts", dict(num_null_experts=2, capacity_factor=1.0)),
     ("shared_experts", dict(num_shared_experts=1, capacity_factor=1.0)),
-])
+  ],
+)
 def test_layer_sums_of_every_router_match_its_metrics(router, extra):
   """One routing group, so the layer's group-mean metrics are plain token means."""
   cfg = MoEConfig(num_experts=4, expert_d_ff=8, router=router, top_k=2, **extra)
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(1, 24, 16)), jnp.float32)
-  ffn = {"router": rng.normal(size=(16, cfg.num_router_logits)).astype(np.float32),
-         "wi_gate": rng.normal(size=(4, 16, 8)).astype(np.float32) / 4,
-         "wi_up": rng.normal(size=(4, 16, 8)).astype(np.float32) / 4,
-         "wo": rng.normal(size=(4, 8, 16)).astype(np.float32) / 3}
+  ffn = {
+    "router": rng.normal(size=(16, cfg.num_router_logits)).astype(np.float32),
+    "wi_gate": rng.normal(size=(4, 16, 8)).astype(np.float32) / 4,
+    "wi_up": rng.normal(size=(4, 16, 8)).astype(np.float32) / 4,
+    "wo": rng.normal(size=(4, 8, 16)).astype(np.float32) / 3,
+  }
   sums = jax.device_get(jax.jit(layer_sums, static_argnums=3)(x, jnp.ones((1, 24)), ffn, cfg))
   _, _, metrics = moe_forward(x, ffn["router"], ffn["wi_gate"], ffn["wi_up"], ffn["wo"], cfg)
-  layer = layer_report({k: np.asarray(v, np.float64) for k, v in sums.items()},
-                       ModelConfig(moe_every=1, moe=cfg))
+  layer = layer_report(
+    {k: np.asarray(v, np.float64) for k, v in sums.items()}, ModelConfig(moe_every=1, moe=cfg)
+  )
   np.testing.assert_allclose(layer["load_fraction"], metrics["expert_load"], atol=1e-6)
   np.testing.assert_allclose(layer["dropped_rate"], metrics["dropped_fraction"], atol=1e-6)
   np.testing.assert_allclose(layer["router_entropy"], metrics["router_entropy"], rtol=1e-5)
@@ -225,19 +242,26 @@ def is_png(path: str) -> bool:
 
 def test_stats_cli_writes_report_and_plots(run, source, sums, tmp_path):
   from tools.expert_tools import main
+
   _, model_cfg, _, _ = source
   out = str(tmp_path / "report")
-  assert main(["stats", "--workdir", run, "--out", out, "--batches", str(NUM_BATCHES),
-               "--quiet"]) == 0
+  assert (
+    main(["stats", "--workdir", run, "--out", out, "--batches", str(NUM_BATCHES), "--quiet"]) == 0
+  )
   with open(os.path.join(out, "report.json")) as f:
     report = json.load(f)
   assert report["step"] == 2 and report["split"] == "validation"
   expected = build_report(sums, model_cfg)
   for i in ("0", "1"):
-    np.testing.assert_allclose(report["layers"][i]["tokens_per_expert"],
-                               expected["layers"][i]["tokens_per_expert"])
-  names = ["load_heatmap.png", "max_activation.png", "coactivation_layer_0.png",
-           "coactivation_layer_1.png"]
+    np.testing.assert_allclose(
+      report["layers"][i]["tokens_per_expert"], expected["layers"][i]["tokens_per_expert"]
+    )
+  names = [
+    "load_heatmap.png",
+    "max_activation.png",
+    "coactivation_layer_0.png",
+    "coactivation_layer_1.png",
+  ]
   for name in names:
     path = os.path.join(out, name)
     assert is_png(path), name
@@ -251,23 +275,26 @@ def test_stats_cli_writes_report_and_plots(run, source, sums, tmp_path):
 def test_pruning_nothing_gives_the_identical_model(run, source, tmp_path):
   _, model_cfg, params, batches = source
   out = str(tmp_path / "keep_all")
-  summary = prune_run(run, out, keep=model_cfg.moe.num_experts, method="premoe",
-                      num_batches=1, progress=False)
+  summary = prune_run(
+    run, out, keep=model_cfg.moe.num_experts, method="premoe", num_batches=1, progress=False
+  )
   assert summary["kept_experts"] == {"0": [0, 1, 2, 3], "1": [0, 1, 2, 3]}
   state, _, step, exp = restore_state(load_run_config(out), out)
   assert step == 0 and exp.model_cfg == model_cfg
   pruned = jax.device_get(state.params)
   chex.assert_trees_all_equal(pruned, params)
   tokens = jnp.asarray(batches[0]["inputs"])
-  np.testing.assert_array_equal(logits_of(exp.model_cfg, pruned, tokens),
-                                logits_of(model_cfg, params, tokens))
+  np.testing.assert_array_equal(
+    logits_of(exp.model_cfg, pruned, tokens), logits_of(model_cfg, params, tokens)
+  )
 
 
 def test_pruning_keeps_top_experts_restores_trains_and_exports(run, source, sums, tmp_path):
   _, model_cfg, params, _ = source
   out = str(tmp_path / "pruned")
-  summary = prune_run(run, out, keep=3, method="easy_ep", split="validation",
-                      num_batches=NUM_BATCHES, progress=False)
+  summary = prune_run(
+    run, out, keep=3, method="easy_ep", split="validation", num_batches=NUM_BATCHES, progress=False
+  )
   config = load_run_config(out)
   state, _, _, exp = restore_state(config, out)
   assert exp.model_cfg.moe.num_experts == 3 and exp.model_cfg.moe.top_k == 2
@@ -303,15 +330,24 @@ def test_prune_model_keeps_null_columns_and_shared_experts():
   model_cfg = ModelConfig.from_config(cfg.model)
   assert model_cfg.moe_layers == (1,)
   rng = np.random.default_rng(2)
-  ffn = {"router": rng.normal(size=(32, 6)), "wi_gate": rng.normal(size=(4, 32, 32)),
-         "wi_up": rng.normal(size=(4, 32, 32)), "wo": rng.normal(size=(4, 32, 32)),
-         "shared": {"wo": rng.normal(size=(32, 32))}}
+  ffn = {
+    "router": rng.normal(size=(32, 6)),
+    "wi_gate": rng.normal(size=(4, 32, 32)),
+    "wi_up": rng.normal(size=(4, 32, 32)),
+    "wo": rng.normal(size=(4, 32, 32)),
+    "shared": {"wo": rng.normal(size=(32, 32))},
+  }
   params = {"layers_0": {"ffn": {"wo": rng.normal(size=(64, 32))}}, "layers_1": {"ffn": ffn}}
   prob = np.array([5.0, 1.0, 7.0, 3.0, 2.0, 2.0])  # PreMoe keeps experts 2 and 0
-  sums = {1: {"tokens": 20.0, "prob": prob, "processed": np.ones(4),
-              "gate_norm": np.array([1.0, 4.0, 3.0, 2.0])}}
-  for method, keep, kept in (("premoe", 2, [0, 2]), ("easy_ep", 3, [1, 2, 3]),
-                             ("premoe", 1, [2])):
+  sums = {
+    1: {
+      "tokens": 20.0,
+      "prob": prob,
+      "processed": np.ones(4),
+      "gate_norm": np.array([1.0, 4.0, 3.0, 2.0]),
+    }
+  }
+  for method, keep, kept in (("premoe", 2, [0, 2]), ("easy_ep", 3, [1, 2, 3]), ("premoe", 1, [2])):
     new_cfg, new, chosen, scores = prune_model(cfg, model_cfg, params, sums, keep, method)
     assert chosen == {1: kept}
     out = new["layers_1"]["ffn"]
@@ -384,43 +420,98 @@ def test_merging_identical_pairs_keeps_the_output(run, source, tmp_path):
   paired_run = str(tmp_path / "paired")
   write_run(config, paired_run, paired)
   out = str(tmp_path / "merged")
-  summary = merge_run(paired_run, out, num_experts=2, top_k=1, split="validation",
-                      num_batches=1, progress=False)
+  summary = merge_run(
+    paired_run, out, num_experts=2, top_k=1, split="validation", num_batches=1, progress=False
+  )
   assert summary["groups"] == {"0": [[0, 1], [2, 3]], "1": [[0, 1], [2, 3]]}
   state, _, _, exp = restore_state(load_run_config(out), out)
   assert exp.model_cfg.moe.num_experts == 2 and exp.model_cfg.moe.top_k == 1
   merged = jax.device_get(state.params)
   chex.assert_shape(merged["layers_0"]["ffn"]["wo"], (2, 32, 32))
   tokens = jnp.asarray(batches[1]["inputs"])
-  np.testing.assert_allclose(logits_of(exp.model_cfg, merged, tokens),
-                             logits_of(model_cfg, paired, tokens), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    logits_of(exp.model_cfg, merged, tokens),
+    logits_of(model_cfg, paired, tokens),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_merge_cli_writes_a_loadable_run(run, tmp_path):
   from tools.expert_tools import main
+
   out = str(tmp_path / "merged3")
-  assert main(["merge", "--workdir", run, "--out", out, "--num_experts", "3", "--batches",
-               "1", "--quiet", "--method", "mc_smoe"]) == 0
+  assert (
+    main(
+      [
+        "merge",
+        "--workdir",
+        run,
+        "--out",
+        out,
+        "--num_experts",
+        "3",
+        "--batches",
+        "1",
+        "--quiet",
+        "--method",
+        "mc_smoe",
+      ]
+    )
+    == 0
+  )
   with open(os.path.join(out, "merge.json")) as f:
     summary = json.load(f)
   for groups in summary["groups"].values():
     assert len(groups) == 3 and sorted(sum(groups, [])) == [0, 1, 2, 3]
   state, _, _, exp = restore_state(load_run_config(out), out)
   assert exp.model_cfg.moe.num_experts == 3 and exp.model_cfg.moe.top_k == 2
-  logits = logits_of(exp.model_cfg, jax.device_get(state.params),
-                     jnp.zeros((2, 8), jnp.int32))
+  logits = logits_of(exp.model_cfg, jax.device_get(state.params), jnp.zeros((2, 8), jnp.int32))
   assert np.isfinite(logits).all()
-  assert main(["merge", "--workdir", run, "--out", str(tmp_path / "x"), "--num_experts",
-               "5", "--method", "mc_smoe"]) == 2
+  assert (
+    main(
+      [
+        "merge",
+        "--workdir",
+        run,
+        "--out",
+        str(tmp_path / "x"),
+        "--num_experts",
+        "5",
+        "--method",
+        "mc_smoe",
+      ]
+    )
+    == 2
+  )
 
 
-def test_contiguous_merge_without_batches_is_the_uniform_mean_of_index_ranges(run, source,
-                                                                               tmp_path):
+def test_contiguous_merge_without_batches_is_the_uniform_mean_of_index_ranges(
+  run, source, tmp_path
+):
   from tools.expert_tools import main
+
   _, _, params, _ = source
   out = str(tmp_path / "merged2")
-  assert main(["merge", "--workdir", run, "--out", out, "--num_experts", "2", "--batches",
-               "0", "--method", "contiguous", "--quiet"]) == 0
+  assert (
+    main(
+      [
+        "merge",
+        "--workdir",
+        run,
+        "--out",
+        out,
+        "--num_experts",
+        "2",
+        "--batches",
+        "0",
+        "--method",
+        "contiguous",
+        "--quiet",
+      ]
+    )
+    == 0
+  )
   with open(os.path.join(out, "merge.json")) as f:
     assert json.load(f)["groups"] == {"0": [[0, 1], [2, 3]], "1": [[0, 1], [2, 3]]}
   state, _, _, exp = restore_state(load_run_config(out), out)
@@ -429,30 +520,70 @@ def test_contiguous_merge_without_batches_is_the_uniform_mean_of_index_ranges(ru
   for i in (0, 1):
     old, new = params[f"layers_{i}"]["ffn"], merged[f"layers_{i}"]["ffn"]
     for name in ("wi_gate", "wi_up", "wo"):
-      np.testing.assert_allclose(new[name], np.stack([old[name][0:2].mean(0),
-                                                      old[name][2:4].mean(0)]), rtol=1e-6)
-    np.testing.assert_allclose(new["router"], np.stack(
-        [old["router"][:, 0:2].mean(1), old["router"][:, 2:4].mean(1)], axis=1), rtol=1e-6)
+      np.testing.assert_allclose(
+        new[name], np.stack([old[name][0:2].mean(0), old[name][2:4].mean(0)]), rtol=1e-6
+      )
+    np.testing.assert_allclose(
+      new["router"],
+      np.stack([old["router"][:, 0:2].mean(1), old["router"][:, 2:4].mean(1)], axis=1),
+      rtol=1e-6,
+    )
   # mc_smoe needs routing statistics; 3 does not divide 4 for contiguous groups
-  assert main(["merge", "--workdir", run, "--out", str(tmp_path / "y"), "--num_experts",
-               "2", "--batches", "0", "--method", "mc_smoe"]) == 2
-  assert main(["merge", "--workdir", run, "--out", str(tmp_path / "z"), "--num_experts",
-               "3", "--batches", "0", "--method", "contiguous"]) == 2
+  assert (
+    main(
+      [
+        "merge",
+        "--workdir",
+        run,
+        "--out",
+        str(tmp_path / "y"),
+        "--num_experts",
+        "2",
+        "--batches",
+        "0",
+        "--method",
+        "mc_smoe",
+      ]
+    )
+    == 2
+  )
+  assert (
+    main(
+      [
+        "merge",
+        "--workdir",
+        run,
+        "--out",
+        str(tmp_path / "z"),
+        "--num_experts",
+        "3",
+        "--batches",
+        "0",
+        "--method",
+        "contiguous",
+      ]
+    )
+    == 2
+  )
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-@pytest.mark.parametrize("sub, flags", [
+@pytest.mark.parametrize(
+  "sub, flags",
+  [
     (None, ["stats", "prune", "merge"]),
     ("stats", ["--workdir", "--out", "--split", "--batches", "--super_threshold"]),
     ("prune", ["--keep", "--method", "easy_ep", "premoe", "--mesh"]),
     ("merge", ["--num_experts", "--top_k", "--batches", "--method", "mc_smoe", "contiguous"]),
-])
+  ],
+)
 def test_cli_help(sub, flags):
   argv = [sys.executable, TOOL] + ([sub] if sub else []) + ["--help"]
-  out = subprocess.run(argv, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=REPO))  # this checkout's moejax
+  out = subprocess.run(
+    argv, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO)
+  )  # this checkout's moejax
   assert out.returncode == 0, out.stderr
   for flag in flags:
     assert flag in out.stdout

@@ -55,11 +55,14 @@ def moejax_logits(cfg: ModelConfig, params, tokens) -> np.ndarray:
 # ---------------------------------------------------------------------------- moejax -> HF
 
 
-@pytest.mark.parametrize("q_lora_rank,scaling,tie", [(0, 1.0, False), (10, 2.5, False),
-                                                     (0, 1.0, True)],
-                         ids=["v2-lite", "q_lora-scaled", "tied"])
-def test_moejax_export_gives_the_same_logits_in_transformers(tmp_path, torch_hf, q_lora_rank,
-                                                             scaling, tie):
+@pytest.mark.parametrize(
+  "q_lora_rank,scaling,tie",
+  [(0, 1.0, False), (10, 2.5, False), (0, 1.0, True)],
+  ids=["v2-lite", "q_lora-scaled", "tied"],
+)
+def test_moejax_export_gives_the_same_logits_in_transformers(
+  tmp_path, torch_hf, q_lora_rank, scaling, tie
+):
   cfg = model_cfg(q_lora_rank, routed_scaling_factor=scaling, tie_embeddings=tie)
   params = init_params(cfg, seed=5)
   files = hf.export_hf(params, cfg, str(tmp_path / "hf"))
@@ -67,8 +70,9 @@ def test_moejax_export_gives_the_same_logits_in_transformers(tmp_path, torch_hf,
   tokens = tokens_for(cfg.vocab_size)
   ours = moejax_logits(cfg, params, tokens)
   assert np.abs(ours).max() > 0.1  # a model that says something
-  np.testing.assert_allclose(ours, hf_logits(torch_hf, str(tmp_path / "hf"), tokens),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    ours, hf_logits(torch_hf, str(tmp_path / "hf"), tokens), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_export_names_follow_the_deepseek_v2_layout():
@@ -87,14 +91,19 @@ def test_export_names_follow_the_deepseek_v2_layout():
   np.testing.assert_array_equal(tensors[f"{attn}.kv_b_proj.weight"][2 * 11 + 7], kv_b[:, 2, 7])
   assert "model.layers.0.mlp.gate_proj.weight" in tensors  # layer 0 dense
   for j in range(e):
-    np.testing.assert_array_equal(tensors[f"model.layers.2.mlp.experts.{j}.up_proj.weight"],
-                                  params["layers_2"]["ffn"]["wi_up"][j].T)
+    np.testing.assert_array_equal(
+      tensors[f"model.layers.2.mlp.experts.{j}.up_proj.weight"],
+      params["layers_2"]["ffn"]["wi_up"][j].T,
+    )
   assert tensors["model.layers.2.mlp.gate.weight"].shape == (e, d)
   assert tensors["model.layers.2.mlp.shared_experts.down_proj.weight"].shape == (d, f)
   assert len(tensors) == len(hf_deepseek.tensor_maps(cfg))
   config = hf_deepseek.hf_config(cfg)
-  assert (config["first_k_dense_replace"], config["q_lora_rank"],
-          config["routed_scaling_factor"]) == (1, 10, 1.0)
+  assert (
+    config["first_k_dense_replace"],
+    config["q_lora_rank"],
+    config["routed_scaling_factor"],
+  ) == (1, 10, 1.0)
 
 
 # ---------------------------------------------------------------------------- HF -> moejax
@@ -104,12 +113,27 @@ def _save_random_hf_deepseek(torch_hf, path: str, seed: int = 0, **overrides) ->
   torch, transformers = torch_hf
   torch.manual_seed(seed)
   # (widths multiples of 4: transformers' grouped-mm experts need 16-byte strides)
-  kw = dict(vocab_size=61, hidden_size=32, intermediate_size=36, moe_intermediate_size=12,
-            num_hidden_layers=3, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=12,
-            qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=6,
-            n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
-            routed_scaling_factor=1.5, max_position_embeddings=128, rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 2000.0})
+  kw = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=36,
+    moe_intermediate_size=12,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    q_lora_rank=None,
+    kv_lora_rank=12,
+    qk_nope_head_dim=6,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=6,
+    n_shared_experts=2,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 2000.0},
+  )
   kw.update(overrides)
   model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**kw))
   with torch.no_grad():  # HF's init is tiny (std 0.02) and leaves norms at 1: make it speak
@@ -122,8 +146,9 @@ def _save_random_hf_deepseek(torch_hf, path: str, seed: int = 0, **overrides) ->
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 8])
-def test_transformers_model_imported_into_moejax_gives_the_same_logits(tmp_path, torch_hf,
-                                                                       q_lora_rank):
+def test_transformers_model_imported_into_moejax_gives_the_same_logits(
+  tmp_path, torch_hf, q_lora_rank
+):
   _save_random_hf_deepseek(torch_hf, str(tmp_path / "hf"), q_lora_rank=q_lora_rank)
   section, params = hf.import_hf(str(tmp_path / "hf"))
   cfg = ModelConfig.from_config(section)
@@ -133,13 +158,15 @@ def test_transformers_model_imported_into_moejax_gives_the_same_logits(tmp_path,
   tokens = tokens_for(cfg.vocab_size, seed=1)
   ours = moejax_logits(cfg, params, tokens)
   assert np.abs(ours).max() > 0.1
-  np.testing.assert_allclose(ours, hf_logits(torch_hf, str(tmp_path / "hf"), tokens),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    ours, hf_logits(torch_hf, str(tmp_path / "hf"), tokens), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_import_then_export_is_bit_identical_to_the_transformers_files(tmp_path, torch_hf):
-  _save_random_hf_deepseek(torch_hf, str(tmp_path / "hf"), seed=2, q_lora_rank=8,
-                           tie_word_embeddings=True)
+  _save_random_hf_deepseek(
+    torch_hf, str(tmp_path / "hf"), seed=2, q_lora_rank=8, tie_word_embeddings=True
+  )
   section, params = hf.import_hf(str(tmp_path / "hf"))
   cfg = ModelConfig.from_config(section)
   assert cfg.tie_embeddings
@@ -148,9 +175,19 @@ def test_import_then_export_is_bit_identical_to_the_transformers_files(tmp_path,
   # and the re-exported config describes the same transformers model
   with open(tmp_path / "hf" / "config.json") as f, open(tmp_path / "again" / "config.json") as g:
     a, b = json.load(f), json.load(g)
-  for key in ("hidden_size", "num_hidden_layers", "q_lora_rank", "kv_lora_rank", "v_head_dim",
-              "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
-              "routed_scaling_factor", "rope_parameters", "tie_word_embeddings"):
+  for key in (
+    "hidden_size",
+    "num_hidden_layers",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "v_head_dim",
+    "n_routed_experts",
+    "n_shared_experts",
+    "first_k_dense_replace",
+    "routed_scaling_factor",
+    "rope_parameters",
+    "tie_word_embeddings",
+  ):
     assert a[key] == b[key], key
 
 
@@ -160,8 +197,9 @@ def test_fused_in_memory_expert_layout_is_accepted(tmp_path, torch_hf):
   torch, transformers = torch_hf
   _save_random_hf_deepseek(torch_hf, str(tmp_path / "hf"), seed=3)
   section, params = hf.import_hf(str(tmp_path / "hf"))
-  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"),
-                                                            dtype=torch.float32)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    str(tmp_path / "hf"), dtype=torch.float32
+  )
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   assert "model.layers.1.mlp.experts.gate_up_proj" in state
   cfg = ModelConfig.from_config(section)
@@ -197,22 +235,33 @@ def _edit_config(path: str, **changes) -> None:
     json.dump(config, f)
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(model_type="llama", architectures=["LlamaForCausalLM"]),
-     r"unknown architecture model_type='llama' \(architectures=\['LlamaForCausalLM'\]\)"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 40}),
-     r"rope_parameters\.rope_type='yarn' is not supported .* only 'default'"),
-    (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 40}),
-     r"rope_type='yarn'"),  # the transformers 4.x spelling
-    (dict(topk_method="group_limited_greedy", n_group=2, topk_group=1),
-     r"topk_method='group_limited_greedy' is not supported .* 'greedy'"),
+@pytest.mark.parametrize(
+  "changes,match",
+  [
+    (
+      dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+      r"unknown architecture model_type='llama' \(architectures=\['LlamaForCausalLM'\]\)",
+    ),
+    (
+      dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 40}),
+      r"rope_parameters\.rope_type='yarn' is not supported .* only 'default'",
+    ),
+    (
+      dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 40}),
+      r"rope_type='yarn'",
+    ),  # the transformers 4.x spelling
+    (
+      dict(topk_method="group_limited_greedy", n_group=2, topk_group=1),
+      r"topk_method='group_limited_greedy' is not supported .* 'greedy'",
+    ),
     (dict(norm_topk_prob=True), r"norm_topk_prob=True is not supported"),
     (dict(moe_layer_freq=2), r"moe_layer_freq=2 is not supported"),
     (dict(attention_bias=True), r"attention_bias=True"),
     (dict(num_key_value_heads=2), r"num_key_value_heads=2 .* num_attention_heads = 4"),
     (dict(n_shared_experts=0), r"n_shared_experts=0 .* at least one shared expert"),
     (dict(first_k_dense_replace=3), r"first_k_dense_replace=3 .* at least one MoE layer"),
-])
+  ],
+)
 def test_unsupported_configs_are_rejected_by_name(tmp_path, changes, match):
   src = _export(tmp_path)
   _edit_config(src, **changes)
@@ -224,15 +273,19 @@ def test_import_errors_name_the_tensor_and_its_shapes(tmp_path):
   src = _export(tmp_path)
   tensors = load_file(os.path.join(src, "model.safetensors"))
   missing = "model.layers.2.mlp.experts.3.down_proj.weight"
-  save_file({k: v for k, v in tensors.items() if k != missing},
-            os.path.join(src, "model.safetensors"))
+  save_file(
+    {k: v for k, v in tensors.items() if k != missing}, os.path.join(src, "model.safetensors")
+  )
   with pytest.raises(ConversionError, match=missing.replace(".", r"\.") + " .*missing"):
     hf.import_hf(src)
   bad = dict(tensors)
   bad["model.layers.1.self_attn.kv_b_proj.weight"] = np.zeros((44, 11), np.float32)
   save_file(bad, os.path.join(src, "model.safetensors"))
-  with pytest.raises(ConversionError, match=r"kv_b_proj\.weight has shape \(44, 11\) but .* "
-                                            r"expects \(44, 12\)"):
+  with pytest.raises(
+    ConversionError,
+    match=r"kv_b_proj\.weight has shape \(44, 11\) but .* "
+    r"expects \(44, 12\)",
+  ):
     hf.import_hf(src)
   extra = dict(tensors)
   extra["model.layers.1.self_attn.q_a_proj.weight"] = np.zeros((8, 24), np.float32)
@@ -256,10 +309,14 @@ def test_failed_export_leaves_no_output_directory(tmp_path):
 
 
 def test_family_is_inferred_and_models_neither_family_fits_are_rejected(tmp_path):
-  topk = model_cfg(0, moe=dataclasses.replace(model_cfg(0).moe, router="topk",
-                                              num_shared_experts=0))
-  with pytest.raises(ConversionError, match=r"deepseek_v2: .*model\.moe\.router='topk' must be "
-                                            r"'shared_experts'"):
+  topk = model_cfg(
+    0, moe=dataclasses.replace(model_cfg(0).moe, router="topk", num_shared_experts=0)
+  )
+  with pytest.raises(
+    ConversionError,
+    match=r"deepseek_v2: .*model\.moe\.router='topk' must be "
+    r"'shared_experts'",
+  ):
     hf.export_hf(init_params(topk), topk, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
   hf.export_hf(init_params(model_cfg(0)), model_cfg(0), str(tmp_path / "ok"))
@@ -273,25 +330,55 @@ def test_deepseek_like_config_is_deepseek_v2_lite_in_transformers(torch_hf):
   torch, transformers = torch_hf
   cfg = ModelConfig.from_config(load_config("deepseek_like").model)
   hf_cfg = hf_deepseek.hf_config(cfg)
-  assert {k: hf_cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                 "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-                                 "qk_rope_head_dim", "v_head_dim", "intermediate_size",
-                                 "moe_intermediate_size", "n_routed_experts",
-                                 "n_shared_experts", "num_experts_per_tok",
-                                 "first_k_dense_replace", "vocab_size")} == dict(
-      hidden_size=2048, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
-      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-      intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
-      n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, vocab_size=102400)
+  assert {
+    k: hf_cfg[k]
+    for k in (
+      "hidden_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "q_lora_rank",
+      "kv_lora_rank",
+      "qk_nope_head_dim",
+      "qk_rope_head_dim",
+      "v_head_dim",
+      "intermediate_size",
+      "moe_intermediate_size",
+      "n_routed_experts",
+      "n_shared_experts",
+      "num_experts_per_tok",
+      "first_k_dense_replace",
+      "vocab_size",
+    )
+  } == dict(
+    hidden_size=2048,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    q_lora_rank=None,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    intermediate_size=10944,
+    moe_intermediate_size=1408,
+    n_routed_experts=64,
+    n_shared_experts=2,
+    num_experts_per_tok=6,
+    first_k_dense_replace=1,
+    vocab_size=102400,
+  )
   with torch.device("meta"):
     model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**hf_cfg))
-  abstract = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
-                                          jnp.zeros((1, 8), jnp.int32))["params"])
+  abstract = nn.meta.unbox(
+    jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  )
   ours = sum(x.size for x in jax.tree.leaves(abstract))
   assert sum(p.numel() for p in model.parameters()) == ours == 15_706_484_224
   # every HF tensor name of the layout exists in the transformers model (experts fused)
   hf_names = set(model.state_dict())
   for m in hf_deepseek.tensor_maps(cfg):
-    name = m.name if m.expert is None else m.name.rsplit(".", 3)[0] + (
-        ".down_proj" if "down_proj" in m.name else ".gate_up_proj")
+    name = (
+      m.name
+      if m.expert is None
+      else m.name.rsplit(".", 3)[0] + (".down_proj" if "down_proj" in m.name else ".gate_up_proj")
+    )
     assert name in hf_names, name

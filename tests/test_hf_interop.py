@@ -42,10 +42,19 @@ def test_moejax_export_gives_the_same_logits_in_transformers(tmp_path, tie):
 def _save_random_hf_mixtral(path: str, seed: int = 0, **overrides) -> None:
   torch.manual_seed(seed)
   config = transformers.MixtralConfig(
-      vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-      num_experts_per_tok=2, max_position_embeddings=128, rms_norm_eps=1e-6,
-      rope_theta=5000.0, **overrides)
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    rope_theta=5000.0,
+    **overrides,
+  )
   model = transformers.MixtralForCausalLM(config)
   with torch.no_grad():  # HF's init leaves norms at 1: make them informative
     for name, p in model.named_parameters():
@@ -61,8 +70,12 @@ def test_transformers_model_imported_into_moejax_gives_the_same_logits(tmp_path)
   assert (model_cfg.d_model, model_cfg.moe.num_experts, model_cfg.num_kv_heads) == (48, 4, 2)
   assert model_cfg.rope_theta == 5000.0 and model_cfg.rms_norm_eps == 1e-6
   tokens = tokens_for(model_cfg.vocab_size, seed=1)
-  np.testing.assert_allclose(logits_of(model_cfg, params, tokens),
-                             hf_logits(str(tmp_path / "hf"), tokens), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    logits_of(model_cfg, params, tokens),
+    hf_logits(str(tmp_path / "hf"), tokens),
+    rtol=1e-4,
+    atol=1e-4,
+  )
 
 
 def test_import_then_export_is_bit_identical_to_the_transformers_files(tmp_path):
@@ -79,5 +92,9 @@ def test_sharded_export_loads_in_transformers(tmp_path):
   files = hf.export_hf(params, model_cfg, str(tmp_path / "hf"), max_shard_bytes=30_000)
   assert "model.safetensors.index.json" in files
   tokens = tokens_for(model_cfg.vocab_size, seed=3)
-  np.testing.assert_allclose(logits_of(model_cfg, params, tokens),
-                             hf_logits(str(tmp_path / "hf"), tokens), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    logits_of(model_cfg, params, tokens),
+    hf_logits(str(tmp_path / "hf"), tokens),
+    rtol=1e-4,
+    atol=1e-4,
+  )

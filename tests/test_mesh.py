@@ -8,15 +8,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moejax.errors import ConfigError
 from moejax.layers import DenseFFN
 from moejax.layers.moe import MoELayer
 from moejax.moe_config import MoEConfig
-from moejax.parallel import (MESH_AXES, TOKEN_AXES, batch_sharding, logical_axis_rules,
-                             logical_to_sharding, make_mesh, mesh_shape_of, params_shardings,
-                             resolve_mesh_shape, shard_params, validate_mesh_for_moe)
+from moejax.parallel import (
+  MESH_AXES,
+  TOKEN_AXES,
+  batch_sharding,
+  logical_axis_rules,
+  logical_to_sharding,
+  make_mesh,
+  mesh_shape_of,
+  params_shardings,
+  resolve_mesh_shape,
+  shard_params,
+  validate_mesh_for_moe,
+)
 
 
 def shape_of(mesh) -> tuple[int, int, int]:
@@ -28,13 +39,16 @@ def test_axes_constants():
   assert TOKEN_AXES == ("data", "expert")
 
 
-@pytest.mark.parametrize("cfg, want", [
+@pytest.mark.parametrize(
+  "cfg, want",
+  [
     ({"data": 2, "expert": 4, "model": 1}, (2, 4, 1)),
     ({"data": 1, "expert": 8, "model": 1}, (1, 8, 1)),
     ({"data": -1, "expert": 2, "model": 2}, (2, 2, 2)),
     ({"data": 1, "expert": -1, "model": 2}, (1, 4, 2)),
     ({"data": 8, "expert": 1, "model": -1}, (8, 1, 1)),
-])
+  ],
+)
 def test_make_mesh_shapes_and_fill(cfg, want):
   mesh = make_mesh(cfg)
   assert mesh.axis_names == MESH_AXES
@@ -52,7 +66,9 @@ def test_make_mesh_from_config_dict_and_device_subset():
   assert one.devices.size == 1
 
 
-@pytest.mark.parametrize("cfg, pattern", [
+@pytest.mark.parametrize(
+  "cfg, pattern",
+  [
     ({"data": 2, "expert": 2, "model": 1}, r"^mesh\.data=2 is invalid: .* = 4 must equal .* \(8\)"),
     ({"data": 16, "expert": 1, "model": 1}, r"^mesh\.data=16 is invalid"),
     ({"data": 2, "expert": 3, "model": 1}, r"^mesh\.expert=3 is invalid"),
@@ -65,7 +81,8 @@ def test_make_mesh_from_config_dict_and_device_subset():
     ({"data": 1, "expert": "8", "model": 1}, r"^mesh\.expert='8' is invalid"),
     ({"data": 1, "expert": 8, "model": 1, "pipe": 1}, r"^mesh\.pipe=1 is invalid: unknown"),
     ({"data": 2, "expert": 4}, r"^mesh\.model is missing"),
-])
+  ],
+)
 def test_mesh_config_errors_name_the_field(cfg, pattern):
   with pytest.raises(ConfigError, match=pattern):
     make_mesh(cfg)
@@ -73,14 +90,20 @@ def test_mesh_config_errors_name_the_field(cfg, pattern):
 
 def test_resolve_mesh_shape_custom_path():
   assert resolve_mesh_shape({"data": -1, "expert": 4, "model": 1}, 16) == {
-      "data": 4, "expert": 4, "model": 1}
+    "data": 4,
+    "expert": 4,
+    "model": 1,
+  }
   with pytest.raises(ConfigError, match=r"^run\.mesh\.expert=5 is invalid"):
     resolve_mesh_shape({"data": 1, "expert": 5, "model": -1}, 8, path="run.mesh")
 
 
 def test_mesh_shape_of():
   assert mesh_shape_of(make_mesh({"data": 2, "expert": -1, "model": 2})) == {
-      "data": 2, "expert": 2, "model": 2}
+    "data": 2,
+    "expert": 2,
+    "model": 2,
+  }
   assert mesh_shape_of({"expert": 4}) == {"data": 1, "expert": 4, "model": 1}
 
 
@@ -90,11 +113,17 @@ def test_validate_mesh_for_moe():
   validate_mesh_for_moe(mesh, None)  # dense model
   validate_mesh_for_moe({"expert": 16}, {"num_experts": 32, "expert_d_ff": 7})
   cfg = MoEConfig(num_experts=6, expert_d_ff=32, config_path="model.moe")
-  with pytest.raises(ConfigError, match=r"^model\.moe\.num_experts=6 is invalid: .*"
-                     r"mesh\.expert=4"):
+  with pytest.raises(
+    ConfigError,
+    match=r"^model\.moe\.num_experts=6 is invalid: .*"
+    r"mesh\.expert=4",
+  ):
     validate_mesh_for_moe(mesh, cfg)
-  with pytest.raises(ConfigError, match=r"^model\.moe\.expert_d_ff=33 is invalid: .*"
-                     r"mesh\.model=2"):
+  with pytest.raises(
+    ConfigError,
+    match=r"^model\.moe\.expert_d_ff=33 is invalid: .*"
+    r"mesh\.model=2",
+  ):
     validate_mesh_for_moe(mesh, {"num_experts": 8, "expert_d_ff": 33})
 
 
@@ -103,22 +132,22 @@ def test_rules_map_logical_names_to_mesh_axes():
   assert rules["batch"] == TOKEN_AXES and rules["expert"] == "expert"
   mesh = make_mesh({"data": 2, "expert": 2, "model": 2})
   specs = {
-      "expert_in": P("expert", "embed", "expert_mlp"),
-      "expert_out": P("expert", "expert_mlp", "embed"),
-      "router": P("embed", "router"),
-      "dense_in": P("embed", "mlp"),
-      "batch": P("batch", "length"),
-      "unknown": P("nothing_maps_this", "embed"),
+    "expert_in": P("expert", "embed", "expert_mlp"),
+    "expert_out": P("expert", "expert_mlp", "embed"),
+    "router": P("embed", "router"),
+    "dense_in": P("embed", "mlp"),
+    "batch": P("batch", "length"),
+    "unknown": P("nothing_maps_this", "embed"),
   }
   got = logical_to_sharding(specs, mesh)
   assert all(isinstance(s, NamedSharding) and s.mesh == mesh for s in got.values())
   want = {
-      "expert_in": P("expert", None, "model"),
-      "expert_out": P("expert", "model", None),
-      "router": P(None, None),
-      "dense_in": P(None, "model"),
-      "batch": P(("data", "expert"), None),
-      "unknown": P(None, None),
+    "expert_in": P("expert", None, "model"),
+    "expert_out": P("expert", "model", None),
+    "router": P(None, None),
+    "dense_in": P(None, "model"),
+    "batch": P(("data", "expert"), None),
+    "unknown": P(None, None),
   }
   for k, spec in want.items():
     assert got[k].spec == spec, k
@@ -136,8 +165,9 @@ def test_indivisible_dims_replicated_except_expert_dims():
 
 
 def _moe_boxed_params():
-  cfg = MoEConfig(num_experts=8, expert_d_ff=32, router="shared_experts",
-                  num_shared_experts=2, group_size=8)
+  cfg = MoEConfig(
+    num_experts=8, expert_d_ff=32, router="shared_experts", num_shared_experts=2, group_size=8
+  )
   return MoELayer(cfg).init(jax.random.key(0), jnp.ones((2, 8, 16), jnp.float32))["params"]
 
 
@@ -153,12 +183,16 @@ def test_shard_params_places_leaves_by_logical_names():
   assert values["router"].sharding.is_fully_replicated
   assert values["shared"]["wo"].sharding.spec == P("model", None)
   # Placement moves values, never changes them.
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               values, nn.meta.unbox(boxed))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+    values,
+    nn.meta.unbox(boxed),
+  )
   # Each device holds exactly its block of the expert axis.
   for shard in values["wi_up"].addressable_shards:
-    np.testing.assert_array_equal(np.asarray(shard.data),
-                                  np.asarray(nn.meta.unbox(boxed)["wi_up"])[shard.index])
+    np.testing.assert_array_equal(
+      np.asarray(shard.data), np.asarray(nn.meta.unbox(boxed)["wi_up"])[shard.index]
+    )
 
 
 def test_shard_params_unboxed_needs_logical_specs():

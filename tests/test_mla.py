@@ -32,12 +32,31 @@ MLA = dict(num_heads=4, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4,
 
 def model_cfg(q_lora_rank: int = 0, routed_scaling_factor: float = 1.0, **kw) -> ModelConfig:
   """A 3-layer DeepSeek-V2-like model: layer 0 dense, layers 1-2 MoE with a shared expert."""
-  moe = MoEConfig(num_experts=5, expert_d_ff=8, router="shared_experts", num_shared_experts=1,
-                  top_k=2, router_order="softmax_topk", dropless=True,
-                  routed_scaling_factor=routed_scaling_factor)
-  base = dict(vocab_size=40, d_model=24, num_layers=3, d_ff=20, attention="mla",
-              q_lora_rank=q_lora_rank, moe_every=1, first_moe_layer=1, rope_theta=300.0,
-              rms_norm_eps=1e-5, max_len=32, moe=moe, **MLA)
+  moe = MoEConfig(
+    num_experts=5,
+    expert_d_ff=8,
+    router="shared_experts",
+    num_shared_experts=1,
+    top_k=2,
+    router_order="softmax_topk",
+    dropless=True,
+    routed_scaling_factor=routed_scaling_factor,
+  )
+  base = dict(
+    vocab_size=40,
+    d_model=24,
+    num_layers=3,
+    d_ff=20,
+    attention="mla",
+    q_lora_rank=q_lora_rank,
+    moe_every=1,
+    first_moe_layer=1,
+    rope_theta=300.0,
+    rms_norm_eps=1e-5,
+    max_len=32,
+    moe=moe,
+    **MLA,
+  )
   base.update(kw)
   return ModelConfig(**base)
 
@@ -136,11 +155,18 @@ def np_deepseek_forward(cfg: ModelConfig, params, tokens):
     if cfg.is_moe_layer(i):
       m = cfg.moe
       routed, _ = moe_layer_reference(
-          x, {k: f[k] for k in ("router", "wi_gate", "wi_up", "wo")}, router="topk",
-          num_experts=m.num_experts, k=m.top_k, dropless=True, order="softmax_topk")
+        x,
+        {k: f[k] for k in ("router", "wi_gate", "wi_up", "wo")},
+        router="topk",
+        num_experts=m.num_experts,
+        k=m.top_k,
+        dropless=True,
+        order="softmax_topk",
+      )
       sh = f["shared"]
-      y = (m.routed_scaling_factor * routed
-           + gated_ffn_np(x, sh["wi_gate"], sh["wi_up"], sh["wo"], "silu"))
+      y = m.routed_scaling_factor * routed + gated_ffn_np(
+        x, sh["wi_gate"], sh["wi_up"], sh["wo"], "silu"
+      )
     else:
       y = gated_ffn_np(x, f["wi_gate"], f["wi_up"], f["wo"], "silu")
     h = h + y
@@ -161,15 +187,22 @@ def test_interleaved_rope_rotates_complex_pairs():
   want = np.stack([np_rope_complex(x[b].astype(np.float64), 100.0) for b in range(2)])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got[:, 0], x[:, 0])  # position 0 is not rotated
-  np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1),
-                             rtol=1e-5)  # a rotation
+  np.testing.assert_allclose(
+    np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5
+  )  # a rotation
 
 
 @pytest.mark.parametrize("q_lora_rank", [0, 10])
 def test_mla_module_matches_numpy_reference(q_lora_rank):
   cfg = model_cfg(q_lora_rank)
-  module = MLAttention(cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
-                       cfg.qk_rope_head_dim, cfg.v_head_dim, q_lora_rank)
+  module = MLAttention(
+    cfg.num_heads,
+    cfg.kv_lora_rank,
+    cfg.qk_nope_head_dim,
+    cfg.qk_rope_head_dim,
+    cfg.v_head_dim,
+    q_lora_rank,
+  )
   x = np.random.default_rng(1).normal(size=(B, L, cfg.d_model)).astype(np.float32)
   cos, sin = interleaved_rope_angles(jnp.arange(L), cfg.qk_rope_head_dim, cfg.rope_theta)
   params = init_params(cfg, seed=2)["layers_0"]["attn"]
@@ -187,22 +220,22 @@ def test_deepseek_model_matches_numpy_reference(q_lora_rank, scaling):
   logits, aux = apply(cfg, params, tokens)
   chex.assert_shape(logits, (B, L, cfg.vocab_size))
   assert sorted(aux["metrics"]) == ["layers_1", "layers_2"]
-  np.testing.assert_allclose(logits, np_deepseek_forward(cfg, params, tokens), rtol=2e-4,
-                             atol=2e-4)
+  np.testing.assert_allclose(logits, np_deepseek_forward(cfg, params, tokens), rtol=2e-4, atol=2e-4)
 
 
 def test_routed_scaling_factor_scales_only_the_combine_weights():
   logits = jax.random.normal(jax.random.key(0), (2, 6, 5))
-  base = MoEConfig(num_experts=5, router="shared_experts", num_shared_experts=1, top_k=2,
-                   dropless=True)
+  base = MoEConfig(
+    num_experts=5, router="shared_experts", num_shared_experts=1, top_k=2, dropless=True
+  )
   one = route(logits, base)
   for a in (0.5, 16.0):
     scaled = route(logits, dataclasses.replace(base, routed_scaling_factor=a))
     np.testing.assert_allclose(scaled.combine_weight, a * one.combine_weight, rtol=1e-6)
-    chex.assert_trees_all_equal((scaled.dispatch_index, scaled.slot_valid, scaled.aux_losses,
-                                 scaled.metrics),
-                                (one.dispatch_index, one.slot_valid, one.aux_losses,
-                                 one.metrics))
+    chex.assert_trees_all_equal(
+      (scaled.dispatch_index, scaled.slot_valid, scaled.aux_losses, scaled.metrics),
+      (one.dispatch_index, one.slot_valid, one.aux_losses, one.metrics),
+    )
 
 
 @pytest.mark.parametrize("q_lora_rank,scaling", [(0, 1.0), (10, 2.5)])  # compiled above
@@ -219,24 +252,32 @@ def test_causal(q_lora_rank, scaling):
 @pytest.mark.parametrize("q_lora_rank", [0, 10])
 def test_param_tree_names_shapes_and_logical_axes(q_lora_rank):
   cfg = model_cfg(q_lora_rank)
-  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
-                            jnp.zeros((1, L), jnp.int32))["params"]  # boxed: logical names
+  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, L), jnp.int32))[
+    "params"
+  ]  # boxed: logical names
   attn = abstract["layers_0"]["attn"]
-  got = {"/".join(k.key for k in path): (tuple(leaf.value.shape), tuple(leaf.names))
-         for path, leaf in jax.tree_util.tree_leaves_with_path(
-             attn, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+  got = {
+    "/".join(k.key for k in path): (tuple(leaf.value.shape), tuple(leaf.names))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+      attn, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+  }
   d, h, dn, dr, dv = cfg.d_model, cfg.num_heads, 6, 4, 5
   rkv, rq = cfg.kv_lora_rank, q_lora_rank
   want = {
-      "kv_a/kernel": ((d, rkv + dr), ("embed", "kv_lora")),
-      "kv_norm/scale": ((rkv,), ("kv_lora",)),
-      "kv_b/kernel": ((rkv, h, dn + dv), ("kv_lora", "heads", "head_dim")),
-      "o/kernel": ((h, dv, d), ("heads", "head_dim", "embed")),
+    "kv_a/kernel": ((d, rkv + dr), ("embed", "kv_lora")),
+    "kv_norm/scale": ((rkv,), ("kv_lora",)),
+    "kv_b/kernel": ((rkv, h, dn + dv), ("kv_lora", "heads", "head_dim")),
+    "o/kernel": ((h, dv, d), ("heads", "head_dim", "embed")),
   }
   if rq:
-    want.update({"q_a/kernel": ((d, rq), ("embed", "q_lora")),
-                 "q_norm/scale": ((rq,), ("q_lora",)),
-                 "q_b/kernel": ((rq, h, dn + dr), ("q_lora", "heads", "head_dim"))})
+    want.update(
+      {
+        "q_a/kernel": ((d, rq), ("embed", "q_lora")),
+        "q_norm/scale": ((rq,), ("q_lora",)),
+        "q_b/kernel": ((rq, h, dn + dr), ("q_lora", "heads", "head_dim")),
+      }
+    )
   else:
     want["q/kernel"] = ((d, h, dn + dr), ("embed", "heads", "head_dim"))
   assert got == want
@@ -253,8 +294,7 @@ def test_gradients_finite_and_nonzero_for_every_mla_param():
 
   def loss(p):
     logits, aux = Transformer(cfg).apply({"params": p}, tokens)
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]) + sum(
-        aux["aux_losses"].values())
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]) + sum(aux["aux_losses"].values())
 
   grads = jax.jit(jax.grad(loss))(params)
   for path, g in jax.tree_util.tree_leaves_with_path(grads["layers_1"]["attn"]):
@@ -274,8 +314,16 @@ def test_bfloat16_compute_close_to_float32():
 
 def test_gqa_default_is_unchanged_by_the_mla_fields():
   """The MLA fields do not touch a GQA model: same params and logits whatever they are."""
-  kw = dict(vocab_size=40, d_model=24, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=6,
-            d_ff=20, max_len=32)
+  kw = dict(
+    vocab_size=40,
+    d_model=24,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=6,
+    d_ff=20,
+    max_len=32,
+  )
   a, b = ModelConfig(**kw), ModelConfig(**kw, kv_lora_rank=3, qk_rope_head_dim=2, q_lora_rank=5)
   assert a.attention == "gqa"
   chex.assert_trees_all_equal(abstract_params(a), abstract_params(b))
@@ -284,24 +332,31 @@ def test_gqa_default_is_unchanged_by_the_mla_fields():
   np.testing.assert_array_equal(apply(a, params, tokens)[0], apply(b, params, tokens)[0])
 
 
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("attention", "mha", r"model\.attention='mha' is invalid: allowed: \('gqa', 'mla'\)"),
     ("qk_rope_head_dim", 5, r"model\.qk_rope_head_dim=5 is invalid: must be even"),
     ("kv_lora_rank", 0, r"model\.kv_lora_rank=0 is invalid: must be an int >= 1"),
     ("v_head_dim", 2.0, r"model\.v_head_dim=2\.0 is invalid"),
     ("q_lora_rank", -1, r"model\.q_lora_rank=-1 is invalid: must be an int >= 0"),
-])
+  ],
+)
 def test_mla_config_errors_name_the_field(field, value, match):
   with pytest.raises(ConfigError, match=match):
     ModelConfig.from_config({"attention": "mla", field: value})
 
 
-@pytest.mark.parametrize("router,value,match", [
+@pytest.mark.parametrize(
+  "router,value,match",
+  [
     ("shared_experts", 0.0, "must be a finite number > 0"),
     ("shared_experts", float("inf"), "must be a finite number > 0"),
     ("topk", 2.0, "only router='shared_experts'"),
-])
+  ],
+)
 def test_routed_scaling_factor_validation(router, value, match):
   with pytest.raises(ConfigError, match=r"model\.moe\.routed_scaling_factor=.* " + match):
-    MoEConfig.from_config(dict(router=router, num_shared_experts=int(router != "topk"),
-                               routed_scaling_factor=value))
+    MoEConfig.from_config(
+      dict(router=router, num_shared_experts=int(router != "topk"), routed_scaling_factor=value)
+    )

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from moejax.config import ModelConfig
-from moejax.moe_config import MoEConfig
 from moejax.models import Transformer
+from moejax.moe_config import MoEConfig
 from tests.helpers import init_model_params
 from tests.reference import gated_ffn_np, logsumexp, moe_layer_reference, softmax
 
@@ -24,22 +24,58 @@ B, L = 2, 12
 
 
 def model_cfg(moe: dict | None = None, **kw) -> ModelConfig:
-  base = dict(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-              d_ff=48, rope_theta=500.0, rms_norm_eps=1e-5, max_len=64)
+  base = dict(
+    vocab_size=50,
+    d_model=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    d_ff=48,
+    rope_theta=500.0,
+    rms_norm_eps=1e-5,
+    max_len=64,
+  )
   base.update(kw)
   if moe is not None:
-    moe = MoEConfig(**{**dict(num_experts=4, expert_d_ff=24, top_k=2, router="topk",
-                              dropless=True, router_order="topk_softmax"), **moe})
+    moe = MoEConfig(
+      **{
+        **dict(
+          num_experts=4,
+          expert_d_ff=24,
+          top_k=2,
+          router="topk",
+          dropless=True,
+          router_order="topk_softmax",
+        ),
+        **moe,
+      }
+    )
   return ModelConfig(moe=moe, **base)
 
 
 DENSE = dict()
 MIXTRAL = dict(moe=dict(), num_layers=3, moe_every=1)  # every layer MoE, as in Mixtral
-DEEPSEEK = dict(moe=dict(router="shared_experts", num_shared_experts=1, top_k=3,
-                         router_order="softmax_topk", num_experts=6, expert_d_ff=8),
-                num_layers=3, moe_every=1, first_moe_layer=1)
-SWITCH_LIKE = dict(moe=dict(top_k=1, router_order="softmax_topk", activation="gelu"),
-                   num_layers=4, moe_every=2, first_moe_layer=1, num_kv_heads=4)
+DEEPSEEK = dict(
+  moe=dict(
+    router="shared_experts",
+    num_shared_experts=1,
+    top_k=3,
+    router_order="softmax_topk",
+    num_experts=6,
+    expert_d_ff=8,
+  ),
+  num_layers=3,
+  moe_every=1,
+  first_moe_layer=1,
+)
+SWITCH_LIKE = dict(
+  moe=dict(top_k=1, router_order="softmax_topk", activation="gelu"),
+  num_layers=4,
+  moe_every=2,
+  first_moe_layer=1,
+  num_kv_heads=4,
+)
 TIED = dict(tie_embeddings=True, num_kv_heads=1)
 
 
@@ -122,8 +158,10 @@ def np_aux_losses(x, p, moe: MoEConfig, routing):
         counts[e] += 1
     lb.append(logits.shape[-1] * np.sum(counts / counts.sum() * probs.mean(0)))
   z = np.mean(logsumexp(logits, axis=-1) ** 2)
-  return {"load_balance_loss": moe.load_balance_weight * np.mean(lb),
-          "z_loss": moe.z_loss_weight * z}
+  return {
+    "load_balance_loss": moe.load_balance_weight * np.mean(lb),
+    "z_loss": moe.z_loss_weight * z,
+  }
 
 
 def np_forward(cfg: ModelConfig, params, tokens):
@@ -134,15 +172,25 @@ def np_forward(cfg: ModelConfig, params, tokens):
   aux = {}
   for i in range(cfg.num_layers):
     lp = p[f"layers_{i}"]
-    h = h + np_attention(np_rms_norm(h, lp["attn_norm"]["scale"], cfg.rms_norm_eps),
-                         lp["attn"], cfg)
+    h = h + np_attention(
+      np_rms_norm(h, lp["attn_norm"]["scale"], cfg.rms_norm_eps), lp["attn"], cfg
+    )
     x = np_rms_norm(h, lp["ffn_norm"]["scale"], cfg.rms_norm_eps)
     if cfg.is_moe_layer(i):
       m = cfg.moe
       y, routing = moe_layer_reference(
-          x, lp["ffn"], router=m.router, num_experts=m.num_experts, k=m.top_k,
-          cf=m.capacity_factor, dropless=m.dropless, order=m.router_order, p=m.top_p,
-          activation=m.activation, group_size=m.group_size)
+        x,
+        lp["ffn"],
+        router=m.router,
+        num_experts=m.num_experts,
+        k=m.top_k,
+        cf=m.capacity_factor,
+        dropless=m.dropless,
+        order=m.router_order,
+        p=m.top_p,
+        activation=m.activation,
+        group_size=m.group_size,
+      )
       for name, v in np_aux_losses(x, lp["ffn"], m, routing).items():
         aux[name] = aux.get(name, 0.0) + v
     else:
@@ -159,8 +207,9 @@ def np_forward(cfg: ModelConfig, params, tokens):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [DENSE, MIXTRAL, SWITCH_LIKE, TIED], ids=["dense", "mixtral",
-                                                                         "switch", "tied"])
+@pytest.mark.parametrize(
+  "kw", [DENSE, MIXTRAL, SWITCH_LIKE, TIED], ids=["dense", "mixtral", "switch", "tied"]
+)
 def test_output_shapes_and_dtypes(kw):
   cfg = model_cfg(**kw)
   tokens = tokens_for(cfg)
@@ -179,8 +228,11 @@ def test_output_shapes_and_dtypes(kw):
       chex.assert_shape(layer_metrics["expert_load"], (cfg.moe.num_experts,))
 
 
-@pytest.mark.parametrize("kw", [DENSE, MIXTRAL, DEEPSEEK, SWITCH_LIKE, TIED],
-                         ids=["dense", "mixtral", "deepseek", "switch", "tied"])
+@pytest.mark.parametrize(
+  "kw",
+  [DENSE, MIXTRAL, DEEPSEEK, SWITCH_LIKE, TIED],
+  ids=["dense", "mixtral", "deepseek", "switch", "tied"],
+)
 def test_matches_numpy_reference(kw):
   cfg = model_cfg(**kw)
   if cfg.moe is not None and not cfg.moe.dropless:
@@ -197,8 +249,10 @@ def test_matches_numpy_reference(kw):
 
 def test_reference_matches_with_capacity_dropping():
   """Capacity-limited routing with groups smaller than a sequence, checked exactly too."""
-  cfg = model_cfg(moe=dict(dropless=False, capacity_factor=0.75, router_order="softmax_topk",
-                           group_size=6), moe_every=1)
+  cfg = model_cfg(
+    moe=dict(dropless=False, capacity_factor=0.75, router_order="softmax_topk", group_size=6),
+    moe_every=1,
+  )
   params = init_params(cfg, seed=3)
   tokens = tokens_for(cfg, seed=4)
   logits, aux = apply(cfg, params, tokens)
@@ -225,42 +279,49 @@ def test_causal(kw):
 
 def _expected_tree(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
   d, h, hkv, dh, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-  tree = {"embed/embedding": ((v, d), ("vocab", "embed")),
-          "final_norm/scale": ((d,), ("embed",))}
+  tree = {"embed/embedding": ((v, d), ("vocab", "embed")), "final_norm/scale": ((d,), ("embed",))}
   if not cfg.tie_embeddings:
     tree["lm_head/kernel"] = ((d, v), ("embed", "vocab"))
   for i in range(cfg.num_layers):
     pre = f"layers_{i}"
-    tree.update({
+    tree.update(
+      {
         f"{pre}/attn_norm/scale": ((d,), ("embed",)),
         f"{pre}/ffn_norm/scale": ((d,), ("embed",)),
         f"{pre}/attn/q/kernel": ((d, h, dh), ("embed", "heads", "head_dim")),
         f"{pre}/attn/k/kernel": ((d, hkv, dh), ("embed", "kv_heads", "head_dim")),
         f"{pre}/attn/v/kernel": ((d, hkv, dh), ("embed", "kv_heads", "head_dim")),
         f"{pre}/attn/o/kernel": ((h, dh, d), ("heads", "head_dim", "embed")),
-    })
+      }
+    )
     if cfg.is_moe_layer(i):
       m = cfg.moe
       e, f = m.num_experts, m.expert_d_ff
-      tree.update({
+      tree.update(
+        {
           f"{pre}/ffn/router": ((d, m.num_router_logits), ("embed", "router")),
           f"{pre}/ffn/wi_gate": ((e, d, f), ("expert", "embed", "expert_mlp")),
           f"{pre}/ffn/wi_up": ((e, d, f), ("expert", "embed", "expert_mlp")),
           f"{pre}/ffn/wo": ((e, f, d), ("expert", "expert_mlp", "embed")),
-      })
+        }
+      )
       if m.num_shared_experts:
         s = m.num_shared_experts * f
-        tree.update({
+        tree.update(
+          {
             f"{pre}/ffn/shared/wi_gate": ((d, s), ("embed", "mlp")),
             f"{pre}/ffn/shared/wi_up": ((d, s), ("embed", "mlp")),
             f"{pre}/ffn/shared/wo": ((s, d), ("mlp", "embed")),
-        })
+          }
+        )
     else:
-      tree.update({
+      tree.update(
+        {
           f"{pre}/ffn/wi_gate": ((d, cfg.d_ff), ("embed", "mlp")),
           f"{pre}/ffn/wi_up": ((d, cfg.d_ff), ("embed", "mlp")),
           f"{pre}/ffn/wo": ((cfg.d_ff, d), ("mlp", "embed")),
-      })
+        }
+      )
   return tree
 
 
@@ -271,7 +332,8 @@ def test_param_tree_names_shapes_and_logical_axes(kw):
   specs = nn.get_partition_spec(abstract)
   got = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(
-      abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  ):
     assert isinstance(leaf, nn.Partitioned), path
     name = "/".join(k.key for k in path)
     got[name] = (tuple(leaf.value.shape), tuple(leaf.names))
@@ -283,8 +345,9 @@ def test_param_tree_names_shapes_and_logical_axes(kw):
 def test_aux_losses_are_summed_over_moe_layers():
   cfg = model_cfg(**SWITCH_LIKE)  # MoE layers 1 and 3, dense 0 and 2
   params = init_params(cfg)
-  (_, aux), state = Transformer(cfg).apply({"params": params}, tokens_for(cfg),
-                                           capture_intermediates=True)
+  (_, aux), state = Transformer(cfg).apply(
+    {"params": params}, tokens_for(cfg), capture_intermediates=True
+  )
   inter = state["intermediates"]
   per_layer = {i: inter[f"layers_{i}"]["ffn"]["__call__"][0][1] for i in range(cfg.num_layers)}
   for i in (0, 2):
@@ -326,8 +389,7 @@ def test_gqa_equals_multi_head_attention_with_repeated_kv_heads():
   for i in range(gqa_cfg.num_layers):
     attn = mha_params[f"layers_{i}"]["attn"]
     for name in ("k", "v"):
-      attn[name] = {"kernel": jnp.tile(params[f"layers_{i}"]["attn"][name]["kernel"],
-                                       (1, 2, 1))}
+      attn[name] = {"kernel": jnp.tile(params[f"layers_{i}"]["attn"][name]["kernel"], (1, 2, 1))}
   tiled, _ = apply(mha_cfg, mha_params, tokens)
   assert np.max(np.abs(tiled - gqa)) > 1e-3
 
@@ -337,8 +399,9 @@ def test_tied_embeddings_share_the_table():
   params = init_params(cfg)
   assert "lm_head" not in params
   tokens = tokens_for(cfg)
-  (logits, _), state = Transformer(cfg).apply({"params": params}, tokens,
-                                              capture_intermediates=True)
+  (logits, _), state = Transformer(cfg).apply(
+    {"params": params}, tokens, capture_intermediates=True
+  )
   final = state["intermediates"]["final_norm"]["__call__"][0]  # [B, L, d]
   expected = jnp.einsum("bld,vd->blv", final, params["embed"]["embedding"])
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
@@ -373,7 +436,7 @@ def test_remat_matches_plain_forward_and_gradient():
 
   def loss(c, p):
     logits, aux = apply(c, p, tokens)
-    return jnp.mean(logits ** 2) + sum(aux["aux_losses"].values())
+    return jnp.mean(logits**2) + sum(aux["aux_losses"].values())
 
   plain = jax.jit(jax.value_and_grad(lambda p: loss(cfg, p)))(params)
   rematted = jax.jit(jax.value_and_grad(lambda p: loss(remat_cfg, p)))(params)
@@ -390,8 +453,8 @@ def test_bfloat16_compute_close_to_float32(kw):
   cfg = model_cfg(**kw)
   bf16_cfg = model_cfg(**kw, dtype="bfloat16")
   params = jax.tree_util.tree_map_with_path(
-      lambda path, x: x * 10 if "router" in jax.tree_util.keystr(path) else x,
-      init_params(cfg))
+    lambda path, x: x * 10 if "router" in jax.tree_util.keystr(path) else x, init_params(cfg)
+  )
   tokens = tokens_for(cfg)
   f32, _ = apply(cfg, params, tokens)
   bf16, aux = apply(bf16_cfg, params, tokens)

@@ -25,18 +25,19 @@ B, L, D, E, F = 2, 8, 6, 4, 5
 # name -> (MoEConfig kwargs, x shape). Small, but each exercises its router's distinctive
 # behaviour (drops, null tokens, shared FFN, varying experts per token, groups across rows).
 CASES = {
-    "topk_drop_silu": dict(router="topk", top_k=2, capacity_factor=0.75),
-    "topk_renorm_gelu": dict(router="topk", top_k=2, router_order="topk_softmax",
-                             activation="gelu", capacity_factor=1.0),
-    "topk_k1_groups": dict(router="topk", top_k=1, capacity_factor=1.0, group_size=4),
-    "topk_dropless": dict(router="topk", top_k=3, dropless=True),
-    "expert_choice": dict(router="expert_choice", capacity_factor=1.5),
-    "expert_choice_groups": dict(router="expert_choice", capacity_factor=1.0, group_size=16),
-    "null_experts": dict(router="null_experts", num_null_experts=3, top_k=2,
-                         capacity_factor=1.0),
-    "shared_experts": dict(router="shared_experts", num_shared_experts=2, top_k=2,
-                           capacity_factor=1.0, activation="gelu"),
-    "top_p": dict(router="top_p", top_k=3, top_p=0.6, capacity_factor=1.0),
+  "topk_drop_silu": dict(router="topk", top_k=2, capacity_factor=0.75),
+  "topk_renorm_gelu": dict(
+    router="topk", top_k=2, router_order="topk_softmax", activation="gelu", capacity_factor=1.0
+  ),
+  "topk_k1_groups": dict(router="topk", top_k=1, capacity_factor=1.0, group_size=4),
+  "topk_dropless": dict(router="topk", top_k=3, dropless=True),
+  "expert_choice": dict(router="expert_choice", capacity_factor=1.5),
+  "expert_choice_groups": dict(router="expert_choice", capacity_factor=1.0, group_size=16),
+  "null_experts": dict(router="null_experts", num_null_experts=3, top_k=2, capacity_factor=1.0),
+  "shared_experts": dict(
+    router="shared_experts", num_shared_experts=2, top_k=2, capacity_factor=1.0, activation="gelu"
+  ),
+  "top_p": dict(router="top_p", top_k=3, top_p=0.6, capacity_factor=1.0),
 }
 
 
@@ -51,9 +52,17 @@ def init_params(layer, x, seed, router_scale=1.0):
 
 
 def reference_kwargs(cfg: MoEConfig) -> dict:
-  return dict(router=cfg.router, num_experts=cfg.num_experts, k=cfg.top_k,
-              cf=cfg.capacity_factor, dropless=cfg.dropless, order=cfg.router_order,
-              p=cfg.top_p, activation=cfg.activation, group_size=cfg.group_size)
+  return dict(
+    router=cfg.router,
+    num_experts=cfg.num_experts,
+    k=cfg.top_k,
+    cf=cfg.capacity_factor,
+    dropless=cfg.dropless,
+    order=cfg.router_order,
+    p=cfg.top_p,
+    activation=cfg.activation,
+    group_size=cfg.group_size,
+  )
 
 
 def to_np(tree):
@@ -75,12 +84,14 @@ def test_layer_matches_per_token_loop_reference(name):
     y, aux = apply({"params": params}, x)
     chex.assert_shape(y, (B, L, D))
     assert y.dtype == jnp.float32
-    expected, routing = ref.moe_layer_reference(np.asarray(x), to_np(params),
-                                                **reference_kwargs(cfg))
+    expected, routing = ref.moe_layer_reference(
+      np.asarray(x), to_np(params), **reference_kwargs(cfg)
+    )
     chex.assert_trees_all_close(y, expected.astype(np.float32), rtol=1e-4, atol=1e-5)
     assert set(aux) == {"aux_losses", "metrics"}
     expected_losses = {"load_balance_loss", "z_loss"} | (
-        {"dynamic_loss"} if cfg.router == "top_p" else set())
+      {"dynamic_loss"} if cfg.router == "top_p" else set()
+    )
     assert set(aux["aux_losses"]) == expected_losses
     dropped = np.mean([(n - len(kept)) / max(n, 1) for kept, n, _ in routing])
     np.testing.assert_allclose(aux["metrics"]["dropped_fraction"], dropped, atol=1e-6)
@@ -105,8 +116,9 @@ def test_shared_experts_output_is_shared_ffn_plus_routed():
   routed, _ = layer.apply({"params": zero_shared}, x)
   chex.assert_trees_all_close(y, shared + routed, rtol=1e-5, atol=1e-6)
   # ... and the routed part is a top-k layer over the fine-grained experts.
-  topk_layer = MoELayer(make_cfg(**dict(CASES["shared_experts"], router="topk",
-                                        num_shared_experts=0)))
+  topk_layer = MoELayer(
+    make_cfg(**dict(CASES["shared_experts"], router="topk", num_shared_experts=0))
+  )
   no_shared = {k: v for k, v in params.items() if k != "shared"}
   topk_y, _ = topk_layer.apply({"params": no_shared}, x)
   chex.assert_trees_all_close(routed, topk_y, rtol=1e-5, atol=1e-6)
@@ -129,12 +141,14 @@ def test_tokens_routed_only_to_null_experts_get_zero_output():
   assert np.all(y[null_tokens] == 0.0)
   assert np.all(np.abs(y[~null_tokens]).sum(-1) > 0)
   # Null tokens occupy no slot: experts_per_token counts only the real-expert tokens.
-  np.testing.assert_allclose(aux["metrics"]["experts_per_token"],
-                             2 * np.mean(~null_tokens), rtol=1e-6)
+  np.testing.assert_allclose(
+    aux["metrics"]["experts_per_token"], 2 * np.mean(~null_tokens), rtol=1e-6
+  )
 
 
-@pytest.mark.parametrize("name", ["topk_drop_silu", "expert_choice", "null_experts",
-                                  "shared_experts", "top_p"])
+@pytest.mark.parametrize(
+  "name", ["topk_drop_silu", "expert_choice", "null_experts", "shared_experts", "top_p"]
+)
 def test_gradients_flow(name):
   cfg = make_cfg(**CASES[name])
   layer = MoELayer(cfg)
@@ -157,16 +171,16 @@ def test_gradients_flow(name):
   assert float(jnp.linalg.norm(grads["router"])) > 1e-4
   for wname in ("wi_gate", "wi_up", "wo"):
     per_expert = np.linalg.norm(np.asarray(grads[wname]).reshape(E, -1), axis=1)
-    assert np.all(per_expert[:E - 1] > 1e-4), (wname, per_expert)
+    assert np.all(per_expert[: E - 1] > 1e-4), (wname, per_expert)
     if cfg.router != "expert_choice":  # a token-choice expert nobody picks gets no gradient
       assert per_expert[E - 1] == 0.0, (wname, per_expert)
   if cfg.num_shared_experts:
-    assert all(float(jnp.linalg.norm(g)) > 1e-4 for g in jax.tree_util.tree_leaves(
-        grads["shared"]))
+    assert all(float(jnp.linalg.norm(g)) > 1e-4 for g in jax.tree_util.tree_leaves(grads["shared"]))
 
 
-@pytest.mark.parametrize("name", ["topk_drop_silu", "topk_renorm_gelu", "expert_choice",
-                                  "null_experts", "top_p"])
+@pytest.mark.parametrize(
+  "name", ["topk_drop_silu", "topk_renorm_gelu", "expert_choice", "null_experts", "top_p"]
+)
 def test_gradient_matches_finite_differences(name):
   cfg = make_cfg(**dict(CASES[name], load_balance_weight=0.1, z_loss_weight=0.1))
   with jax.enable_x64(True):
@@ -197,15 +211,18 @@ def test_gradient_matches_finite_differences(name):
       if checked == 3:
         break
       direction = jax.tree_util.tree_map(
-          lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), params)
+        lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), params
+      )
       plus = jax.tree_util.tree_map(lambda p, v: p + eps * v, params, direction)
       minus = jax.tree_util.tree_map(lambda p, v: p - eps * v, params, direction)
       if not all(np.array_equal(a, b) for a, b in zip(routing_of(plus), routing_of(minus))):
         continue
       checked += 1
       fd = (float(loss_fn(plus)) - float(loss_fn(minus))) / (2 * eps)
-      analytic = sum(float(jnp.vdot(g, v)) for g, v in zip(
-          jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(direction)))
+      analytic = sum(
+        float(jnp.vdot(g, v))
+        for g, v in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(direction))
+      )
       # Router logits are computed in float32 inside the layer, hence the tolerance.
       np.testing.assert_allclose(analytic, fd, rtol=2e-3, atol=2e-3)
     assert checked == 3, "too few routing-preserving directions"
@@ -223,8 +240,7 @@ def test_gradient_matches_finite_differences(name):
     assert abs(fd) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["topk_drop_silu", "expert_choice", "shared_experts",
-                                  "top_p"])
+@pytest.mark.parametrize("name", ["topk_drop_silu", "expert_choice", "shared_experts", "top_p"])
 def test_jit_matches_eager(name):
   cfg = make_cfg(**CASES[name])
   layer = MoELayer(cfg)
@@ -235,8 +251,9 @@ def test_jit_matches_eager(name):
   chex.assert_trees_all_close((y_eager, aux_eager), (y_jit, aux_jit), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["topk_drop_silu", "expert_choice", "null_experts",
-                                  "shared_experts", "top_p"])
+@pytest.mark.parametrize(
+  "name", ["topk_drop_silu", "expert_choice", "null_experts", "shared_experts", "top_p"]
+)
 def test_bf16_compute_is_close_to_f32(name):
   cfg = make_cfg(**CASES[name])
   x = random_x(11)
@@ -270,8 +287,9 @@ def test_group_size_changes_routing_groups():
   y_seq, _ = MoELayer(cfg_seq).apply(params, x)
   y_grp, _ = MoELayer(cfg_grp).apply(params, x)
   for cfg, y in ((cfg_seq, y_seq), (cfg_grp, y_grp)):
-    expected, _ = ref.moe_layer_reference(np.asarray(x), to_np(params["params"]),
-                                          **reference_kwargs(cfg))
+    expected, _ = ref.moe_layer_reference(
+      np.asarray(x), to_np(params["params"]), **reference_kwargs(cfg)
+    )
     chex.assert_trees_all_close(y, expected.astype(np.float32), rtol=1e-4, atol=1e-5)
   assert not np.allclose(y_seq, y_grp)
 
@@ -288,11 +306,11 @@ def test_dense_ffn_equals_gated_ffn(activation):
   chex.assert_shape(y, (3, 5, D))
   expected = gated_ffn(x, params["wi_gate"], params["wi_up"], params["wo"], activation)
   chex.assert_trees_all_close(y, expected, rtol=1e-6, atol=1e-6)
-  np_ref = ref.gated_ffn_np(np.asarray(x), *(np.asarray(params[k]) for k in
-                                              ("wi_gate", "wi_up", "wo")), activation)
+  np_ref = ref.gated_ffn_np(
+    np.asarray(x), *(np.asarray(params[k]) for k in ("wi_gate", "wi_up", "wo")), activation
+  )
   chex.assert_trees_all_close(y, np_ref.astype(np.float32), rtol=1e-4, atol=1e-5)
   # bf16 compute keeps the interface and stays close.
-  y16, _ = DenseFFN(d_ff=7, activation=activation, dtype=jnp.bfloat16).apply(
-      {"params": params}, x)
+  y16, _ = DenseFFN(d_ff=7, activation=activation, dtype=jnp.bfloat16).apply({"params": params}, x)
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y), atol=5e-2, rtol=5e-2)

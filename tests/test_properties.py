@@ -74,8 +74,12 @@ def props(max_examples: int):
   phases = [Phase.explicit, Phase.reuse, Phase.generate]
   if os.environ.get("MOEJAX_HYPOTHESIS_SHRINK") == "1":
     phases.append(Phase.shrink)
-  return settings(max_examples=max_examples, deadline=None, phases=phases,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+  return settings(
+    max_examples=max_examples,
+    deadline=None,
+    phases=phases,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -85,10 +89,12 @@ def props(max_examples: int):
 # Special values first: 5e-324 (the smallest float), 1e-9 (C = 1), 1e308 (C clamped at S;
 # cf * S * k overflows a float).
 CAPACITY_FACTORS = st.one_of(
-    st.sampled_from([5e-324, 1e-9, 0.25, 0.5, 0.7, 1.0, 1.25, 2.0, 1e308]),
-    st.floats(min_value=0.01, max_value=4.0))
-TOP_PS = st.one_of(st.sampled_from([1e-6, 0.3, 0.5, 0.9, 1.0]),
-                   st.floats(min_value=0.01, max_value=1.0))
+  st.sampled_from([5e-324, 1e-9, 0.25, 0.5, 0.7, 1.0, 1.25, 2.0, 1e308]),
+  st.floats(min_value=0.01, max_value=4.0),
+)
+TOP_PS = st.one_of(
+  st.sampled_from([1e-6, 0.3, 0.5, 0.9, 1.0]), st.floats(min_value=0.01, max_value=1.0)
+)
 
 
 @st.composite
@@ -97,11 +103,16 @@ def moe_configs(draw, router: str | None = None, max_experts: int = 8) -> MoECon
   router = draw(st.sampled_from(ALL_ROUTERS)) if router is None else router
   e = draw(st.integers(1, max_experts))
   n = draw(st.integers(1, 3)) if router == "null_experts" else 0
-  kw = dict(router=router, num_experts=e, num_null_experts=n, expert_d_ff=3,
-            top_k=draw(st.integers(1, min(e + n, 4))),
-            capacity_factor=draw(CAPACITY_FACTORS),
-            load_balance_weight=draw(st.sampled_from([0.0, 0.01, 1.0])),
-            z_loss_weight=draw(st.sampled_from([0.0, 1e-3, 1.0])))
+  kw = dict(
+    router=router,
+    num_experts=e,
+    num_null_experts=n,
+    expert_d_ff=3,
+    top_k=draw(st.integers(1, min(e + n, 4))),
+    capacity_factor=draw(CAPACITY_FACTORS),
+    load_balance_weight=draw(st.sampled_from([0.0, 0.01, 1.0])),
+    z_loss_weight=draw(st.sampled_from([0.0, 1e-3, 1.0])),
+  )
   if router != "expert_choice":
     kw["dropless"] = draw(st.booleans())
     kw["router_order"] = draw(st.sampled_from(ROUTER_ORDERS))
@@ -160,8 +171,7 @@ def slot_dict(routing, g: int) -> dict:
 def check_contract(routing, cfg: MoEConfig, s: int, g: int) -> None:
   """The router contract every router satisfies (see moejax.routers.base)."""
   e, c = cfg.num_experts, cfg.capacity(s)
-  chex.assert_shape([routing.dispatch_index, routing.combine_weight, routing.slot_valid],
-                    (g, e, c))
+  chex.assert_shape([routing.dispatch_index, routing.combine_weight, routing.slot_valid], (g, e, c))
   assert routing.dispatch_index.dtype == jnp.int32
   assert routing.slot_valid.dtype == jnp.bool_
   assert routing.combine_weight.dtype == jnp.float32, routing.combine_weight.dtype
@@ -187,9 +197,9 @@ def check_contract(routing, cfg: MoEConfig, s: int, g: int) -> None:
   m = {k: np.asarray(v, np.float64) for k, v in routing.metrics.items()}
   per_expert = valid.sum(-1).astype(np.float64)  # [G, E]
   kept = per_expert.sum(-1)  # [G]
-  np.testing.assert_allclose(m["expert_load"],
-                             np.mean(per_expert / np.maximum(kept, 1)[:, None], axis=0),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    m["expert_load"], np.mean(per_expert / np.maximum(kept, 1)[:, None], axis=0), atol=1e-6
+  )
   np.testing.assert_allclose(m["experts_per_token"], kept.mean() / s, rtol=1e-6)
   assert -TOL <= m["dropped_fraction"] <= 1 + TOL
   assert -TOL <= m["router_entropy"] <= math.log(cfg.num_router_logits) + 1e-4
@@ -205,7 +215,7 @@ def top_p_is_ambiguous(logits_gs: np.ndarray, cfg: MoEConfig) -> bool:
   """Whether float32 rounding may decide this token's top-p selection (a prefix mass
   within 1e-5 of p)."""
   probs = ref.softmax(logits_gs)
-  mass = np.cumsum(probs[ref.ranked(logits_gs)])[:cfg.top_k]
+  mass = np.cumsum(probs[ref.ranked(logits_gs)])[: cfg.top_k]
   return bool(np.any(np.abs(mass - cfg.top_p) < 1e-5))
 
 
@@ -228,8 +238,9 @@ def check_token_choice(routing, cfg: MoEConfig, logits: np.ndarray) -> None:
     choices = [token_choices(logits[gi, t], cfg) for t in range(s)]
     expected, n_selected = ref.gshard_assign(choices, e, c)
     assert sorted(got) == sorted(expected), (
-        f"group {gi}: only in router {sorted(set(got) - set(expected))}, "
-        f"only in reference {sorted(set(expected) - set(got))}")
+      f"group {gi}: only in router {sorted(set(got) - set(expected))}, "
+      f"only in reference {sorted(set(expected) - set(got))}"
+    )
     for key, w in expected.items():
       np.testing.assert_allclose(got[key], scale * w, rtol=1e-5, atol=1e-6, err_msg=str(key))
     dropped.append((n_selected - len(expected)) / max(n_selected, 1))
@@ -240,8 +251,7 @@ def check_token_choice(routing, cfg: MoEConfig, logits: np.ndarray) -> None:
         if all(r < e and (r, t) in got for r, _ in ch):
           np.testing.assert_allclose(sums[t], scale, rtol=1e-5, err_msg=f"token {t}")
   if len(dropped) == g:
-    np.testing.assert_allclose(routing.metrics["dropped_fraction"], np.mean(dropped),
-                               atol=1e-6)
+    np.testing.assert_allclose(routing.metrics["dropped_fraction"], np.mean(dropped), atol=1e-6)
   if cfg.dropless:
     assert float(routing.metrics["dropped_fraction"]) == 0.0
     if cfg.router in ("topk", "shared_experts"):  # every token: exactly k real experts
@@ -347,10 +357,10 @@ def test_router_properties_long(router, data):
 def test_bfloat16_logits_route_like_their_float32_values():
   """Regression: bfloat16 logits used to give bfloat16 weights, losses and metrics (and a
   bfloat16 top-p mass); routers now upcast, so the routing equals float32 routing."""
-  cfg = MoEConfig(router="top_p", num_experts=8, expert_d_ff=3, top_k=4, top_p=0.7,
-                  capacity_factor=1.0)
-  logits = jnp.asarray(make_logits("gaussian", np.random.default_rng(0), (2, 16, 8)),
-                       jnp.bfloat16)
+  cfg = MoEConfig(
+    router="top_p", num_experts=8, expert_d_ff=3, top_k=4, top_p=0.7, capacity_factor=1.0
+  )
+  logits = jnp.asarray(make_logits("gaussian", np.random.default_rng(0), (2, 16, 8)), jnp.bfloat16)
   got = route(logits, cfg)
   want = route(logits.astype(jnp.float32), cfg)
   for tree in (got.aux_losses, got.metrics):
@@ -373,8 +383,9 @@ def layer_and_routing(params, x, cfg: MoEConfig, dtype):
   logits [G, S, R] and their Routing."""
   y, aux = MoELayer(cfg, dtype=dtype).apply({"params": params}, x)
   groups = to_groups(jnp.asarray(x, dtype), cfg.group_size)  # [G, S, d]
-  logits = jnp.einsum("gsd,dr->gsr", groups.astype(jnp.float32),
-                      params["router"].astype(jnp.float32))
+  logits = jnp.einsum(
+    "gsd,dr->gsr", groups.astype(jnp.float32), params["router"].astype(jnp.float32)
+  )
   return y, aux, groups, logits, route(logits, cfg)
 
 
@@ -415,18 +426,21 @@ def layer_reference(routing, groups, params, cfg: MoEConfig, x, dtype) -> np.nda
   as64 = lambda a: np.asarray(jnp.asarray(a, dtype), np.float64)
   groups = np.asarray(groups, np.float64)
   w_gate, w_up, w_down = (as64(params[n]) for n in ("wi_gate", "wi_up", "wo"))
-  idx, w, valid = (np.asarray(a) for a in (routing.dispatch_index, routing.combine_weight,
-                                           routing.slot_valid))
+  idx, w, valid = (
+    np.asarray(a) for a in (routing.dispatch_index, routing.combine_weight, routing.slot_valid)
+  )
   y = np.zeros_like(groups)
   for g, e, c in zip(*np.nonzero(valid)):
     t = idx[g, e, c]
-    y[g, t] += float(w[g, e, c]) * ref.gated_ffn_np(groups[g, t], w_gate[e], w_up[e],
-                                                    w_down[e], cfg.activation)
+    y[g, t] += float(w[g, e, c]) * ref.gated_ffn_np(
+      groups[g, t], w_gate[e], w_up[e], w_down[e], cfg.activation
+    )
   y = y.reshape(x.shape)
   if cfg.num_shared_experts:
     sh = params["shared"]
-    y = y + ref.gated_ffn_np(as64(x), as64(sh["wi_gate"]), as64(sh["wi_up"]), as64(sh["wo"]),
-                             cfg.activation)
+    y = y + ref.gated_ffn_np(
+      as64(x), as64(sh["wi_gate"]), as64(sh["wi_up"]), as64(sh["wo"]), cfg.activation
+    )
   return y
 
 
@@ -436,8 +450,9 @@ def layer_case(data) -> None:
   b = data.draw(st.integers(1, 2), label="B")
   length = data.draw(st.integers(1, 8), label="L")
   n = b * length
-  group_size = data.draw(st.sampled_from([None] + [d for d in range(1, n + 1) if n % d == 0]),
-                         label="group_size")
+  group_size = data.draw(
+    st.sampled_from([None] + [d for d in range(1, n + 1) if n % d == 0]), label="group_size"
+  )
   cfg = dataclasses.replace(cfg, group_size=group_size)
   dtype = data.draw(st.sampled_from([jnp.float32, jnp.bfloat16]), label="dtype")
   kind = data.draw(st.sampled_from(LAYER_KINDS), label="kind")
@@ -480,10 +495,15 @@ def test_tokens_routed_only_to_null_experts_output_zero():
   """AdaMoE: a null expert outputs zero, so a token whose top-k are all null experts gets
   exactly zero output, whatever the capacity. Regression: dropped_fraction was 1 here
   (1 - kept / max(selected, 1) with nothing selected); nothing was dropped."""
-  cfg = MoEConfig(router="null_experts", num_experts=3, num_null_experts=2, top_k=2,
-                  expert_d_ff=3, capacity_factor=2.0)
-  x, params = layer_inputs(cfg, "gaussian", np.random.default_rng(0), (2, 5, D_MODEL),
-                           jnp.float32)
+  cfg = MoEConfig(
+    router="null_experts",
+    num_experts=3,
+    num_null_experts=2,
+    top_k=2,
+    expert_d_ff=3,
+    capacity_factor=2.0,
+  )
+  x, params = layer_inputs(cfg, "gaussian", np.random.default_rng(0), (2, 5, D_MODEL), jnp.float32)
   x = x.at[..., 0].set(1.0)
   router = np.zeros(params["router"].shape, np.float32)
   router[0, 3:] = 1e4  # both null experts beat every real expert for every token
@@ -527,12 +547,15 @@ def test_capacity_properties(cfg, s, factor):
     assert cfg.num_experts * c >= min(s * k, cfg.num_experts * s)
 
 
-@pytest.mark.parametrize("cf,s,k,e,expected", [
+@pytest.mark.parametrize(
+  "cf,s,k,e,expected",
+  [
     (1e308, 16, 4, 8, 16),  # cf * S * k overflowed to inf: OverflowError
     (5e-324, 1, 1, 8, 1),  # cf * S * k / E underflowed to 0.0: C was 0
     (1.1, 200, 2, 8, 55),  # 1.1 * 200 * 2 / 8 = 55.00000000000001 in floats: C was 56
     (1.1, 200, 1, 4, 55),  # (also expert_choice: 1.1 * 200 / 4)
-])
+  ],
+)
 def test_capacity_regressions(cf, s, k, e, expected):
   assert MoEConfig(num_experts=e, top_k=k, capacity_factor=cf).capacity(s) == expected
   if k == 1:
@@ -545,7 +568,8 @@ def test_zero_capacity_buffers_are_empty_and_harmless():
   g, s, e, k, d = 2, 5, 3, 2, 4
   idx = jnp.asarray(np.random.default_rng(0).integers(0, e, (g, s, k)), jnp.int32)
   dispatch_index, weight, valid, kept = assign_slots(
-      idx, jnp.full((g, s, k), 0.5), jnp.ones((g, s, k), bool), e, 0)
+    idx, jnp.full((g, s, k), 0.5), jnp.ones((g, s, k), bool), e, 0
+  )
   chex.assert_shape([dispatch_index, weight, valid], (g, e, 0))
   assert not bool(jnp.any(kept))
   x = jnp.ones((g, s, d))
@@ -559,11 +583,11 @@ def test_zero_capacity_buffers_are_empty_and_harmless():
 # Config fuzzing
 # ----------------------------------------------------------------------------------------
 
-NON_INTS = st.one_of(st.floats(allow_nan=True), st.booleans(), st.text(max_size=3),
-                     st.none())
+NON_INTS = st.one_of(st.floats(allow_nan=True), st.booleans(), st.text(max_size=3), st.none())
 NON_NUMBERS = st.one_of(st.booleans(), st.text(max_size=3), st.none())
-NEG_WEIGHTS = st.one_of(st.floats(max_value=0.0, exclude_max=True),
-                        st.sampled_from([math.inf, math.nan]), NON_NUMBERS)
+NEG_WEIGHTS = st.one_of(
+  st.floats(max_value=0.0, exclude_max=True), st.sampled_from([math.inf, math.nan]), NON_NUMBERS
+)
 FIELDS = sorted(f.name for f in dataclasses.fields(MoEConfig) if f.name != "config_path")
 PATHS = st.sampled_from(["moe", "model.moe", "layers.3.moe"])
 
@@ -573,25 +597,29 @@ def invalid_value(field: str, base: MoEConfig) -> st.SearchStrategy:
   total = base.num_router_logits
   not_in = lambda allowed: st.text(max_size=12).filter(lambda t: t not in allowed)
   table = {
-      "num_experts": st.one_of(st.integers(max_value=0), NON_INTS),
-      "expert_d_ff": st.one_of(st.integers(max_value=0), NON_INTS),
-      "top_k": st.one_of(st.integers(max_value=0), st.integers(total + 1, total + 100),
-                         NON_INTS),
-      "router": st.one_of(not_in(ROUTERS), st.none()),
-      "router_order": not_in(ROUTER_ORDERS),
-      "activation": not_in(ACTIVATIONS),
-      "capacity_factor": st.one_of(st.floats(max_value=0.0),
-                                   st.sampled_from([math.inf, math.nan]), NON_NUMBERS),
-      "top_p": st.one_of(st.floats(max_value=0.0),
-                         st.floats(min_value=1.0, exclude_min=True),
-                         st.just(math.nan), NON_NUMBERS),
-      "group_size": st.one_of(st.integers(max_value=0), st.floats(), st.booleans()),
-      "load_balance_weight": NEG_WEIGHTS,
-      "z_loss_weight": NEG_WEIGHTS,
-      "dynamic_loss_weight": NEG_WEIGHTS,
-      "num_shared_experts": st.integers(max_value=-1),
-      "routed_scaling_factor": st.one_of(st.floats(max_value=0.0),
-                                         st.sampled_from([math.inf, math.nan]), NON_NUMBERS),
+    "num_experts": st.one_of(st.integers(max_value=0), NON_INTS),
+    "expert_d_ff": st.one_of(st.integers(max_value=0), NON_INTS),
+    "top_k": st.one_of(st.integers(max_value=0), st.integers(total + 1, total + 100), NON_INTS),
+    "router": st.one_of(not_in(ROUTERS), st.none()),
+    "router_order": not_in(ROUTER_ORDERS),
+    "activation": not_in(ACTIVATIONS),
+    "capacity_factor": st.one_of(
+      st.floats(max_value=0.0), st.sampled_from([math.inf, math.nan]), NON_NUMBERS
+    ),
+    "top_p": st.one_of(
+      st.floats(max_value=0.0),
+      st.floats(min_value=1.0, exclude_min=True),
+      st.just(math.nan),
+      NON_NUMBERS,
+    ),
+    "group_size": st.one_of(st.integers(max_value=0), st.floats(), st.booleans()),
+    "load_balance_weight": NEG_WEIGHTS,
+    "z_loss_weight": NEG_WEIGHTS,
+    "dynamic_loss_weight": NEG_WEIGHTS,
+    "num_shared_experts": st.integers(max_value=-1),
+    "routed_scaling_factor": st.one_of(
+      st.floats(max_value=0.0), st.sampled_from([math.inf, math.nan]), NON_NUMBERS
+    ),
   }
   if field == "routed_scaling_factor" and base.router != "shared_experts":
     # Any other value than 1 is invalid for routers that do not scale.
@@ -601,7 +629,8 @@ def invalid_value(field: str, base: MoEConfig) -> st.SearchStrategy:
       return st.integers(max_value=0).map(lambda n: {"num_null_experts": n})
     # Null experts with a router that ignores them (top_k stays valid: E + N grows).
     return st.one_of(st.integers(max_value=-1), st.integers(1, 5)).map(
-        lambda n: {"num_null_experts": n})
+      lambda n: {"num_null_experts": n}
+    )
   if field == "num_shared_experts" and base.router == "shared_experts":
     return st.integers(max_value=0).map(lambda n: {"num_shared_experts": n})
   if field == "dropless":
@@ -628,8 +657,12 @@ def test_invalid_config_raises_config_error_naming_the_field(data):
 
 
 @props(max_examples=100)
-@given(base=moe_configs(), path=PATHS,
-       key=st.text(min_size=1, max_size=12).filter(lambda t: t not in FIELDS), value=NON_INTS)
+@given(
+  base=moe_configs(),
+  path=PATHS,
+  key=st.text(min_size=1, max_size=12).filter(lambda t: t not in FIELDS),
+  value=NON_INTS,
+)
 def test_unknown_config_field_is_a_config_error(base, path, key, value):
   values = {name: getattr(base, name) for name in FIELDS}
   values[key] = value

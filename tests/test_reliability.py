@@ -34,15 +34,31 @@ def _env(data_dir: str, **extra) -> dict:
 
 
 def _cmd(workdir, *extra) -> list[str]:
-  return [sys.executable, "-m", "moejax.train", "--config=configs/tiny_cpu.py",
-          f"--workdir={workdir}", "--noprogress", *TINY_FLAGS,
-          f"--config.train.steps={STEPS}", f"--config.train.checkpoint_every={CKPT_EVERY}",
-          "--config.train.async_checkpointing=true", "--config.mesh.data=1", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "moejax.train",
+    "--config=configs/tiny_cpu.py",
+    f"--workdir={workdir}",
+    "--noprogress",
+    *TINY_FLAGS,
+    f"--config.train.steps={STEPS}",
+    f"--config.train.checkpoint_every={CKPT_EVERY}",
+    "--config.train.async_checkpointing=true",
+    "--config.mesh.data=1",
+    *extra,
+  ]
 
 
 def _run(workdir, data_dir, *extra, timeout=300, **env) -> subprocess.CompletedProcess:
-  return subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=_env(data_dir, **env),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    _cmd(workdir, *extra),
+    cwd=REPO,
+    env=_env(data_dir, **env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _records(workdir) -> dict[int, list[float]]:
@@ -65,8 +81,9 @@ def _wait_for_step(proc, workdir, step: int, timeout=200) -> None:
   deadline = time.time() + timeout
   while time.time() < deadline:
     if proc.poll() is not None:
-      raise AssertionError(f"trainer exited early ({proc.returncode}): "
-                           f"{proc.stderr.read()[-3000:]}")
+      raise AssertionError(
+        f"trainer exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}"
+      )
     if max(_records(workdir), default=0) >= step:
       return
     time.sleep(0.01)
@@ -83,6 +100,7 @@ def _assert_matches_reference(workdir, reference: dict[int, float]) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir) -> dict[int, float]:
   from moejax.data import prepare_tiny_corpus
+
   prepare_tiny_corpus(data_dir)
   workdir = tmp_path_factory.mktemp("reference")
   out = _run(workdir, data_dir)
@@ -94,8 +112,14 @@ def reference(tmp_path_factory, data_dir) -> dict[int, float]:
 
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, data_dir, reference):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(data_dir), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(
+    _cmd(workdir),
+    cwd=REPO,
+    env=_env(data_dir),
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
   _wait_for_step(proc, workdir, 2)
   proc.send_signal(signal.SIGTERM)
   stdout, stderr = proc.communicate(timeout=200)
@@ -112,8 +136,9 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, data_dir, 
   _assert_matches_reference(workdir, reference)
 
 
-def test_kill9_during_async_save_resumes_from_newest_complete_checkpoint(tmp_path, data_dir,
-                                                                         reference):
+def test_kill9_during_async_save_resumes_from_newest_complete_checkpoint(
+  tmp_path, data_dir, reference
+):
   workdir = tmp_path / "run"
   out = _run(workdir, data_dir, MOEJAX_CRASH_AT="during_save:10")
   assert out.returncode == -signal.SIGKILL
@@ -125,13 +150,20 @@ def test_kill9_during_async_save_resumes_from_newest_complete_checkpoint(tmp_pat
 
 
 def test_kill9_at_random_moments_never_loses_more_than_since_last_checkpoint(
-    tmp_path, data_dir, reference):
+  tmp_path, data_dir, reference
+):
   workdir = tmp_path / "run"
   rng = np.random.default_rng(0)
   kill_after = sorted(rng.choice(np.arange(3, STEPS - 3), size=2, replace=False))
   for target in kill_after:
-    proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(data_dir), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+      _cmd(workdir),
+      cwd=REPO,
+      env=_env(data_dir),
+      text=True,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+    )
     _wait_for_step(proc, workdir, int(target))
     time.sleep(float(rng.uniform(0, 0.05)))  # anywhere inside a step or a save
     proc.kill()
@@ -155,8 +187,7 @@ def _largest_file(directory) -> str:
 
 
 @pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "remove_state"])
-def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, data_dir, reference,
-                                                          damage):
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, data_dir, reference, damage):
   workdir = tmp_path / "run"
   out = _run(workdir, data_dir, "--max_steps=20")
   assert out.returncode == 0, out.stderr[-3000:]
@@ -177,6 +208,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, data_dir, re
       f.truncate(os.path.getsize(victim) // 2)
   else:
     import shutil
+
     shutil.rmtree(newest / "state")
   out = _run(workdir, data_dir)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -190,13 +222,13 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path, data_dir):
   one = jax.devices()[:1]
   train(cfg, str(tmp_path / "run"), show_progress=False, devices=one)
   import shutil
+
   shutil.rmtree(tmp_path / "run" / "checkpoints" / "2" / "state")
   with pytest.raises(CheckpointError, match="no usable checkpoint"):
     train(cfg, str(tmp_path / "run"), show_progress=False, devices=one)
 
 
-def test_nan_stops_with_step_and_layer_metrics_and_keeps_last_good_checkpoint(tmp_path,
-                                                                              data_dir):
+def test_nan_stops_with_step_and_layer_metrics_and_keeps_last_good_checkpoint(tmp_path, data_dir):
   cfg = tiny_config(data_dir, steps=30, checkpoint_every=1, learning_rate=1e9)
   with cfg.unlocked():
     cfg.train.warmup_steps = 0
@@ -213,6 +245,7 @@ def test_nan_stops_with_step_and_layer_metrics_and_keeps_last_good_checkpoint(tm
   assert steps and steps[-1] == bad_step - 1  # every finite step saved, the bad one not
   # the last good checkpoint restores (checksums verified) and holds finite params
   from moejax.training.workdir import restore_state
+
   state, _, step, _ = restore_state(cfg, str(tmp_path / "run"), devices=one)
   assert step == bad_step - 1
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
@@ -231,6 +264,7 @@ def test_nan_skip_policy_keeps_params_finite_and_counts_skips(tmp_path, data_dir
   skipped = [r["step"] for r in records if r.get("skipped") == 1.0]
   assert skipped, "the huge learning rate should have produced non-finite steps"
   from moejax.training.workdir import restore_state
+
   state, _, _, _ = restore_state(cfg, str(tmp_path / "run"), devices=one)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
@@ -238,12 +272,22 @@ def test_nan_skip_policy_keeps_params_finite_and_counts_skips(tmp_path, data_dir
 # ------------------------------------------------------------------------ config fuzzing
 
 INVALID = [
-    ("model.d_model", -8), ("model.num_layers", 0), ("model.num_heads", 3),
-    ("model.moe.num_experts", -1), ("model.moe.top_k", 99), ("model.moe.top_k", 0),
-    ("model.moe.capacity_factor", -1.0), ("model.moe.router", "nope"),
-    ("data.seq_len", 0), ("data.global_batch_size", -4), ("train.steps", 0),
-    ("train.learning_rate", -1.0), ("train.nan_policy", "ignore"), ("mesh.data", 3),
-    ("mesh.expert", 0), ("mesh.model", 5),
+  ("model.d_model", -8),
+  ("model.num_layers", 0),
+  ("model.num_heads", 3),
+  ("model.moe.num_experts", -1),
+  ("model.moe.top_k", 99),
+  ("model.moe.top_k", 0),
+  ("model.moe.capacity_factor", -1.0),
+  ("model.moe.router", "nope"),
+  ("data.seq_len", 0),
+  ("data.global_batch_size", -4),
+  ("train.steps", 0),
+  ("train.learning_rate", -1.0),
+  ("train.nan_policy", "ignore"),
+  ("mesh.data", 3),
+  ("mesh.expert", 0),
+  ("mesh.model", 5),
 ]
 
 
@@ -259,8 +303,7 @@ def _compile_events():
 
 
 @pytest.mark.parametrize("field,value", INVALID)
-def test_invalid_config_fails_before_any_compile_naming_the_field(tmp_path, data_dir, field,
-                                                                  value):
+def test_invalid_config_fails_before_any_compile_naming_the_field(tmp_path, data_dir, field, value):
   cfg = tiny_config(data_dir, steps=2, mesh=(-1, 1, 1))
   section = cfg
   *parents, leaf = field.split(".")

@@ -15,6 +15,7 @@ from moejax.errors import ConfigError
 from moejax.moe_config import MoEConfig
 from moejax.routers import ROUTERS, get_router, load_balance_loss, route, select_top_k
 from tests.helpers import make_moe_cfg
+
 try:
   from tests import reference as ref
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
@@ -57,8 +58,9 @@ def assert_matches_reference(routing, reference, atol=1e-5):
   for g, (kept_ref, _, _) in enumerate(reference):
     got = slots_to_dict(routing, g)
     assert sorted(got) == sorted(kept_ref), (
-        f"group {g}: slots differ; only in router: {sorted(set(got) - set(kept_ref))}, "
-        f"only in reference: {sorted(set(kept_ref) - set(got))}")
+      f"group {g}: slots differ; only in router: {sorted(set(got) - set(kept_ref))}, "
+      f"only in reference: {sorted(set(kept_ref) - set(got))}"
+    )
     for key, w in kept_ref.items():
       np.testing.assert_allclose(got[key], w, rtol=1e-5, atol=atol, err_msg=f"group {g} {key}")
 
@@ -92,7 +94,9 @@ def assert_buffer_invariants(routing, cfg, s, max_per_token):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("router,s,e,k,cf,dropless,expected", [
+@pytest.mark.parametrize(
+  "router,s,e,k,cf,dropless,expected",
+  [
     ("topk", 8, 4, 2, 1.25, False, 5),  # ceil(1.25*8*2/4) = 5
     ("topk", 8, 4, 1, 1.0, False, 2),
     ("topk", 8, 2, 2, 4.0, False, 8),  # clamped to S
@@ -101,7 +105,8 @@ def assert_buffer_invariants(routing, cfg, s, max_per_token):
     ("expert_choice", 8, 4, 2, 1.0, False, 2),  # ceil(cf*S/E), no k
     ("expert_choice", 10, 4, 2, 1.25, False, 4),  # ceil(3.125)
     ("expert_choice", 8, 4, 2, 100.0, False, 8),  # clamped to S
-])
+  ],
+)
 def test_capacity(router, s, e, k, cf, dropless, expected):
   cfg = make_cfg(router, num_experts=e, top_k=k, capacity_factor=cf, dropless=dropless)
   assert cfg.capacity(s) == expected
@@ -143,8 +148,9 @@ def test_topk_matches_gshard_loop_reference(shape, order, cf, skew):
     reference = ref.reference_routing(logits, "topk", e, k, cf, False, order)
     assert_buffer_invariants(routing, cfg, s, max_per_token=k)
     assert_matches_reference(routing, reference)
-    np.testing.assert_allclose(routing.metrics["dropped_fraction"],
-                               reference_dropped_fraction(reference), atol=1e-6)
+    np.testing.assert_allclose(
+      routing.metrics["dropped_fraction"], reference_dropped_fraction(reference), atol=1e-6
+    )
     if skew:  # the skewed case must actually exercise dropping
       assert reference_dropped_fraction(reference) > 0
 
@@ -211,8 +217,10 @@ def test_dropless_never_drops_even_when_all_pick_one_expert(k):
   logits = np.zeros((g, s, e), np.float32)
   logits[..., 0] = 10.0  # every token's first choice is expert 0
   logits[..., 1] = 5.0
-  dropless = jroute(jnp.asarray(logits), make_cfg("topk", num_experts=e, top_k=k,
-                                                  dropless=True, capacity_factor=0.1))
+  dropless = jroute(
+    jnp.asarray(logits),
+    make_cfg("topk", num_experts=e, top_k=k, dropless=True, capacity_factor=0.1),
+  )
   assert float(dropless.metrics["dropped_fraction"]) == 0.0
   assert int(np.sum(dropless.slot_valid)) == g * s * k
   assert np.all(np.asarray(dropless.slot_valid[:, 0]).sum(-1) == s)
@@ -224,8 +232,9 @@ def test_dropless_never_drops_even_when_all_pick_one_expert(k):
   assert np.all(np.asarray(capped.slot_valid[:, 0]).sum(-1) == c)
   ref_routing = ref.reference_routing(logits, "topk", e, k, 1.0, False)
   assert_matches_reference(capped, ref_routing)
-  np.testing.assert_allclose(capped.metrics["dropped_fraction"],
-                             reference_dropped_fraction(ref_routing), atol=1e-6)
+  np.testing.assert_allclose(
+    capped.metrics["dropped_fraction"], reference_dropped_fraction(ref_routing), atol=1e-6
+  )
   assert float(capped.metrics["dropped_fraction"]) > 0
 
 
@@ -240,11 +249,15 @@ def test_metrics_match_reference():
     counts = np.bincount([ei for (ei, _) in kept], minlength=e).astype(float)
     loads.append(counts / counts.sum())
   np.testing.assert_allclose(routing.metrics["expert_load"], np.mean(loads, 0), atol=1e-6)
-  np.testing.assert_allclose(routing.metrics["experts_per_token"],
-                             np.mean([len(kept) for kept, _, _ in reference]) / s, atol=1e-6)
+  np.testing.assert_allclose(
+    routing.metrics["experts_per_token"],
+    np.mean([len(kept) for kept, _, _ in reference]) / s,
+    atol=1e-6,
+  )
   p = ref.softmax(logits)
-  np.testing.assert_allclose(routing.metrics["router_entropy"],
-                             -np.mean(np.sum(p * np.log(p), -1)), rtol=1e-5)
+  np.testing.assert_allclose(
+    routing.metrics["router_entropy"], -np.mean(np.sum(p * np.log(p), -1)), rtol=1e-5
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,8 +265,9 @@ def test_metrics_match_reference():
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("g,s,e,cf", [(1, 8, 4, 1.0), (2, 10, 4, 1.25), (3, 12, 6, 2.0),
-                                      (2, 6, 3, 50.0)])
+@pytest.mark.parametrize(
+  "g,s,e,cf", [(1, 8, 4, 1.0), (2, 10, 4, 1.25), (3, 12, 6, 2.0), (2, 6, 3, 50.0)]
+)
 def test_expert_choice_picks_top_c_tokens_per_expert(g, s, e, cf):
   cfg = make_cfg("expert_choice", num_experts=e, capacity_factor=cf)
   c = cfg.capacity(s)
@@ -296,8 +310,9 @@ def test_expert_choice_ties_break_to_earlier_tokens():
   logits = np.zeros((1, 4, 2), np.float32)
   logits[0, 1, 0] = logits[0, 2, 0] = 1.0
   logits[0, 3, 0] = 2.0
-  got = slots_to_dict(jroute(jnp.asarray(logits), make_cfg(
-      "expert_choice", num_experts=2, capacity_factor=1.0)), 0)
+  got = slots_to_dict(
+    jroute(jnp.asarray(logits), make_cfg("expert_choice", num_experts=2, capacity_factor=1.0)), 0
+  )
   assert sorted(t for (e, t) in got if e == 0) == [1, 3]
 
 
@@ -324,8 +339,9 @@ def test_null_experts_match_reference(order, cf, dropless):
     assert_buffer_invariants(routing, cfg, s, max_per_token=k)
     reference = ref.reference_routing(logits, "null_experts", e, k, cf, dropless, order)
     assert_matches_reference(routing, reference)
-    np.testing.assert_allclose(routing.metrics["dropped_fraction"],
-                               reference_dropped_fraction(reference), atol=1e-6)
+    np.testing.assert_allclose(
+      routing.metrics["dropped_fraction"], reference_dropped_fraction(reference), atol=1e-6
+    )
 
 
 def test_null_experts_real_experts_per_token_varies_in_0_to_k():
@@ -350,10 +366,12 @@ def test_null_experts_occupy_no_slots_and_save_flops():
   logits = rng.standard_normal((g, s, e + n)).astype(np.float32)
   logits[:, ::2, e:] += 5.0  # nulls win for even tokens
   null_routing = jroute(jnp.asarray(logits), null_cfg(e, n, k, dropless=True))
-  topk_routing = jroute(jnp.asarray(logits[..., :e]),
-                       make_cfg("topk", num_experts=e, top_k=k, dropless=True))
-  n_real = sum(int(ei < e) for gi in range(g) for si in range(s)
-               for ei in ref.ranked(logits[gi, si])[:k])
+  topk_routing = jroute(
+    jnp.asarray(logits[..., :e]), make_cfg("topk", num_experts=e, top_k=k, dropless=True)
+  )
+  n_real = sum(
+    int(ei < e) for gi in range(g) for si in range(s) for ei in ref.ranked(logits[gi, si])[:k]
+  )
   null_slots = int(np.sum(null_routing.slot_valid))
   assert null_slots == n_real  # exactly the real choices, nothing for null choices
   assert int(np.sum(topk_routing.slot_valid)) == g * s * k
@@ -381,13 +399,20 @@ def test_null_experts_load_balance_loss_formula(order):
     f /= s * k
     pm = probs[gi].mean(0)
     losses.append((e + n) * (np.sum(f[:e] * pm[:e]) + n * f[e:].mean() * pm[e:].mean()))
-  np.testing.assert_allclose(routing.aux_losses["load_balance_loss"], 0.3 * np.mean(losses),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    routing.aux_losses["load_balance_loss"], 0.3 * np.mean(losses), rtol=1e-5
+  )
   # The null averaging must matter for this input (else the test could not tell the AdaMoE
   # formula from the plain Switch loss over E + N experts).
-  f_all = np.stack([np.bincount(np.concatenate([ref.ranked(logits[gi, si])[:k]
-                                                for si in range(s)]), minlength=e + n) / (s * k)
-                    for gi in range(g)])
+  f_all = np.stack(
+    [
+      np.bincount(
+        np.concatenate([ref.ranked(logits[gi, si])[:k] for si in range(s)]), minlength=e + n
+      )
+      / (s * k)
+      for gi in range(g)
+    ]
+  )
   switch = (e + n) * np.mean(np.sum(f_all * probs.mean(1), -1))
   assert abs(switch - np.mean(losses)) > 1e-4
 
@@ -438,8 +463,9 @@ def test_top_p_selects_minimal_prefix(p, k):
       assert m == 1 or cum[m - 2] < p + 1e-6, "prefix must be minimal"
       for ei in chosen:  # gate values are the raw probabilities
         np.testing.assert_allclose(got[(ei, si)], probs[gi, si, ei], rtol=1e-5)
-  assert_matches_reference(routing, ref.reference_routing(logits, "top_p", e, k, dropless=True,
-                                                          p=p))
+  assert_matches_reference(
+    routing, ref.reference_routing(logits, "top_p", e, k, dropless=True, p=p)
+  )
   if p < 1.0:
     assert len(set(sizes)) > 1, "number of experts per token should vary"
   else:
@@ -454,8 +480,9 @@ def test_top_p_with_capacity_matches_reference():
   reference = ref.reference_routing(logits, "top_p", e, k, 0.5, False, p=p)
   assert_buffer_invariants(routing, cfg, s, max_per_token=k)
   assert_matches_reference(routing, reference)
-  np.testing.assert_allclose(routing.metrics["dropped_fraction"],
-                             reference_dropped_fraction(reference), atol=1e-6)
+  np.testing.assert_allclose(
+    routing.metrics["dropped_fraction"], reference_dropped_fraction(reference), atol=1e-6
+  )
   assert reference_dropped_fraction(reference) > 0
 
 
@@ -464,8 +491,9 @@ def test_top_p_dynamic_loss_is_weighted_entropy():
   cfg = make_cfg("top_p", num_experts=4, top_k=2, dynamic_loss_weight=0.7)
   routing = jroute(jnp.asarray(logits), cfg)
   p = ref.softmax(logits)
-  np.testing.assert_allclose(routing.aux_losses["dynamic_loss"],
-                             0.7 * -np.mean(np.sum(p * np.log(p), -1)), rtol=1e-5)
+  np.testing.assert_allclose(
+    routing.aux_losses["dynamic_loss"], 0.7 * -np.mean(np.sum(p * np.log(p), -1)), rtol=1e-5
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -496,8 +524,9 @@ def test_load_balance_loss_is_weight_under_uniform_routing(router):
   for t in range(8):
     logits[0, t, t % 4] = 1.0 + 0.1 * t
   cfg = make_cfg("topk", num_experts=4, top_k=1, load_balance_weight=1.0)
-  np.testing.assert_allclose(jroute(jnp.asarray(logits), cfg).aux_losses["load_balance_loss"],
-                             1.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    jroute(jnp.asarray(logits), cfg).aux_losses["load_balance_loss"], 1.0, rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("router", ["topk", "shared_experts", "top_p"])
@@ -509,12 +538,15 @@ def test_load_balance_loss_matches_per_group_switch_formula(router):
   logits[0, :, 0] += 2.0
   logits[1, :, 3] += 2.0
   routing = jroute(jnp.asarray(logits), cfg)
-  assigned = [[np.array([ei for ei, _ in ref.token_choices(logits[gi, si], router, k,
-                                                           "softmax_topk", 0.6)])
-               for si in range(s)] for gi in range(g)]
+  assigned = [
+    [
+      np.array([ei for ei, _ in ref.token_choices(logits[gi, si], router, k, "softmax_topk", 0.6)])
+      for si in range(s)
+    ]
+    for gi in range(g)
+  ]
   expected = numpy_switch_loss(logits, assigned)
-  np.testing.assert_allclose(routing.aux_losses["load_balance_loss"], 0.5 * expected,
-                             rtol=1e-5)
+  np.testing.assert_allclose(routing.aux_losses["load_balance_loss"], 0.5 * expected, rtol=1e-5)
   pooled = numpy_switch_loss(logits.reshape(1, g * s, e), [sum(assigned, [])])
   assert abs(pooled - expected) > 1e-3, "test input must distinguish per-group from pooled"
   # The building block directly, with hand-made assignments.
@@ -532,8 +564,9 @@ def test_z_loss_matches_numpy(router):
   logits = random_logits(17, 2, 8, cfg.num_router_logits, scale=3.0)
   logits += 2.0  # a nonzero mean so logsumexp is far from 0
   routing = jroute(jnp.asarray(logits), cfg)
-  np.testing.assert_allclose(routing.aux_losses["z_loss"],
-                             0.3 * np.mean(ref.logsumexp(logits) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(
+    routing.aux_losses["z_loss"], 0.3 * np.mean(ref.logsumexp(logits) ** 2), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("router", ALL_ROUTERS)
@@ -551,28 +584,28 @@ def test_routers_are_jittable_and_registered(router):
 # ----------------------------------------------------------------------------------------
 
 BAD_CONFIGS = [
-    (dict(top_k=0), "moe.top_k"),
-    (dict(top_k=5), "moe.top_k"),  # > num_experts (4)
-    (dict(top_k=2.0), "moe.top_k"),
-    (dict(top_k=True), "moe.top_k"),
-    (dict(router="switch"), "moe.router"),
-    (dict(capacity_factor=-1.0), "moe.capacity_factor"),
-    (dict(capacity_factor=float("nan")), "moe.capacity_factor"),
-    (dict(capacity_factor=float("inf")), "moe.capacity_factor"),
-    (dict(num_null_experts=2), "moe.num_null_experts"),  # router='topk'
-    (dict(router="null_experts", num_null_experts=0), "moe.num_null_experts"),
-    (dict(router="null_experts", num_null_experts=-1), "moe.num_null_experts"),
-    (dict(router="shared_experts", num_shared_experts=0), "moe.num_shared_experts"),
-    (dict(activation="relu"), "moe.activation"),
-    (dict(router_order="sigmoid"), "moe.router_order"),
-    (dict(top_p=0.0), "moe.top_p"),
-    (dict(top_p=1.5), "moe.top_p"),
-    (dict(num_experts=0), "moe.num_experts"),
-    (dict(expert_d_ff=0), "moe.expert_d_ff"),
-    (dict(group_size=0), "moe.group_size"),
-    (dict(load_balance_weight=-0.1), "moe.load_balance_weight"),
-    (dict(z_loss_weight=float("inf")), "moe.z_loss_weight"),
-    (dict(router="expert_choice", dropless=True), "moe.dropless"),
+  (dict(top_k=0), "moe.top_k"),
+  (dict(top_k=5), "moe.top_k"),  # > num_experts (4)
+  (dict(top_k=2.0), "moe.top_k"),
+  (dict(top_k=True), "moe.top_k"),
+  (dict(router="switch"), "moe.router"),
+  (dict(capacity_factor=-1.0), "moe.capacity_factor"),
+  (dict(capacity_factor=float("nan")), "moe.capacity_factor"),
+  (dict(capacity_factor=float("inf")), "moe.capacity_factor"),
+  (dict(num_null_experts=2), "moe.num_null_experts"),  # router='topk'
+  (dict(router="null_experts", num_null_experts=0), "moe.num_null_experts"),
+  (dict(router="null_experts", num_null_experts=-1), "moe.num_null_experts"),
+  (dict(router="shared_experts", num_shared_experts=0), "moe.num_shared_experts"),
+  (dict(activation="relu"), "moe.activation"),
+  (dict(router_order="sigmoid"), "moe.router_order"),
+  (dict(top_p=0.0), "moe.top_p"),
+  (dict(top_p=1.5), "moe.top_p"),
+  (dict(num_experts=0), "moe.num_experts"),
+  (dict(expert_d_ff=0), "moe.expert_d_ff"),
+  (dict(group_size=0), "moe.group_size"),
+  (dict(load_balance_weight=-0.1), "moe.load_balance_weight"),
+  (dict(z_loss_weight=float("inf")), "moe.z_loss_weight"),
+  (dict(router="expert_choice", dropless=True), "moe.dropless"),
 ]
 
 
@@ -614,8 +647,9 @@ def test_from_config_unknown_field_and_path():
   assert "top_k" in str(info.value)  # lists the allowed fields
   with pytest.raises(ConfigError, match=r"^layers\.3\.moe\.top_k="):
     MoEConfig.from_config({"top_k": 9}, path="layers.3.moe")
-  cfg = MoEConfig.from_config(ml_collections.ConfigDict(
-      {"num_experts": 4, "top_k": 1, "router": "top_p"}))
+  cfg = MoEConfig.from_config(
+    ml_collections.ConfigDict({"num_experts": 4, "top_k": 1, "router": "top_p"})
+  )
   assert (cfg.num_experts, cfg.top_k, cfg.router) == (4, 1, "top_p")
   assert cfg.config_path == "model.moe"
   assert cfg == MoEConfig(num_experts=4, top_k=1, router="top_p")  # path not in equality

@@ -11,16 +11,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.models.attention_impl import (attend, blockwise_attention, causal_mask,
-                                          gqa_attention, resolve_impl)
+from moejax.models.attention_impl import (
+  attend,
+  blockwise_attention,
+  causal_mask,
+  gqa_attention,
+  resolve_impl,
+)
 from moejax.models.mla import MLAttention
 from moejax.models.rope import interleaved_rope_angles
 
 
 def _qkv(b=2, l=40, h=4, hkv=2, dk=8, dv=8, seed=0):
   ks = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(ks[0], (b, l, h, dk)), jax.random.normal(ks[1], (b, l, hkv, dk)),
-          jax.random.normal(ks[2], (b, l, hkv, dv)))
+  return (
+    jax.random.normal(ks[0], (b, l, h, dk)),
+    jax.random.normal(ks[1], (b, l, hkv, dk)),
+    jax.random.normal(ks[2], (b, l, hkv, dv)),
+  )
 
 
 def _numpy_attention(q, k, v, scale):
@@ -41,9 +49,9 @@ def _numpy_attention(q, k, v, scale):
 @pytest.mark.parametrize("dv", [8, 12])
 def test_blockwise_matches_numpy_reference(block, dv):
   q, k, v = _qkv(dv=dv)
-  out = blockwise_attention(q, k, v, 8 ** -0.5, block=block)
-  np.testing.assert_allclose(out, _numpy_attention(q, k, v, 8 ** -0.5), rtol=1e-5, atol=1e-5)
-  ref = gqa_attention(q, k, v, causal_mask(q.shape[1]), 8 ** -0.5)
+  out = blockwise_attention(q, k, v, 8**-0.5, block=block)
+  np.testing.assert_allclose(out, _numpy_attention(q, k, v, 8**-0.5), rtol=1e-5, atol=1e-5)
+  ref = gqa_attention(q, k, v, causal_mask(q.shape[1]), 8**-0.5)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -91,16 +99,20 @@ def test_mla_kernels_match_reference(impl):
   b, l, d = 2, 20, 16
   x = jax.random.normal(jax.random.key(1), (b, l, d))
   cos, sin = interleaved_rope_angles(jnp.arange(l), 4, 1e4)
-  make = lambda impl: MLAttention(num_heads=3, kv_lora_rank=8, qk_nope_head_dim=8,
-                                  qk_rope_head_dim=4, v_head_dim=6, impl=impl)
+  make = lambda impl: MLAttention(
+    num_heads=3, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, impl=impl
+  )
   params = make("reference").init(jax.random.key(2), x, cos, sin)
   loss = lambda impl, p: jnp.sum(make(impl).apply(p, x, cos, sin) ** 2)
   ref_out = make("reference").apply(params, x, cos, sin)
   out = make(impl).apply(params, x, cos, sin)
   np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-5)
-  chex.assert_trees_all_close(jax.grad(functools.partial(loss, impl))(params),
-                              jax.grad(functools.partial(loss, "reference"))(params),
-                              rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(
+    jax.grad(functools.partial(loss, impl))(params),
+    jax.grad(functools.partial(loss, "reference"))(params),
+    rtol=1e-4,
+    atol=1e-5,
+  )
 
 
 def test_auto_picks_by_backend_and_length():

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moejax.config import ModelConfig
 from moejax.models import Transformer
@@ -23,18 +24,40 @@ B, L = 2, 12
 
 
 def cfg(**kw) -> ModelConfig:
-  base = dict(vocab_size=50, d_model=32, num_layers=6, num_heads=4, num_kv_heads=2,
-              head_dim=8, d_ff=48, max_len=64, moe_every=2, first_moe_layer=1,
-              moe=MoEConfig(num_experts=4, expert_d_ff=24, top_k=2, router="topk",
-                            dropless=True, router_order="topk_softmax"))
+  base = dict(
+    vocab_size=50,
+    d_model=32,
+    num_layers=6,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    d_ff=48,
+    max_len=64,
+    moe_every=2,
+    first_moe_layer=1,
+    moe=MoEConfig(
+      num_experts=4,
+      expert_d_ff=24,
+      top_k=2,
+      router="topk",
+      dropless=True,
+      router_order="topk_softmax",
+    ),
+  )
   base.update(kw)
   return ModelConfig(**base)
 
 
 INTERLEAVED = dict()  # layer 0 dense, units (1 MoE, 2 dense), (3, 4), suffix layer 5
-MLA_DEEPSEEK = dict(attention="mla", num_layers=4, moe_every=1, first_moe_layer=1,
-                    moe=MoEConfig(num_experts=4, expert_d_ff=8, top_k=2,
-                                  router="shared_experts", num_shared_experts=1))
+MLA_DEEPSEEK = dict(
+  attention="mla",
+  num_layers=4,
+  moe_every=1,
+  first_moe_layer=1,
+  moe=MoEConfig(
+    num_experts=4, expert_d_ff=8, top_k=2, router="shared_experts", num_shared_experts=1
+  ),
+)
 DENSE = dict(moe_every=0, moe=None, num_layers=3)
 
 
@@ -42,45 +65,53 @@ def _tokens(seed=0):
   return jax.random.randint(jax.random.key(seed), (B, L), 0, 50)
 
 
-@pytest.mark.parametrize("kw", [INTERLEAVED, MLA_DEEPSEEK, DENSE],
-                         ids=["interleaved", "mla", "dense"])
+@pytest.mark.parametrize(
+  "kw", [INTERLEAVED, MLA_DEEPSEEK, DENSE], ids=["interleaved", "mla", "dense"]
+)
 def test_scanned_equals_unrolled(kw):
   unrolled_cfg = cfg(**kw)
   scanned_cfg = dataclasses.replace(unrolled_cfg, scan_layers=True)
   tokens = _tokens()
   params = Transformer(unrolled_cfg).init(jax.random.key(1), tokens)["params"]
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                        is_leaf=lambda x: hasattr(x, "value"))
+  params = jax.tree.map(
+    lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
+  )
   stacked = stack_layers(params, scanned_cfg)
   assert SCAN_KEY in stacked
   # The stacked tree is exactly what the scanned model creates.
   abstract = jax.eval_shape(Transformer(scanned_cfg).init, jax.random.key(1), tokens)["params"]
-  abstract = jax.tree.map(lambda x: getattr(x, "value", x), abstract,
-                          is_leaf=lambda x: hasattr(x, "value"))
+  abstract = jax.tree.map(
+    lambda x: getattr(x, "value", x), abstract, is_leaf=lambda x: hasattr(x, "value")
+  )
   assert jax.tree.structure(abstract) == jax.tree.structure(stacked)
   chex.assert_trees_all_equal_shapes(abstract, stacked)
 
   def loss(model_cfg, p):
     logits, aux = Transformer(model_cfg).apply({"params": p}, tokens)
-    return jnp.mean(logits ** 2) + sum(aux["aux_losses"].values(), 0.0), (logits, aux)
+    return jnp.mean(logits**2) + sum(aux["aux_losses"].values(), 0.0), (logits, aux)
 
   (l1, (logits1, aux1)), g1 = jax.value_and_grad(loss, 1, has_aux=True)(unrolled_cfg, params)
   (l2, (logits2, aux2)), g2 = jax.value_and_grad(loss, 1, has_aux=True)(scanned_cfg, stacked)
   np.testing.assert_allclose(logits2, logits1, rtol=1e-5, atol=1e-5)
-  assert sorted(aux2["metrics"]) == sorted(aux1["metrics"]) == [
-      f"layers_{i}" for i in unrolled_cfg.moe_layers]
+  assert (
+    sorted(aux2["metrics"])
+    == sorted(aux1["metrics"])
+    == [f"layers_{i}" for i in unrolled_cfg.moe_layers]
+  )
   chex.assert_trees_all_close(aux2, aux1, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(unstack_layers(g2, scanned_cfg), g1, rtol=1e-4, atol=1e-6)
 
 
 def test_stack_unstack_round_trip_is_exact_and_reaches_optimizer_state():
   import optax
+
   model_cfg = cfg(scan_layers=True)
   plan = scan_plan(model_cfg)
   assert (plan.start, plan.unit, plan.num_units) == (1, 2, 2)
   params = Transformer(cfg()).init(jax.random.key(0), _tokens())["params"]
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                        is_leaf=lambda x: hasattr(x, "value"))
+  params = jax.tree.map(
+    lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
+  )
   opt = optax.adamw(1e-3).init(params)
   stacked = stack_layers((params, opt), model_cfg)
   assert stacked[0][SCAN_KEY]["block_0"]["ffn"]["wi_gate"].shape[0] == 2
@@ -95,15 +126,23 @@ def test_stack_unstack_round_trip_is_exact_and_reaches_optimizer_state():
 def _count_all_to_alls(policy: str, scan: bool) -> int:
   """all-to-all ops in the compiled gradient of an expert-parallel 2-layer MoE model."""
   mesh = make_mesh({"data": 2, "expert": 4, "model": 1})
-  model_cfg = cfg(num_layers=2, moe_every=1, first_moe_layer=0, remat_policy=policy,
-                  scan_layers=scan)
+  model_cfg = cfg(
+    num_layers=2, moe_every=1, first_moe_layer=0, remat_policy=policy, scan_layers=scan
+  )
   model = Transformer(model_cfg, mesh=mesh)
-  tokens = jax.device_put(jnp.zeros((8, L), jnp.int32),
-                          NamedSharding(mesh, P(("data", "expert"), None)))
+  tokens = jax.device_put(
+    jnp.zeros((8, L), jnp.int32), NamedSharding(mesh, P(("data", "expert"), None))
+  )
   boxed = jax.eval_shape(model.init, jax.random.key(0), tokens[:1])["params"]
-  params = shard_params(jax.tree.map(lambda x: getattr(x, "value", x), Transformer(
-      model_cfg).init(jax.random.key(0), tokens[:1])["params"],
-      is_leaf=lambda x: hasattr(x, "value")), mesh, logical_specs=boxed)
+  params = shard_params(
+    jax.tree.map(
+      lambda x: getattr(x, "value", x),
+      Transformer(model_cfg).init(jax.random.key(0), tokens[:1])["params"],
+      is_leaf=lambda x: hasattr(x, "value"),
+    ),
+    mesh,
+    logical_specs=boxed,
+  )
   loss = lambda p: jnp.mean(model.apply({"params": p}, tokens)[0] ** 2)
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
   return hlo.count(" all-to-all(")

@@ -14,7 +14,7 @@ from moejax.planning import TARGETS_GIB, format_plan, plan_memory
 from moejax.training.state import count_params
 from tests.helpers import REPO, tiny_config
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def _tiny(fsdp: bool):
@@ -29,6 +29,7 @@ def test_plan_bytes_match_hand_computation(fsdp):
   cfg = _tiny(fsdp)
   plan = plan_memory(cfg)
   from moejax.training.experiment import build_experiment
+
   n = count_params(build_experiment(cfg).abstract_state.params)
   # float32 params; with FSDP every leaf has a d_model=32 axis split over the 8 devices.
   assert plan["params_bytes"] == 4 * n // (8 if fsdp else 1)
@@ -44,14 +45,27 @@ def test_plan_bytes_match_hand_computation(fsdp):
 
 def _tool(*args, timeout=1200):
   env = dict(os.environ, XLA_FLAGS="")
-  out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plan_memory.py"), *args],
-                       capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+  out = subprocess.run(
+    [sys.executable, os.path.join(REPO, "tools", "plan_memory.py"), *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=timeout,
+    cwd=REPO,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
 
-ACCEPTANCE_FLAGS = ["--devices", "64", "--config.mesh.data=8", "--config.mesh.expert=8",
-                    "--config.mesh.model=1", "--config.data.global_batch_size=64", "--json"]
+ACCEPTANCE_FLAGS = [
+  "--devices",
+  "64",
+  "--config.mesh.data=8",
+  "--config.mesh.expert=8",
+  "--config.mesh.model=1",
+  "--config.data.global_batch_size=64",
+  "--json",
+]
 
 
 @pytest.mark.slow
@@ -60,13 +74,13 @@ def test_mixtral_fits_per_device_budget_and_scan_keeps_compile_time_flat():
   plan = json.loads(_tool("--config", config, *ACCEPTANCE_FLAGS))
   assert plan["params_bytes"] + plan["optimizer_bytes"] + plan["gradient_bytes"] <= 16 * GIB
   assert plan["total_bytes"] <= 95 * GIB
-  four = json.loads(_tool("--config", config, *ACCEPTANCE_FLAGS,
-                          "--config.model.num_layers=4"))
+  four = json.loads(_tool("--config", config, *ACCEPTANCE_FLAGS, "--config.model.num_layers=4"))
   assert plan["compile_s"] <= 2 * four["compile_s"]
 
 
 @pytest.mark.slow
 def test_deepseek_fits_per_device_budget():
-  plan = json.loads(_tool("--config", os.path.join(REPO, "configs", "deepseek_like.py"),
-                          *ACCEPTANCE_FLAGS))
+  plan = json.loads(
+    _tool("--config", os.path.join(REPO, "configs", "deepseek_like.py"), *ACCEPTANCE_FLAGS)
+  )
   assert plan["total_bytes"] <= 95 * GIB

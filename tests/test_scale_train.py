@@ -16,16 +16,17 @@ from moejax.training.step import make_train_step, split_microbatches
 from tests.helpers import tiny_config
 
 ROUTER_KW = {
-    "topk": dict(),
-    "expert_choice": dict(capacity_factor=2.0),
-    "null_experts": dict(num_null_experts=4),
-    "shared_experts": dict(num_shared_experts=2),
-    "top_p": dict(top_k=3, top_p=0.6),
+  "topk": dict(),
+  "expert_choice": dict(capacity_factor=2.0),
+  "null_experts": dict(num_null_experts=4),
+  "shared_experts": dict(num_shared_experts=2),
+  "top_p": dict(top_k=3, top_p=0.6),
 }
 
 
-def _config(mesh, router="topk", fsdp=False, scan=False, microbatches=1, batch=8,
-            num_layers=3, **kw):
+def _config(
+  mesh, router="topk", fsdp=False, scan=False, microbatches=1, batch=8, num_layers=3, **kw
+):
   cfg = tiny_config("unused", mesh=mesh, router=router, **ROUTER_KW[router])
   with cfg.unlocked():
     cfg.model.num_layers = num_layers
@@ -58,16 +59,19 @@ def _run(cfg, batches, devices=None):
   with ref_cfg.unlocked():
     ref_cfg.mesh.data, ref_cfg.mesh.expert, ref_cfg.mesh.model = 1, 1, 1
   ref = build_experiment(ref_cfg, devices=jax.devices()[:1])
-  init = create_train_state(ref.model, ref.tx, cfg.data.seq_len, cfg.train.seed,
-                            ref.state_shardings)
-  params = jax.device_put(stack_layers(jax.device_get(init.params), exp.model_cfg),
-                          exp.state_shardings.params)
+  init = create_train_state(
+    ref.model, ref.tx, cfg.data.seq_len, cfg.train.seed, ref.state_shardings
+  )
+  params = jax.device_put(
+    stack_layers(jax.device_get(init.params), exp.model_cfg), exp.state_shardings.params
+  )
   opt_state = jax.jit(exp.tx.init, out_shardings=exp.state_shardings.opt_state)(params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-  step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule,
-                                 microbatches=cfg.train.microbatches),
-                 in_shardings=(exp.state_shardings, exp.batch_sharding),
-                 out_shardings=(exp.state_shardings, None))
+  step = jax.jit(
+    make_train_step(exp.model, exp.tx, exp.schedule, microbatches=cfg.train.microbatches),
+    in_shardings=(exp.state_shardings, exp.batch_sharding),
+    out_shardings=(exp.state_shardings, None),
+  )
   losses = []
   for batch in batches:
     state, metrics = step(state, jax.device_put(batch, exp.batch_sharding))
@@ -91,6 +95,7 @@ def test_fsdp_scanned_sharded_training_equals_single_device(router):
 
 def test_fsdp_divides_parameter_memory():
   from moejax.planning import sharded_bytes
+
   plain = build_experiment(_config((8, 1, 1)))
   fsdp = build_experiment(_config((8, 1, 1), fsdp=True))
   full = sharded_bytes(plain.abstract_state.params)
@@ -109,8 +114,7 @@ def test_microbatches_equal_one_big_batch(case):
   kw = dict(batch=16)
   if case == "dense":
     kw.update(model__moe_every=0)
-  mesh, devices = ((2, 4, 1), None) if case == "sharded_fsdp" else ((1, 1, 1),
-                                                                      jax.devices()[:1])
+  mesh, devices = ((2, 4, 1), None) if case == "sharded_fsdp" else ((1, 1, 1), jax.devices()[:1])
   big_cfg = _config(mesh, fsdp=case == "sharded_fsdp", **kw)
   with big_cfg.unlocked():  # aux losses are per-batch statistics: not additive
     big_cfg.model.moe.load_balance_weight = 0.0
@@ -127,6 +131,7 @@ def test_microbatches_equal_one_big_batch(case):
 
 def test_microbatches_must_divide_the_batch():
   from moejax.errors import ConfigError
+
   with pytest.raises(ConfigError, match="train.microbatches"):
     build_experiment(_config((1, 1, 1), microbatches=3), devices=jax.devices()[:1])
 

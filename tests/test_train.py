@@ -18,8 +18,7 @@ def _losses(result):
 
 def test_few_steps_reduce_loss_and_write_checkpoint(tmp_path, data_dir):
   cfg = tiny_config(data_dir, steps=30, learning_rate=3e-3, checkpoint_every=30)
-  trainer = Trainer(cfg, str(tmp_path / "run"), show_progress=False,
-                    devices=jax.devices()[:1])
+  trainer = Trainer(cfg, str(tmp_path / "run"), show_progress=False, devices=jax.devices()[:1])
   seen = []  # (step, losses recorded so far): a hook sees every loss up to its step
   trainer.add_hook(7, lambda t, step: seen.append((step, sorted(t.losses)[-1:])))
   result = trainer.run()
@@ -45,8 +44,9 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, data_dir):
   assert first.final_step == 4 and first.stopped_by == "max_steps"
   second = train(cfg, str(tmp_path / "split"), show_progress=False, devices=one)
   assert sorted(second.losses) == [5, 6, 7, 8]
-  resumed = np.array([first.losses[s] for s in range(1, 5)] +
-                     [second.losses[s] for s in range(5, 9)])
+  resumed = np.array(
+    [first.losses[s] for s in range(1, 5)] + [second.losses[s] for s in range(5, 9)]
+  )
   np.testing.assert_array_equal(resumed, _losses(full))
 
 
@@ -71,5 +71,4 @@ def test_existing_checkpoints_without_resume_refused(tmp_path, data_dir):
   cfg = tiny_config(data_dir, steps=2, checkpoint_every=2)
   train(cfg, str(tmp_path / "run"), show_progress=False, devices=jax.devices()[:1])
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
-    train(cfg, str(tmp_path / "run"), resume=False, show_progress=False,
-          devices=jax.devices()[:1])
+    train(cfg, str(tmp_path / "run"), resume=False, show_progress=False, devices=jax.devices()[:1])

@@ -24,9 +24,10 @@ def _devices_from_argv(argv) -> int:
 
 
 # The simulated device count must be set before jax initialises its CPU backend.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count="
-                           f"{_devices_from_argv(sys.argv)}").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count="
+  f"{_devices_from_argv(sys.argv)}"
+).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,8 +36,9 @@ import json  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file; "
-                                          "override fields with --config.x.y=value.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a configs/*.py file; override fields with --config.x.y=value."
+)
 flags.DEFINE_integer("devices", 8, "Number of simulated CPU devices (the mesh's size).")
 _JSON = flags.DEFINE_bool("json", False, "Print the plan as one JSON object.")
 flags.mark_flags_as_required(["config"])
@@ -46,6 +48,7 @@ def main(argv) -> int:
   del argv
   from moejax.errors import ConfigError
   from moejax.planning import format_plan, plan_memory
+
   try:
     plan = plan_memory(_CONFIG.value)
   except ConfigError as e:

@@ -57,12 +57,11 @@ def moe_layer_inputs(model, params, tokens: jax.Array) -> tuple[jax.Array, dict[
 
   x_i is the output of block i's ``ffn_norm`` as captured by ``capture_intermediates``.
   """
-  (logits, _), state = model.apply({"params": params}, tokens,
-                                   capture_intermediates=_is_ffn_norm,
-                                   mutable=["intermediates"])
+  (logits, _), state = model.apply(
+    {"params": params}, tokens, capture_intermediates=_is_ffn_norm, mutable=["intermediates"]
+  )
   inter = state["intermediates"]
-  return logits, {i: inter[f"layers_{i}"]["ffn_norm"]["__call__"][0]
-                  for i in model.cfg.moe_layers}
+  return logits, {i: inter[f"layers_{i}"]["ffn_norm"]["__call__"][0] for i in model.cfg.moe_layers}
 
 
 def selected_experts(logits: jax.Array, processed: jax.Array, cfg: MoEConfig) -> jax.Array:
@@ -98,21 +97,32 @@ def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict
   xg = to_groups(x, cfg.group_size)  # [G, S, d]
   g, s, _ = xg.shape
   m = mask.reshape(g, s).astype(jnp.float32)  # [G, S]
-  logits = jnp.einsum("gsd,dr->gsr", xg.astype(jnp.float32),
-                      jnp.asarray(ffn["router"], jnp.float32))  # [G, S, R]
+  logits = jnp.einsum(
+    "gsd,dr->gsr", xg.astype(jnp.float32), jnp.asarray(ffn["router"], jnp.float32)
+  )  # [G, S, R]
   routing = route(logits, cfg)
   di, valid, w = routing.dispatch_index, routing.slot_valid, routing.combine_weight  # [G,E,C]
   c = di.shape[-1]
   gi = jnp.arange(g)[:, None, None]
   ei = jnp.arange(e)[None, :, None]
-  processed = jnp.zeros((g, s, e), jnp.int32).at[  # A: bool[G, S, E]
-      jnp.broadcast_to(gi, di.shape), di, jnp.broadcast_to(ei, di.shape)].max(
-          valid.astype(jnp.int32)) > 0
+  processed = (
+    jnp.zeros((g, s, e), jnp.int32)
+    .at[  # A: bool[G, S, E]
+      jnp.broadcast_to(gi, di.shape), di, jnp.broadcast_to(ei, di.shape)
+    ]
+    .max(valid.astype(jnp.int32))
+    > 0
+  )
   selected = selected_experts(logits, processed, cfg)
 
   cast = lambda a: jnp.asarray(a, xg.dtype)
-  y = expert_ffn(dispatch(xg, di, valid), cast(ffn["wi_gate"]), cast(ffn["wi_up"]),
-                 cast(ffn["wo"]), cfg.activation).astype(jnp.float32)  # [G, E, C, d]
+  y = expert_ffn(
+    dispatch(xg, di, valid),
+    cast(ffn["wi_gate"]),
+    cast(ffn["wi_up"]),
+    cast(ffn["wo"]),
+    cfg.activation,
+  ).astype(jnp.float32)  # [G, E, C, d]
   slot_m = jnp.take_along_axis(m, di.reshape(g, e * c), axis=1).reshape(g, e, c) * valid
   y_norm = jnp.sqrt(jnp.sum(jnp.square(y), axis=-1))  # [G, E, C]
   y_max = jnp.max(jnp.abs(y), axis=-1)  # [G, E, C]
@@ -123,16 +133,16 @@ def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict
   entropy = -jnp.sum(probs * jnp.log(safe_p), axis=-1)  # [G, S]
   real = logits[..., :e]
   return {
-      "tokens": jnp.sum(m),
-      "processed": jnp.sum(a, axis=(0, 1)),
-      "selected": jnp.sum(selected.astype(jnp.float32) * m[..., None], axis=(0, 1)),
-      "coactivation": jnp.einsum("gsi,gsj->ij", a, processed.astype(jnp.float32)),
-      "unprocessed": jnp.sum(m * (jnp.sum(processed, axis=-1) == 0)),
-      "entropy": jnp.sum(m * entropy),
-      "prob": jnp.sum(probs * m[..., None], axis=(0, 1)),
-      "gate_norm": jnp.sum(slot_m * w * y_norm, axis=(0, 2)),
-      "max_abs": jnp.max(jnp.where(slot_m > 0, y_max, 0.0), axis=(0, 2)),
-      "logit_gram": jnp.einsum("gsi,gsj->ij", real * m[..., None], real),
+    "tokens": jnp.sum(m),
+    "processed": jnp.sum(a, axis=(0, 1)),
+    "selected": jnp.sum(selected.astype(jnp.float32) * m[..., None], axis=(0, 1)),
+    "coactivation": jnp.einsum("gsi,gsj->ij", a, processed.astype(jnp.float32)),
+    "unprocessed": jnp.sum(m * (jnp.sum(processed, axis=-1) == 0)),
+    "entropy": jnp.sum(m * entropy),
+    "prob": jnp.sum(probs * m[..., None], axis=(0, 1)),
+    "gate_norm": jnp.sum(slot_m * w * y_norm, axis=(0, 2)),
+    "max_abs": jnp.max(jnp.where(slot_m > 0, y_max, 0.0), axis=(0, 2)),
+    "logit_gram": jnp.einsum("gsi,gsj->ij", real * m[..., None], real),
   }
 
 
@@ -146,8 +156,9 @@ def batch_sums_fn(model_cfg: ModelConfig):
 
   def f(params, tokens, mask):
     _, inputs = moe_layer_inputs(model, params, tokens)
-    return {i: layer_sums(x, mask, params[f"layers_{i}"]["ffn"], model_cfg.moe)
-            for i, x in inputs.items()}
+    return {
+      i: layer_sums(x, mask, params[f"layers_{i}"]["ffn"], model_cfg.moe) for i, x in inputs.items()
+    }
 
   return jax.jit(f)
 
@@ -164,8 +175,13 @@ def accumulate(total: dict | None, new: dict) -> dict:
   return total
 
 
-def collect_sums(model_cfg: ModelConfig, params, batches: Iterable[dict],
-            num_batches: int | None = None, progress: bool = True) -> dict[int, dict]:
+def collect_sums(
+  model_cfg: ModelConfig,
+  params,
+  batches: Iterable[dict],
+  num_batches: int | None = None,
+  progress: bool = True,
+) -> dict[int, dict]:
   """Accumulated per-layer sums {MoE layer i: {key: np.ndarray}} over `batches`.
 
   batches: dicts with 'inputs' i32[B, L] and optionally 'mask' [B, L] (default all ones).
@@ -175,8 +191,14 @@ def collect_sums(model_cfg: ModelConfig, params, batches: Iterable[dict],
   fn = batch_sums_fn(model_cfg)
   params = jax.device_put(params)  # once, not per batch
   total = None
-  for batch in tqdm(batches, total=num_batches, disable=not progress, desc="batches",
-                    unit="batch", dynamic_ncols=True):
+  for batch in tqdm(
+    batches,
+    total=num_batches,
+    disable=not progress,
+    desc="batches",
+    unit="batch",
+    dynamic_ncols=True,
+  ):
     tokens = np.asarray(batch["inputs"], np.int32)
     mask = np.asarray(batch.get("mask", np.ones(tokens.shape)), np.float32)
     total = accumulate(total, fn(params, tokens, mask))

@@ -1,10 +1,10 @@
 """PNG plots of an expert-statistics report (matplotlib, Agg backend: no display needed).
 
-  load_heatmap.png              layers x experts, load_fraction (share of processed tokens)
-  coactivation_layer_{i}.png    [E, E] co-activation counts of MoE layer i, normalised by
-                                the layer's token count (diagonal = tokens_per_expert / T)
-  max_activation.png            max |down-projection output| per expert and layer, log
-                                scale; super experts marked
+load_heatmap.png              layers x experts, load_fraction (share of processed tokens)
+coactivation_layer_{i}.png    [E, E] co-activation counts of MoE layer i, normalised by
+                              the layer's token count (diagonal = tokens_per_expert / T)
+max_activation.png            max |down-projection output| per expert and layer, log
+                              scale; super experts marked
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def _save(fig, path: str) -> str:
 def load_heatmap(report: dict, path: str) -> str:
   layers = sorted(report["layers"], key=int)
   load = np.array([report["layers"][i]["load_fraction"] for i in layers])  # [layers, E]
-  fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.4 * load.shape[1]),
-                                  max(2.5, 1.2 + 0.4 * len(layers))))
+  fig, ax = plt.subplots(
+    figsize=(max(4.5, 1.5 + 0.4 * load.shape[1]), max(2.5, 1.2 + 0.4 * len(layers)))
+  )
   im = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0.0)
   ax.set_xlabel("expert")
   ax.set_ylabel("layer")
@@ -57,7 +58,7 @@ def max_activation_plot(report: dict, path: str) -> str:
   for i in sorted(report["layers"], key=int):
     layer = report["layers"][i]
     m = np.asarray(layer["max_abs_activation"])
-    line, = ax.plot(np.arange(len(m)), np.maximum(m, 1e-12), "o-", label=f"layer {i}")
+    (line,) = ax.plot(np.arange(len(m)), np.maximum(m, 1e-12), "o-", label=f"layer {i}")
     for e in layer["super_experts"]:
       ax.plot([e], [m[e]], "*", markersize=14, color=line.get_color())
   ax.set_yscale("log")
@@ -72,9 +73,16 @@ def max_activation_plot(report: dict, path: str) -> str:
 def write_plots(report: dict, out_dir: str) -> list[str]:
   """Writes every plot of `report` into `out_dir`; returns the file paths."""
   os.makedirs(out_dir, exist_ok=True)
-  files = [load_heatmap(report, os.path.join(out_dir, "load_heatmap.png")),
-           max_activation_plot(report, os.path.join(out_dir, "max_activation.png"))]
+  files = [
+    load_heatmap(report, os.path.join(out_dir, "load_heatmap.png")),
+    max_activation_plot(report, os.path.join(out_dir, "max_activation.png")),
+  ]
   for i, layer in sorted(report["layers"].items(), key=lambda kv: int(kv[0])):
-    files.append(coactivation_plot(layer, f"layer {i}: expert co-activation",
-                                   os.path.join(out_dir, f"coactivation_layer_{i}.png")))
+    files.append(
+      coactivation_plot(
+        layer,
+        f"layer {i}: expert co-activation",
+        os.path.join(out_dir, f"coactivation_layer_{i}.png"),
+      )
+    )
   return files

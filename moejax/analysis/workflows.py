@@ -23,8 +23,11 @@ def run_config(workdir: str):
   # Tools work on the unrolled layers_{i} params (restore_state unstacks scanned runs).
   model_cfg = dataclasses.replace(ModelConfig.from_config(config.model), scan_layers=False)
   if model_cfg.moe is None:
-    raise config_error("model.moe_every", model_cfg.moe_every,
-                       f"{workdir} is a dense model; the expert tools need MoE layers (>= 1)")
+    raise config_error(
+      "model.moe_every",
+      model_cfg.moe_every,
+      f"{workdir} is a dense model; the expert tools need MoE layers (>= 1)",
+    )
   return config, model_cfg
 
 
@@ -34,14 +37,16 @@ def load_params(config, workdir: str, step: int | None = None):
   return jax.device_get(state.params), step
 
 
-def collect_run(config, model_cfg, params, split: str, num_batches: int,
-                progress: bool = True) -> dict[int, dict]:
+def collect_run(
+  config, model_cfg, params, split: str, num_batches: int, progress: bool = True
+) -> dict[int, dict]:
   batches = split_batches(config, split, num_batches)
   return collect_sums(model_cfg, params, batches, num_batches, progress)
 
 
-def write_stats(model_cfg, sums, out_dir: str,
-                super_threshold: float = stats.DEFAULT_SUPER_THRESHOLD, **meta) -> dict:
+def write_stats(
+  model_cfg, sums, out_dir: str, super_threshold: float = stats.DEFAULT_SUPER_THRESHOLD, **meta
+) -> dict:
   """Writes report.json and the PNG plots into out_dir; returns the report."""
   report = stats.build_report(sums, model_cfg, super_threshold, **meta)
   os.makedirs(out_dir, exist_ok=True)
@@ -51,11 +56,25 @@ def write_stats(model_cfg, sums, out_dir: str,
   return report
 
 
-def stats_run(workdir: str, out_dir: str, split: str = "validation", num_batches: int = 8,
-              step: int | None = None, super_threshold: float = stats.DEFAULT_SUPER_THRESHOLD,
-              progress: bool = True) -> dict:
+def stats_run(
+  workdir: str,
+  out_dir: str,
+  split: str = "validation",
+  num_batches: int = 8,
+  step: int | None = None,
+  super_threshold: float = stats.DEFAULT_SUPER_THRESHOLD,
+  progress: bool = True,
+) -> dict:
   config, model_cfg = run_config(workdir)
   params, step = load_params(config, workdir, step)
   sums = collect_run(config, model_cfg, params, split, num_batches, progress)
-  return write_stats(model_cfg, sums, out_dir, super_threshold, workdir=workdir, step=step,
-                     split=split, batches=num_batches)
+  return write_stats(
+    model_cfg,
+    sums,
+    out_dir,
+    super_threshold,
+    workdir=workdir,
+    step=step,
+    split=split,
+    batches=num_batches,
+  )

@@ -33,85 +33,148 @@ from moejax.compress.workflows import merge_run, prune_run
 
 
 def cmd_stats(args) -> None:
-  report = stats_run(args.workdir, args.out, args.split, args.batches, args.step,
-                     args.super_threshold, progress=not args.quiet)
+  report = stats_run(
+    args.workdir,
+    args.out,
+    args.split,
+    args.batches,
+    args.step,
+    args.super_threshold,
+    progress=not args.quiet,
+  )
   for i, layer in report["layers"].items():
     load = ", ".join(f"{x:.3f}" for x in layer["load_fraction"])
-    print(f"layer {i}: load [{load}] entropy {layer['router_entropy']:.3f} "
-          f"dropped {layer['dropped_rate']:.3%} super experts {layer['super_experts']}")
+    print(
+      f"layer {i}: load [{load}] entropy {layer['router_entropy']:.3f} "
+      f"dropped {layer['dropped_rate']:.3%} super experts {layer['super_experts']}"
+    )
   print(f"wrote {os.path.join(args.out, 'report.json')} and {len(report['files'])} plots")
 
 
 def cmd_prune(args) -> None:
-  summary = prune_run(args.workdir, args.out, args.keep, args.method, args.split,
-                      args.batches, args.step, args.mesh, progress=not args.quiet)
-  print(f"pruned to {args.keep} experts by {args.method}: kept "
-        f"{json.dumps(summary['kept_experts'])}; new run {args.out}")
+  summary = prune_run(
+    args.workdir,
+    args.out,
+    args.keep,
+    args.method,
+    args.split,
+    args.batches,
+    args.step,
+    args.mesh,
+    progress=not args.quiet,
+  )
+  print(
+    f"pruned to {args.keep} experts by {args.method}: kept "
+    f"{json.dumps(summary['kept_experts'])}; new run {args.out}"
+  )
 
 
 def cmd_merge(args) -> None:
-  summary = merge_run(args.workdir, args.out, args.num_experts, args.top_k, args.split,
-                      args.batches, args.step, args.mesh, progress=not args.quiet,
-                      method=args.method)
-  print(f"merged into {args.num_experts} experts by {args.method} "
-        f"(top_k={summary['top_k']}), groups "
-        f"{json.dumps(summary['groups'])}; new run {args.out}")
+  summary = merge_run(
+    args.workdir,
+    args.out,
+    args.num_experts,
+    args.top_k,
+    args.split,
+    args.batches,
+    args.step,
+    args.mesh,
+    progress=not args.quiet,
+    method=args.method,
+  )
+  print(
+    f"merged into {args.num_experts} experts by {args.method} "
+    f"(top_k={summary['top_k']}), groups "
+    f"{json.dumps(summary['groups'])}; new run {args.out}"
+  )
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split("\n\n", 1)[1],
+  )
   sub = parser.add_subparsers(dest="command", required=True)
 
   def common(p, split: str, batches: int, new_run: bool):
     p.add_argument("--workdir", required=True, help="run directory (config.json + checkpoints)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    p.add_argument("--out", required=True,
-                   help="new run directory (must hold no checkpoints)" if new_run
-                   else "report directory (report.json + PNG plots)")
+    p.add_argument(
+      "--out",
+      required=True,
+      help="new run directory (must hold no checkpoints)"
+      if new_run
+      else "report directory (report.json + PNG plots)",
+    )
     p.add_argument("--split", default=split, help=f"data split to run on (default {split})")
-    p.add_argument("--batches", type=int, default=batches,
-                   help=f"number of batches of the split (default {batches})")
+    p.add_argument(
+      "--batches",
+      type=int,
+      default=batches,
+      help=f"number of batches of the split (default {batches})",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if new_run:
-      p.add_argument("--mesh", type=parse_mesh, default=None,
-                     help="mesh of the new run, e.g. data=-1,expert=1,model=1 (default: the "
-                          "source run's; the expert axis must divide the new expert count)")
+      p.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        default=None,
+        help="mesh of the new run, e.g. data=-1,expert=1,model=1 (default: the "
+        "source run's; the expert axis must divide the new expert count)",
+      )
 
-  p = sub.add_parser("stats", help="routing statistics and super experts -> report.json, PNGs",
-                     description="Per MoE layer: tokens per expert (counts, fractions), mean "
-                                 "router entropy, dropped-token rate, expert co-activation "
-                                 "[E, E] and super experts (max |down_proj output| > "
-                                 "threshold x the layer's median expert maximum).")
+  p = sub.add_parser(
+    "stats",
+    help="routing statistics and super experts -> report.json, PNGs",
+    description="Per MoE layer: tokens per expert (counts, fractions), mean "
+    "router entropy, dropped-token rate, expert co-activation "
+    "[E, E] and super experts (max |down_proj output| > "
+    "threshold x the layer's median expert maximum).",
+  )
   common(p, "validation", 8, new_run=False)
-  p.add_argument("--super_threshold", type=float, default=10.0,
-                 help="flag experts whose max |activation| exceeds this many times the "
-                      "layer's median of per-expert maxima (default 10)")
+  p.add_argument(
+    "--super_threshold",
+    type=float,
+    default=10.0,
+    help="flag experts whose max |activation| exceeds this many times the "
+    "layer's median of per-expert maxima (default 10)",
+  )
   p.set_defaults(fn=cmd_stats)
 
-  p = sub.add_parser("prune", help="keep the R highest-scoring experts per layer -> new run",
-                     description="Scores experts on in-domain batches and keeps the top R per "
-                                 "MoE layer in their original order (easy_ep: sum over routed "
-                                 "tokens of gate x ||expert output||; premoe: mean router "
-                                 "probability). top_k becomes min(top_k, R).")
+  p = sub.add_parser(
+    "prune",
+    help="keep the R highest-scoring experts per layer -> new run",
+    description="Scores experts on in-domain batches and keeps the top R per "
+    "MoE layer in their original order (easy_ep: sum over routed "
+    "tokens of gate x ||expert output||; premoe: mean router "
+    "probability). top_k becomes min(top_k, R).",
+  )
   common(p, "train", 4, new_run=True)
   p.add_argument("--keep", type=int, required=True, help="experts R to keep per layer")
-  p.add_argument("--method", choices=("easy_ep", "premoe"), default="easy_ep",
-                 help="expert score (default easy_ep)")
+  p.add_argument(
+    "--method",
+    choices=("easy_ep", "premoe"),
+    default="easy_ep",
+    help="expert score (default easy_ep)",
+  )
   p.set_defaults(fn=cmd_prune)
 
-  p = sub.add_parser("merge", help="merge into E' experts per layer -> new run",
-                     description="mc_smoe groups experts around the E' most frequently "
-                                 "selected ones by cosine similarity of their router logits; "
-                                 "contiguous groups index ranges (E' must divide E). Each "
-                                 "group is merged weighted by selection frequency over "
-                                 "--batches batches (0: uniform, contiguous only).")
+  p = sub.add_parser(
+    "merge",
+    help="merge into E' experts per layer -> new run",
+    description="mc_smoe groups experts around the E' most frequently "
+    "selected ones by cosine similarity of their router logits; "
+    "contiguous groups index ranges (E' must divide E). Each "
+    "group is merged weighted by selection frequency over "
+    "--batches batches (0: uniform, contiguous only).",
+  )
   common(p, "train", 4, new_run=True)
   p.add_argument("--method", choices=METHODS, required=True, help="how experts are grouped")
   p.add_argument("--num_experts", type=int, required=True, help="experts E' after merging")
-  p.add_argument("--top_k", type=int, default=None,
-                 help="top_k of the merged model (default min(top_k, E'))")
+  p.add_argument(
+    "--top_k", type=int, default=None, help="top_k of the merged model (default min(top_k, E'))"
+  )
   p.set_defaults(fn=cmd_merge)
   return parser
 

@@ -49,8 +49,12 @@ def router_logit_similarity(logit_gram: np.ndarray) -> np.ndarray:
   return np.clip(gram / norm[:, None] / norm[None, :], -1.0, 1.0)
 
 
-def dominant_experts(frequency: np.ndarray, similarity: np.ndarray, num_groups: int,
-                     duplicate_tol: float = DUPLICATE_TOL) -> list[int]:
+def dominant_experts(
+  frequency: np.ndarray,
+  similarity: np.ndarray,
+  num_groups: int,
+  duplicate_tol: float = DUPLICATE_TOL,
+) -> list[int]:
   """The `num_groups` most frequently selected experts, skipping exact duplicates of an
   already chosen one while enough other candidates remain; ascending index order."""
   order = [int(e) for e in np.argsort(-np.asarray(frequency, np.float64), kind="stable")]
@@ -63,17 +67,22 @@ def dominant_experts(frequency: np.ndarray, similarity: np.ndarray, num_groups: 
       skipped.append(e)
     else:
       chosen.append(e)
-  chosen += skipped[:num_groups - len(chosen)]
+  chosen += skipped[: num_groups - len(chosen)]
   return sorted(chosen)
 
 
-def mc_smoe_groups(frequency: np.ndarray, similarity: np.ndarray, num_groups: int,
-                   duplicate_tol: float = DUPLICATE_TOL) -> list[list[int]]:
+def mc_smoe_groups(
+  frequency: np.ndarray,
+  similarity: np.ndarray,
+  num_groups: int,
+  duplicate_tol: float = DUPLICATE_TOL,
+) -> list[list[int]]:
   """A partition of range(E) into `num_groups` groups, one per dominant expert."""
   e = len(frequency)
   if not 1 <= num_groups <= e:
-    raise config_error("num_experts", num_groups, f"must be an int in [1, {e}] (the number "
-                       "of experts after merging)")
+    raise config_error(
+      "num_experts", num_groups, f"must be an int in [1, {e}] (the number of experts after merging)"
+    )
   dominant = dominant_experts(frequency, similarity, num_groups, duplicate_tol)
   groups = {d: [d] for d in dominant}
   for x in range(e):
@@ -87,14 +96,25 @@ def merged_config(config, num_experts: int, top_k: int | None = None):
   """A copy of the config with num_experts = E' and top_k (default min(top_k, E' + N))."""
   moe = config.model.moe
   limit = num_experts + moe.get("num_null_experts", 0)
-  return with_overrides(config, {
+  return with_overrides(
+    config,
+    {
       "model.moe.num_experts": num_experts,
-      "model.moe.top_k": min(moe.top_k, limit) if top_k is None else top_k})
+      "model.moe.top_k": min(moe.top_k, limit) if top_k is None else top_k,
+    },
+  )
 
 
-def merge_model(config, model_cfg: ModelConfig, params, sums_per_layer: dict[int, dict] | None,
-                num_experts: int, top_k: int | None = None, method: str = "mc_smoe",
-                duplicate_tol: float = DUPLICATE_TOL):
+def merge_model(
+  config,
+  model_cfg: ModelConfig,
+  params,
+  sums_per_layer: dict[int, dict] | None,
+  num_experts: int,
+  top_k: int | None = None,
+  method: str = "mc_smoe",
+  duplicate_tol: float = DUPLICATE_TOL,
+):
   """(new config, merged params, {layer: groups}, {layer: frequency}).
 
   method 'mc_smoe' groups by router-logit similarity around the most selected experts;
@@ -120,8 +140,9 @@ def merge_model(config, model_cfg: ModelConfig, params, sums_per_layer: dict[int
   return merged_config(config, num_experts, top_k), merged, groups, frequency
 
 
-def merge_ffn_experts(ffn: dict, groups: Sequence[Sequence[int]],
-                      frequency: np.ndarray | None = None) -> dict:
+def merge_ffn_experts(
+  ffn: dict, groups: Sequence[Sequence[int]], frequency: np.ndarray | None = None
+) -> dict:
   """Merges one MoE layer's params {'router' [d,E(+N)], 'wi_gate', 'wi_up', 'wo' [E,..]}.
 
   groups: a partition of range(E) into E' lists; expert g of the result merges groups[g].
@@ -142,17 +163,24 @@ def merge_ffn_experts(ffn: dict, groups: Sequence[Sequence[int]],
     weights.append(w / w.sum() if w.sum() > 0 else np.full(len(g), 1.0 / len(g)))
   for name in EXPERT_PARAMS:
     stacked = np.asarray(ffn[name])
-    merged[name] = np.stack([np.tensordot(w, stacked[list(g)], axes=1).astype(stacked.dtype)
-                             for g, w in zip(groups, weights)])
+    merged[name] = np.stack(
+      [
+        np.tensordot(w, stacked[list(g)], axes=1).astype(stacked.dtype)
+        for g, w in zip(groups, weights)
+      ]
+    )
   router = np.asarray(ffn["router"])
   columns = [(router[:, list(g)] @ w).astype(router.dtype) for g, w in zip(groups, weights)]
-  merged["router"] = np.concatenate([np.stack(columns, axis=1), router[:, num_experts:]],
-                                    axis=1)
+  merged["router"] = np.concatenate([np.stack(columns, axis=1), router[:, num_experts:]], axis=1)
   return merged
 
 
-def merge_experts(params, model_cfg, groups_per_layer: dict[int, Sequence[Sequence[int]]],
-                  frequency_per_layer: dict[int, np.ndarray] | None = None) -> dict:
+def merge_experts(
+  params,
+  model_cfg,
+  groups_per_layer: dict[int, Sequence[Sequence[int]]],
+  frequency_per_layer: dict[int, np.ndarray] | None = None,
+) -> dict:
   """Applies `merge_ffn_experts` to every MoE layer i listed in `groups_per_layer`."""
   params = flax.core.unfreeze(params)
   out = dict(params)
@@ -169,7 +197,9 @@ def merge_experts(params, model_cfg, groups_per_layer: dict[int, Sequence[Sequen
 def contiguous_groups(num_experts: int, num_target: int) -> list[list[int]]:
   """[[0..m-1], [m..2m-1], ...] with m = num_experts / num_target."""
   if num_target < 1 or num_experts % num_target:
-    raise ConversionError(f"cannot merge {num_experts} experts into {num_target} equal "
-                          "groups; the target must divide the number of experts")
+    raise ConversionError(
+      f"cannot merge {num_experts} experts into {num_target} equal "
+      "groups; the target must divide the number of experts"
+    )
   m = num_experts // num_target
   return [list(range(g * m, (g + 1) * m)) for g in range(num_target)]

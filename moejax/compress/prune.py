@@ -29,7 +29,6 @@ from moejax.config import ModelConfig, with_overrides
 from moejax.errors import config_error
 
 
-
 def easy_ep_scores(sums: dict) -> np.ndarray:
   """EASY-EP importance I_e = sum_t g_{t,e} ||FFN_e(x_t)|| over routed tokens, [E]."""
   return np.asarray(sums["gate_norm"], np.float64)
@@ -42,8 +41,8 @@ def premoe_scores(sums: dict) -> np.ndarray:
 
 
 SCORERS: dict[str, Callable[[dict], np.ndarray]] = {
-    "easy_ep": easy_ep_scores,
-    "premoe": premoe_scores,
+  "easy_ep": easy_ep_scores,
+  "premoe": premoe_scores,
 }
 
 
@@ -86,13 +85,18 @@ def check_keep(keep: int, model_cfg: ModelConfig) -> None:
 def pruned_config(config, keep: int):
   """A copy of the experiment config with num_experts = keep, top_k = min(top_k, keep + N)."""
   moe = config.model.moe
-  return with_overrides(config, {
+  return with_overrides(
+    config,
+    {
       "model.moe.num_experts": keep,
-      "model.moe.top_k": min(moe.top_k, keep + moe.get("num_null_experts", 0))})
+      "model.moe.top_k": min(moe.top_k, keep + moe.get("num_null_experts", 0)),
+    },
+  )
 
 
-def prune_model(config, model_cfg: ModelConfig, params, sums_per_layer: dict[int, dict],
-          keep: int, method: str):
+def prune_model(
+  config, model_cfg: ModelConfig, params, sums_per_layer: dict[int, dict], keep: int, method: str
+):
   """(new config, pruned params, {layer: kept expert indices}, {layer: scores})."""
   if method not in SCORERS:
     raise config_error("method", method, f"allowed: {sorted(SCORERS)}")

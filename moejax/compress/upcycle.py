@@ -18,12 +18,14 @@ from flax import traverse_util
 
 from moejax.convert.safetensors_io import ConversionError
 
+
 def _flat(tree) -> dict[str, Any]:
   return traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
 
 
-def upcycle_params(dense_params, moe_model_cfg, abstract_moe_params,
-                   rng: jax.Array, router_stddev: float = 0.02) -> dict:
+def upcycle_params(
+  dense_params, moe_model_cfg, abstract_moe_params, rng: jax.Array, router_stddev: float = 0.02
+) -> dict:
   """Dense params -> MoE params shaped like `abstract_moe_params`.
 
   Args:
@@ -34,8 +36,10 @@ def upcycle_params(dense_params, moe_model_cfg, abstract_moe_params,
   """
   moe = moe_model_cfg.moe
   if moe.num_shared_experts or moe.num_null_experts:
-    raise ConversionError("upcycling copies one FFN into routed experts only; set "
-                          "model.moe.num_shared_experts=0 and num_null_experts=0")
+    raise ConversionError(
+      "upcycling copies one FFN into routed experts only; set "
+      "model.moe.num_shared_experts=0 and num_null_experts=0"
+    )
   dense = _flat(dense_params)
   target = _flat(abstract_moe_params)
   out = {}
@@ -52,14 +56,17 @@ def upcycle_params(dense_params, moe_model_cfg, abstract_moe_params,
         raise ConversionError(f"dense checkpoint has no {layer}/ffn/{name} to upcycle")
       if tuple(source.shape) != tuple(like.shape[1:]):
         raise ConversionError(
-            f"dense {layer}/ffn/{name} has shape {tuple(source.shape)} but each expert needs "
-            f"{tuple(like.shape[1:])}: model.moe.expert_d_ff must equal the dense model.d_ff")
+          f"dense {layer}/ffn/{name} has shape {tuple(source.shape)} but each expert needs "
+          f"{tuple(like.shape[1:])}: model.moe.expert_d_ff must equal the dense model.d_ff"
+        )
       out[path] = np.broadcast_to(np.asarray(source), like.shape).astype(like.dtype)
       continue
     if path not in dense:
       raise ConversionError(f"dense checkpoint has no parameter {path}")
     if tuple(dense[path].shape) != tuple(like.shape):
-      raise ConversionError(f"parameter {path} has shape {tuple(dense[path].shape)} in the "
-                            f"dense checkpoint but {tuple(like.shape)} in the MoE model")
+      raise ConversionError(
+        f"parameter {path} has shape {tuple(dense[path].shape)} in the "
+        f"dense checkpoint but {tuple(like.shape)} in the MoE model"
+      )
     out[path] = np.asarray(dense[path]).astype(like.dtype)
   return traverse_util.unflatten_dict(out, sep="/")

@@ -56,9 +56,15 @@ def cmd_reshard(args) -> None:
 
 def cmd_export_hf(args) -> None:
   state, _, step, exp = restore_state(_load_config(args), args.workdir, args.step)
-  files = export_hf(state.params, exp.model_cfg, args.out, family=args.family,
-                    max_shard_bytes=args.max_shard_size, dtype=args.dtype,
-                    overwrite=args.overwrite)
+  files = export_hf(
+    state.params,
+    exp.model_cfg,
+    args.out,
+    family=args.family,
+    max_shard_bytes=args.max_shard_size,
+    dtype=args.dtype,
+    overwrite=args.overwrite,
+  )
   print(f"exported step {step} to {args.out}: {', '.join(files)}")
 
 
@@ -71,40 +77,65 @@ def cmd_import_hf(args) -> None:
 
 def cmd_upcycle(args) -> None:
   config = _load_config(args) if args.config else None
-  summary = upcycle_run(args.workdir, args.out, {f: getattr(args, f) for f in UPCYCLE_MOE_FIELDS},
-                        args.moe_every, args.first_moe_layer, args.seed, args.step, config)
-  print(f"upcycled step {summary['step']} of {args.workdir} into {summary['num_experts']} "
-        f"experts: {args.out}")
+  summary = upcycle_run(
+    args.workdir,
+    args.out,
+    {f: getattr(args, f) for f in UPCYCLE_MOE_FIELDS},
+    args.moe_every,
+    args.first_moe_layer,
+    args.seed,
+    args.step,
+    config,
+  )
+  print(
+    f"upcycled step {summary['step']} of {args.workdir} into {summary['num_experts']} "
+    f"experts: {args.out}"
+  )
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split("\n\n", 1)[1],
+  )
   sub = parser.add_subparsers(dest="command", required=True)
 
   def common(p, needs_workdir=True):
     if needs_workdir:
       p.add_argument("--workdir", required=True, help="source run directory")
       p.add_argument("--step", type=int, default=None, help="step (default: newest)")
-    p.add_argument("--config", default=None,
-                   help="config file (default: the workdir's config.json)")
+    p.add_argument(
+      "--config", default=None, help="config file (default: the workdir's config.json)"
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist)")
 
   p = sub.add_parser("reshard", help="restore onto another mesh and save")
   common(p)
-  p.add_argument("--mesh", type=parse_mesh, required=True,
-                 help="new mesh, e.g. data=4,expert=2,model=1")
+  p.add_argument(
+    "--mesh", type=parse_mesh, required=True, help="new mesh, e.g. data=4,expert=2,model=1"
+  )
   p.set_defaults(fn=cmd_reshard)
 
   p = sub.add_parser("export-hf", help="write a transformers-loadable directory")
   common(p)
-  p.add_argument("--family", default=None,
-                 help="HF family: mixtral or deepseek_v2 (default: inferred from the config)")
-  p.add_argument("--max_shard_size", type=parse_size, default=5 * 2**30,
-                 help="split safetensors above this size (e.g. 2GB); default 5GB")
-  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                 help="cast tensors (default: keep the param dtype)")
+  p.add_argument(
+    "--family",
+    default=None,
+    help="HF family: mixtral or deepseek_v2 (default: inferred from the config)",
+  )
+  p.add_argument(
+    "--max_shard_size",
+    type=parse_size,
+    default=5 * 2**30,
+    help="split safetensors above this size (e.g. 2GB); default 5GB",
+  )
+  p.add_argument(
+    "--dtype",
+    default=None,
+    choices=("float32", "bfloat16", "float16"),
+    help="cast tensors (default: keep the param dtype)",
+  )
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   p.set_defaults(fn=cmd_export_hf)
 
@@ -118,8 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num_experts", type=int, required=True)
   p.add_argument("--top_k", type=int, default=2)
   p.add_argument("--router", default="topk")
-  p.add_argument("--router_order", default="topk_softmax",
-                 help="topk_softmax (renormalised) makes step 0 equal the dense model")
+  p.add_argument(
+    "--router_order",
+    default="topk_softmax",
+    help="topk_softmax (renormalised) makes step 0 equal the dense model",
+  )
   p.add_argument("--dropless", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--capacity_factor", type=float, default=None)
   p.add_argument("--moe_every", type=int, default=1)

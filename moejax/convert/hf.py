@@ -18,12 +18,18 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.convert import hf_deepseek, hf_mixtral
-from moejax.convert.safetensors_io import (ConversionError, atomic_directory, read_safetensors,
-                                           write_safetensors)
+from moejax.convert.safetensors_io import (
+  ConversionError,
+  atomic_directory,
+  read_safetensors,
+  write_safetensors,
+)
 from moejax.training.state import abstract_params
 
-FAMILIES: dict[str, ModuleType] = {hf_mixtral.MODEL_TYPE: hf_mixtral,
-                                   hf_deepseek.MODEL_TYPE: hf_deepseek}
+FAMILIES: dict[str, ModuleType] = {
+  hf_mixtral.MODEL_TYPE: hf_mixtral,
+  hf_deepseek.MODEL_TYPE: hf_deepseek,
+}
 
 
 def _family_for_model(model_cfg: ModelConfig, family: str | None) -> ModuleType:
@@ -38,13 +44,18 @@ def _family_for_model(model_cfg: ModelConfig, family: str | None) -> ModuleType:
       return module
     except ConversionError as e:
       errors.append(f"{name}: {e}")
-  raise ConversionError("no Hugging Face family can express this model:\n  " +
-                        "\n  ".join(errors))
+  raise ConversionError("no Hugging Face family can express this model:\n  " + "\n  ".join(errors))
 
 
-def export_hf(params, model_cfg: ModelConfig, out_dir: str, family: str | None = None,
-              max_shard_bytes: int = 5 * 2**30, dtype: str | None = None,
-              overwrite: bool = False) -> list[str]:
+def export_hf(
+  params,
+  model_cfg: ModelConfig,
+  out_dir: str,
+  family: str | None = None,
+  max_shard_bytes: int = 5 * 2**30,
+  dtype: str | None = None,
+  overwrite: bool = False,
+) -> list[str]:
   """Writes `params` as an HF checkpoint directory; returns the files written.
 
   dtype: cast tensors to 'float32' / 'bfloat16' / 'float16' (default: keep param dtype).
@@ -77,9 +88,11 @@ def import_hf(hf_dir: str):
   hf = read_hf_config(hf_dir)
   model_type = hf.get("model_type")
   if model_type not in FAMILIES:
-    raise ConversionError(f"unknown architecture model_type={model_type!r} "
-                          f"(architectures={hf.get('architectures')}); supported: "
-                          f"{sorted(FAMILIES)}")
+    raise ConversionError(
+      f"unknown architecture model_type={model_type!r} "
+      f"(architectures={hf.get('architectures')}); supported: "
+      f"{sorted(FAMILIES)}"
+    )
   module = FAMILIES[model_type]
   section = module.model_section_from_hf(hf)
   model_cfg = ModelConfig.from_config(section)

@@ -97,13 +97,17 @@ class Layout:
 SAME = Layout(lambda x: x, lambda t, shape: t, tuple)
 TRANSPOSE = Layout(np.transpose, lambda t, shape: t.T, lambda s: tuple(s[::-1]))
 # kernel [in, *out] <-> Linear weight [prod(out), in]
-LINEAR_IN = Layout(lambda x: x.reshape(x.shape[0], -1).T,
-                   lambda t, shape: t.T.reshape(shape),
-                   lambda s: (math.prod(s[1:]), s[0]))
+LINEAR_IN = Layout(
+  lambda x: x.reshape(x.shape[0], -1).T,
+  lambda t, shape: t.T.reshape(shape),
+  lambda s: (math.prod(s[1:]), s[0]),
+)
 # kernel [*in, out] <-> Linear weight [out, prod(in)]
-LINEAR_OUT = Layout(lambda x: x.reshape(-1, x.shape[-1]).T,
-                    lambda t, shape: t.T.reshape(shape),
-                    lambda s: (s[-1], math.prod(s[:-1])))
+LINEAR_OUT = Layout(
+  lambda x: x.reshape(-1, x.shape[-1]).T,
+  lambda t, shape: t.T.reshape(shape),
+  lambda s: (s[-1], math.prod(s[:-1])),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,16 +124,18 @@ class TensorMap:
 def _attention_maps(cfg, ml: str, hf: str) -> list[TensorMap]:
   a, s = f"{ml}/attn", f"{hf}.self_attn"
   if cfg.q_lora_rank:
-    maps = [TensorMap(f"{a}/q_a/kernel", f"{s}.q_a_proj.weight", TRANSPOSE),
-            TensorMap(f"{a}/q_norm/scale", f"{s}.q_a_layernorm.weight"),
-            TensorMap(f"{a}/q_b/kernel", f"{s}.q_b_proj.weight", LINEAR_IN)]
+    maps = [
+      TensorMap(f"{a}/q_a/kernel", f"{s}.q_a_proj.weight", TRANSPOSE),
+      TensorMap(f"{a}/q_norm/scale", f"{s}.q_a_layernorm.weight"),
+      TensorMap(f"{a}/q_b/kernel", f"{s}.q_b_proj.weight", LINEAR_IN),
+    ]
   else:
     maps = [TensorMap(f"{a}/q/kernel", f"{s}.q_proj.weight", LINEAR_IN)]
   return maps + [
-      TensorMap(f"{a}/kv_a/kernel", f"{s}.kv_a_proj_with_mqa.weight", TRANSPOSE),
-      TensorMap(f"{a}/kv_norm/scale", f"{s}.kv_a_layernorm.weight"),
-      TensorMap(f"{a}/kv_b/kernel", f"{s}.kv_b_proj.weight", LINEAR_IN),
-      TensorMap(f"{a}/o/kernel", f"{s}.o_proj.weight", LINEAR_OUT),
+    TensorMap(f"{a}/kv_a/kernel", f"{s}.kv_a_proj_with_mqa.weight", TRANSPOSE),
+    TensorMap(f"{a}/kv_norm/scale", f"{s}.kv_a_layernorm.weight"),
+    TensorMap(f"{a}/kv_b/kernel", f"{s}.kv_b_proj.weight", LINEAR_IN),
+    TensorMap(f"{a}/o/kernel", f"{s}.o_proj.weight", LINEAR_OUT),
   ]
 
 
@@ -141,24 +147,30 @@ def _ffn_maps(cfg, i: int, ml: str, hf: str) -> list[TensorMap]:
   if not cfg.is_moe_layer(i):
     return [TensorMap(f"{f}/{p}", f"{m}.{w}.weight", TRANSPOSE) for p, w in _FFN]
   maps = [TensorMap(f"{f}/router", f"{m}.gate.weight", TRANSPOSE)]
-  maps += [TensorMap(f"{f}/shared/{p}", f"{m}.shared_experts.{w}.weight", TRANSPOSE)
-           for p, w in _FFN]
+  maps += [
+    TensorMap(f"{f}/shared/{p}", f"{m}.shared_experts.{w}.weight", TRANSPOSE) for p, w in _FFN
+  ]
   for j in range(cfg.moe.num_experts):
-    maps += [TensorMap(f"{f}/{p}", f"{m}.experts.{j}.{w}.weight", TRANSPOSE, expert=j)
-             for p, w in _FFN]
+    maps += [
+      TensorMap(f"{f}/{p}", f"{m}.experts.{j}.{w}.weight", TRANSPOSE, expert=j) for p, w in _FFN
+    ]
   return maps
 
 
 def tensor_maps(cfg) -> list[TensorMap]:
   """Every (moejax param, HF tensor) pair of a model config, in a fixed order."""
-  maps = [TensorMap("embed/embedding", "model.embed_tokens.weight"),
-          TensorMap("final_norm/scale", "model.norm.weight")]
+  maps = [
+    TensorMap("embed/embedding", "model.embed_tokens.weight"),
+    TensorMap("final_norm/scale", "model.norm.weight"),
+  ]
   if not cfg.tie_embeddings:
     maps.append(TensorMap("lm_head/kernel", "lm_head.weight", TRANSPOSE))
   for i in range(cfg.num_layers):
     ml, hf = f"layers_{i}", f"model.layers.{i}"
-    maps += [TensorMap(f"{ml}/attn_norm/scale", f"{hf}.input_layernorm.weight"),
-             TensorMap(f"{ml}/ffn_norm/scale", f"{hf}.post_attention_layernorm.weight")]
+    maps += [
+      TensorMap(f"{ml}/attn_norm/scale", f"{hf}.input_layernorm.weight"),
+      TensorMap(f"{ml}/ffn_norm/scale", f"{hf}.post_attention_layernorm.weight"),
+    ]
     maps += _attention_maps(cfg, ml, hf)
     maps += _ffn_maps(cfg, i, ml, hf)
   return maps
@@ -172,73 +184,77 @@ def require_exportable(model_cfg) -> None:
   moe = model_cfg.moe
   problems = []
   if model_cfg.attention != "mla":
-    problems.append(f"model.attention={model_cfg.attention!r} must be 'mla' (DeepSeek-V2 "
-                    "uses Multi-head Latent Attention)")
+    problems.append(
+      f"model.attention={model_cfg.attention!r} must be 'mla' (DeepSeek-V2 "
+      "uses Multi-head Latent Attention)"
+    )
   if moe is None or model_cfg.moe_every != 1:
-    problems.append("every layer from model.first_moe_layer on must be MoE "
-                    "(model.moe_every=1)")
+    problems.append("every layer from model.first_moe_layer on must be MoE (model.moe_every=1)")
   if moe is not None:
     if moe.router != "shared_experts":
       problems.append(f"model.moe.router={moe.router!r} must be 'shared_experts'")
     if moe.router_order != "softmax_topk":
-      problems.append(f"model.moe.router_order={moe.router_order!r} must be 'softmax_topk' "
-                      "(DeepSeek-V2 does not renormalise the top-k weights)")
+      problems.append(
+        f"model.moe.router_order={moe.router_order!r} must be 'softmax_topk' "
+        "(DeepSeek-V2 does not renormalise the top-k weights)"
+      )
     if moe.activation != "silu":
       problems.append(f"model.moe.activation={moe.activation!r} must be 'silu'")
     if moe.num_null_experts:
       problems.append("DeepSeek-V2 has no null experts (model.moe.num_null_experts)")
   if problems:
-    raise ConversionError("this model cannot be exported as HF DeepSeek-V2: " +
-                          "; ".join(problems))
+    raise ConversionError("this model cannot be exported as HF DeepSeek-V2: " + "; ".join(problems))
   if not moe.dropless:
-    log.warning("model.moe.dropless=False: HF DeepSeek-V2 never drops tokens, so the export "
-                "matches this model only where no expert exceeds its capacity")
+    log.warning(
+      "model.moe.dropless=False: HF DeepSeek-V2 never drops tokens, so the export "
+      "matches this model only where no expert exceeds its capacity"
+    )
 
 
 def hf_config(model_cfg) -> dict[str, Any]:
   """config.json contents for a moejax ModelConfig (after `require_exportable`)."""
   m, moe = model_cfg, model_cfg.moe
   return {
-      "architectures": [ARCHITECTURE],
-      "model_type": MODEL_TYPE,
-      "vocab_size": m.vocab_size,
-      "hidden_size": m.d_model,
-      "intermediate_size": m.d_ff,
-      "moe_intermediate_size": moe.expert_d_ff,
-      "num_hidden_layers": m.num_layers,
-      "num_attention_heads": m.num_heads,
-      "num_key_value_heads": m.num_heads,
-      "q_lora_rank": m.q_lora_rank or None,
-      "kv_lora_rank": m.kv_lora_rank,
-      "qk_nope_head_dim": m.qk_nope_head_dim,
-      "qk_rope_head_dim": m.qk_rope_head_dim,
-      "v_head_dim": m.v_head_dim,
-      "head_dim": m.qk_rope_head_dim,  # what transformers derives and writes
-      "n_routed_experts": moe.num_experts,
-      "n_shared_experts": moe.num_shared_experts,
-      "num_experts_per_tok": moe.top_k,
-      "first_k_dense_replace": m.first_moe_layer,
-      "moe_layer_freq": 1,
-      "routed_scaling_factor": float(moe.routed_scaling_factor),
-      "topk_method": "greedy",
-      "n_group": None,
-      "topk_group": None,
-      "norm_topk_prob": False,
-      "aux_loss_alpha": moe.load_balance_weight,
-      "hidden_act": "silu",
-      "rms_norm_eps": m.rms_norm_eps,
-      "rope_theta": m.rope_theta,
-      "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
-      "max_position_embeddings": m.max_len,
-      "tie_word_embeddings": m.tie_embeddings,
-      "attention_bias": False,
-      "mlp_bias": False,
-      "attention_dropout": 0.0,
-      "output_router_logits": False,
-      "torch_dtype": str(m.param_dtype),
-      "dtype": str(m.param_dtype),
-      "bos_token_id": 1,
-      "eos_token_id": 2,
+    "architectures": [ARCHITECTURE],
+    "model_type": MODEL_TYPE,
+    "vocab_size": m.vocab_size,
+    "hidden_size": m.d_model,
+    "intermediate_size": m.d_ff,
+    "moe_intermediate_size": moe.expert_d_ff,
+    "num_hidden_layers": m.num_layers,
+    "num_attention_heads": m.num_heads,
+    "num_key_value_heads": m.num_heads,
+    "q_lora_rank": m.q_lora_rank or None,
+    "kv_lora_rank": m.kv_lora_rank,
+    "qk_nope_head_dim": m.qk_nope_head_dim,
+    "qk_rope_head_dim": m.qk_rope_head_dim,
+    "v_head_dim": m.v_head_dim,
+    "head_dim": m.qk_rope_head_dim,  # what transformers derives and writes
+    "n_routed_experts": moe.num_experts,
+    "n_shared_experts": moe.num_shared_experts,
+    "num_experts_per_tok": moe.top_k,
+    "first_k_dense_replace": m.first_moe_layer,
+    "moe_layer_freq": 1,
+    "routed_scaling_factor": float(moe.routed_scaling_factor),
+    "topk_method": "greedy",
+    "n_group": None,
+    "topk_group": None,
+    "norm_topk_prob": False,
+    "aux_loss_alpha": moe.load_balance_weight,
+    "hidden_act": "silu",
+    "rms_norm_eps": m.rms_norm_eps,
+    "rope_theta": m.rope_theta,
+    "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+    "max_position_embeddings": m.max_len,
+    "tie_word_embeddings": m.tie_embeddings,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "attention_dropout": 0.0,
+    "output_router_logits": False,
+    "torch_dtype": str(m.param_dtype),
+    "dtype": str(m.param_dtype),
+    "bos_token_id": 1,
+    "eos_token_id": 2,
   }
 
 
@@ -254,40 +270,54 @@ def _rope_type(hf: dict[str, Any]) -> tuple[str, float]:
 
 
 def _reject(field: str, value, allowed: str) -> None:
-  raise ConversionError(f"config.json {field}={value!r} is not supported by the DeepSeek-V2 "
-                        f"converter: {allowed}")
+  raise ConversionError(
+    f"config.json {field}={value!r} is not supported by the DeepSeek-V2 converter: {allowed}"
+  )
 
 
 def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   """The ``model`` config section (ConfigDict) equivalent to an HF DeepSeek-V2 config.json."""
   if hf.get("model_type") != MODEL_TYPE:
-    raise ConversionError(f"config.json model_type={hf.get('model_type')!r} is not supported "
-                          f"by the DeepSeek-V2 converter (expected {MODEL_TYPE!r})")
+    raise ConversionError(
+      f"config.json model_type={hf.get('model_type')!r} is not supported "
+      f"by the DeepSeek-V2 converter (expected {MODEL_TYPE!r})"
+    )
   rope_type, theta = _rope_type(hf)
   if rope_type != "default":
-    _reject("rope_parameters.rope_type", rope_type,
-            "only 'default' RoPE (YaRN and other scaled RoPE are not implemented)")
-  checks = [("topk_method", "greedy", "only 'greedy' top-k routing"),
-            ("norm_topk_prob", False, "the top-k weights must not be renormalised"),
-            ("moe_layer_freq", 1, "every layer from first_k_dense_replace on must be MoE"),
-            ("attention_bias", False, "no attention biases"),
-            ("mlp_bias", False, "no MLP biases"),
-            ("hidden_act", "silu", "SiLU (SwiGLU) only")]
+    _reject(
+      "rope_parameters.rope_type",
+      rope_type,
+      "only 'default' RoPE (YaRN and other scaled RoPE are not implemented)",
+    )
+  checks = [
+    ("topk_method", "greedy", "only 'greedy' top-k routing"),
+    ("norm_topk_prob", False, "the top-k weights must not be renormalised"),
+    ("moe_layer_freq", 1, "every layer from first_k_dense_replace on must be MoE"),
+    ("attention_bias", False, "no attention biases"),
+    ("mlp_bias", False, "no MLP biases"),
+    ("hidden_act", "silu", "SiLU (SwiGLU) only"),
+  ]
   for field, allowed, why in checks:
     value = hf.get(field, allowed)
     if value != allowed:
       _reject(field, value, f"{why} ({allowed!r})")
   heads = hf["num_attention_heads"]
   if hf.get("num_key_value_heads") not in (None, heads):
-    _reject("num_key_value_heads", hf["num_key_value_heads"],
-            f"MLA needs num_key_value_heads = num_attention_heads = {heads}")
+    _reject(
+      "num_key_value_heads",
+      hf["num_key_value_heads"],
+      f"MLA needs num_key_value_heads = num_attention_heads = {heads}",
+    )
   if not hf.get("n_shared_experts"):
     _reject("n_shared_experts", hf.get("n_shared_experts"), "at least one shared expert")
   layers, first_moe = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 0)
   if not (hf.get("n_routed_experts") and first_moe < layers):
-    _reject("first_k_dense_replace", first_moe,
-            f"at least one MoE layer (n_routed_experts={hf.get('n_routed_experts')!r}, "
-            f"num_hidden_layers={layers})")
+    _reject(
+      "first_k_dense_replace",
+      first_moe,
+      f"at least one MoE layer (n_routed_experts={hf.get('n_routed_experts')!r}, "
+      f"num_hidden_layers={layers})",
+    )
 
   model = ml_collections.ConfigDict()
   model.vocab_size = hf["vocab_size"]
@@ -309,12 +339,20 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   model.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-6))
   model.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
   model.max_len = hf.get("max_position_embeddings", 4096)
-  model.moe = ml_collections.ConfigDict(dict(
-      num_experts=hf["n_routed_experts"], expert_d_ff=hf["moe_intermediate_size"],
-      router="shared_experts", num_shared_experts=hf["n_shared_experts"],
-      top_k=hf["num_experts_per_tok"], router_order="softmax_topk", dropless=True,
-      activation="silu", routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-      load_balance_weight=float(hf.get("aux_loss_alpha", DEFAULT_AUX_LOSS_ALPHA))))
+  model.moe = ml_collections.ConfigDict(
+    dict(
+      num_experts=hf["n_routed_experts"],
+      expert_d_ff=hf["moe_intermediate_size"],
+      router="shared_experts",
+      num_shared_experts=hf["n_shared_experts"],
+      top_k=hf["num_experts_per_tok"],
+      router_order="softmax_topk",
+      dropless=True,
+      activation="silu",
+      routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+      load_balance_weight=float(hf.get("aux_loss_alpha", DEFAULT_AUX_LOSS_ALPHA)),
+    )
+  )
   return model
 
 
@@ -340,8 +378,7 @@ def to_hf_tensors(params: dict, model_cfg) -> dict[str, Array]:
     tensors[m.name] = np.ascontiguousarray(m.layout.to_hf(value))
   unused = set(flat) - {m.path for m in maps}
   if unused:
-    raise ConversionError(f"moejax parameters with no DeepSeek-V2 counterpart: "
-                          f"{sorted(unused)}")
+    raise ConversionError(f"moejax parameters with no DeepSeek-V2 counterpart: {sorted(unused)}")
   return tensors
 
 
@@ -370,8 +407,9 @@ def _defuse(tensors: dict[str, Array]) -> dict[str, Array]:
 
 def _check_shape(name: str, got: tuple, expected: tuple) -> None:
   if tuple(got) != tuple(expected):
-    raise ConversionError(f"tensor {name} has shape {tuple(got)} but the moejax config "
-                          f"expects {tuple(expected)}")
+    raise ConversionError(
+      f"tensor {name} has shape {tuple(got)} but the moejax config expects {tuple(expected)}"
+    )
 
 
 def from_hf_tensors(tensors: dict[str, Array], abstract_params: dict, model_cfg) -> dict:
@@ -388,11 +426,13 @@ def from_hf_tensors(tensors: dict[str, Array], abstract_params: dict, model_cfg)
   experts: dict[str, list[Array]] = {}
   for m in maps:
     if m.name not in tensors:
-      raise ConversionError(f"tensor {m.name} (for moejax {m.path}) is missing from the HF "
-                            "checkpoint")
+      raise ConversionError(
+        f"tensor {m.name} (for moejax {m.path}) is missing from the HF checkpoint"
+      )
     if m.path not in like:
-      raise ConversionError(f"moejax parameter {m.path} (for HF {m.name}) is not in the "
-                            "model built from config.json")
+      raise ConversionError(
+        f"moejax parameter {m.path} (for HF {m.name}) is not in the model built from config.json"
+      )
     t, shape = tensors[m.name], tuple(like[m.path].shape)
     if m.expert is not None:
       _check_shape(m.name, t.shape, m.layout.hf_shape(shape[1:]))
@@ -404,8 +444,10 @@ def from_hf_tensors(tensors: dict[str, Array], abstract_params: dict, model_cfg)
     flat[path] = np.stack(parts)
   unused = sorted(set(tensors) - {m.name for m in maps})
   if unused:
-    raise ConversionError(f"HF tensors with no moejax counterpart (does config.json match "
-                          f"the weights?): {unused[:5]}{' ...' if len(unused) > 5 else ''}")
+    raise ConversionError(
+      f"HF tensors with no moejax counterpart (does config.json match "
+      f"the weights?): {unused[:5]}{' ...' if len(unused) > 5 else ''}"
+    )
   for path, target in like.items():
     if path not in flat:
       raise ConversionError(f"no HF tensor maps to moejax parameter {path}")

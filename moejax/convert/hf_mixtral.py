@@ -74,8 +74,10 @@ def require_exportable(model_cfg) -> None:
     if moe.router != "topk":
       problems.append(f"model.moe.router={moe.router!r} must be 'topk'")
     if moe.router_order != "topk_softmax":
-      problems.append(f"model.moe.router_order={moe.router_order!r} must be 'topk_softmax' "
-                      "(Mixtral renormalises the top-k weights)")
+      problems.append(
+        f"model.moe.router_order={moe.router_order!r} must be 'topk_softmax' "
+        "(Mixtral renormalises the top-k weights)"
+      )
     if moe.activation != "silu":
       problems.append(f"model.moe.activation={moe.activation!r} must be 'silu'")
     if moe.num_shared_experts or moe.num_null_experts:
@@ -88,40 +90,42 @@ def hf_config(model_cfg) -> dict[str, Any]:
   """config.json contents for a moejax ModelConfig (after `require_exportable`)."""
   moe = model_cfg.moe
   return {
-      "architectures": [ARCHITECTURE],
-      "model_type": MODEL_TYPE,
-      "vocab_size": model_cfg.vocab_size,
-      "hidden_size": model_cfg.d_model,
-      "intermediate_size": moe.expert_d_ff,
-      "num_hidden_layers": model_cfg.num_layers,
-      "num_attention_heads": model_cfg.num_heads,
-      "num_key_value_heads": model_cfg.num_kv_heads,
-      "head_dim": model_cfg.head_dim,
-      "num_local_experts": moe.num_experts,
-      "num_experts_per_tok": moe.top_k,
-      "hidden_act": "silu",
-      "rms_norm_eps": model_cfg.rms_norm_eps,
-      "rope_theta": model_cfg.rope_theta,
-      "rope_parameters": {"rope_theta": model_cfg.rope_theta, "rope_type": "default"},
-      "max_position_embeddings": model_cfg.max_len,
-      "tie_word_embeddings": model_cfg.tie_embeddings,
-      "sliding_window": None,
-      "attention_dropout": 0.0,
-      "router_jitter_noise": 0.0,
-      "router_aux_loss_coef": moe.load_balance_weight,
-      "output_router_logits": False,
-      "torch_dtype": str(model_cfg.param_dtype),
-      "dtype": str(model_cfg.param_dtype),
-      "bos_token_id": 1,
-      "eos_token_id": 2,
+    "architectures": [ARCHITECTURE],
+    "model_type": MODEL_TYPE,
+    "vocab_size": model_cfg.vocab_size,
+    "hidden_size": model_cfg.d_model,
+    "intermediate_size": moe.expert_d_ff,
+    "num_hidden_layers": model_cfg.num_layers,
+    "num_attention_heads": model_cfg.num_heads,
+    "num_key_value_heads": model_cfg.num_kv_heads,
+    "head_dim": model_cfg.head_dim,
+    "num_local_experts": moe.num_experts,
+    "num_experts_per_tok": moe.top_k,
+    "hidden_act": "silu",
+    "rms_norm_eps": model_cfg.rms_norm_eps,
+    "rope_theta": model_cfg.rope_theta,
+    "rope_parameters": {"rope_theta": model_cfg.rope_theta, "rope_type": "default"},
+    "max_position_embeddings": model_cfg.max_len,
+    "tie_word_embeddings": model_cfg.tie_embeddings,
+    "sliding_window": None,
+    "attention_dropout": 0.0,
+    "router_jitter_noise": 0.0,
+    "router_aux_loss_coef": moe.load_balance_weight,
+    "output_router_logits": False,
+    "torch_dtype": str(model_cfg.param_dtype),
+    "dtype": str(model_cfg.param_dtype),
+    "bos_token_id": 1,
+    "eos_token_id": 2,
   }
 
 
 def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   """The ``model`` config section (ConfigDict) equivalent to an HF Mixtral config.json."""
   if hf.get("model_type") != MODEL_TYPE:
-    raise ConversionError(f"config.json model_type={hf.get('model_type')!r} is not supported "
-                          f"by the Mixtral converter (expected {MODEL_TYPE!r})")
+    raise ConversionError(
+      f"config.json model_type={hf.get('model_type')!r} is not supported "
+      f"by the Mixtral converter (expected {MODEL_TYPE!r})"
+    )
   rope = hf.get("rope_parameters") or {}
   heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
@@ -139,11 +143,18 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   model.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-5))
   model.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
   model.max_len = hf.get("max_position_embeddings", 4096)
-  model.moe = ml_collections.ConfigDict(dict(
-      num_experts=hf["num_local_experts"], expert_d_ff=hf["intermediate_size"],
-      router="topk", top_k=hf["num_experts_per_tok"], router_order="topk_softmax",
-      dropless=True, activation="silu", load_balance_weight=float(
-          hf.get("router_aux_loss_coef", 0.01))))
+  model.moe = ml_collections.ConfigDict(
+    dict(
+      num_experts=hf["num_local_experts"],
+      expert_d_ff=hf["intermediate_size"],
+      router="topk",
+      top_k=hf["num_experts_per_tok"],
+      router_order="topk_softmax",
+      dropless=True,
+      activation="silu",
+      load_balance_weight=float(hf.get("router_aux_loss_coef", 0.01)),
+    )
+  )
   return model
 
 
@@ -152,19 +163,37 @@ def _layer_maps(i: int, num_experts: int):
   hf = f"model.layers.{i}"
   ml = f"layers_{i}"
   maps = [
-      (f"{ml}/attn_norm/scale", f"{hf}.input_layernorm.weight", None, None),
-      (f"{ml}/ffn_norm/scale", f"{hf}.post_attention_layernorm.weight", None, None),
-      (f"{ml}/ffn/router", f"{hf}.block_sparse_moe.gate.weight", np.transpose, None),
+    (f"{ml}/attn_norm/scale", f"{hf}.input_layernorm.weight", None, None),
+    (f"{ml}/ffn_norm/scale", f"{hf}.post_attention_layernorm.weight", None, None),
+    (f"{ml}/ffn/router", f"{hf}.block_sparse_moe.gate.weight", np.transpose, None),
   ]
   for name in ("q", "k", "v"):
-    maps.append((f"{ml}/attn/{name}/kernel", f"{hf}.self_attn.{name}_proj.weight", _linear,
-                 lambda t, like: t.T.reshape(like.shape)))
-  maps.append((f"{ml}/attn/o/kernel", f"{hf}.self_attn.o_proj.weight", _out_linear,
-               lambda t, like: t.T.reshape(like.shape)))
+    maps.append(
+      (
+        f"{ml}/attn/{name}/kernel",
+        f"{hf}.self_attn.{name}_proj.weight",
+        _linear,
+        lambda t, like: t.T.reshape(like.shape),
+      )
+    )
+  maps.append(
+    (
+      f"{ml}/attn/o/kernel",
+      f"{hf}.self_attn.o_proj.weight",
+      _out_linear,
+      lambda t, like: t.T.reshape(like.shape),
+    )
+  )
   for j in range(num_experts):
     for param, w in (("wi_gate", "w1"), ("wi_up", "w3"), ("wo", "w2")):
-      maps.append((f"{ml}/ffn/{param}", f"{hf}.block_sparse_moe.experts.{j}.{w}.weight",
-                   _expert_to_hf(j), None))
+      maps.append(
+        (
+          f"{ml}/ffn/{param}",
+          f"{hf}.block_sparse_moe.experts.{j}.{w}.weight",
+          _expert_to_hf(j),
+          None,
+        )
+      )
   return maps
 
 
@@ -178,8 +207,10 @@ def _flatten(params) -> dict[str, Any]:
 
 
 def _global_maps(model_cfg):
-  maps = [("embed/embedding", "model.embed_tokens.weight", None, None),
-          ("final_norm/scale", "model.norm.weight", None, None)]
+  maps = [
+    ("embed/embedding", "model.embed_tokens.weight", None, None),
+    ("final_norm/scale", "model.norm.weight", None, None),
+  ]
   if not model_cfg.tie_embeddings:
     maps.append(("lm_head/kernel", "lm_head.weight", np.transpose, None))
   return maps
@@ -244,8 +275,7 @@ def from_hf_tensors(tensors: dict[str, Array], abstract_params: dict, model_cfg)
   expert_parts: dict[str, list] = {}
   for path, name, to_hf, from_hf in maps:
     if name not in tensors:
-      raise ConversionError(f"tensor {name} (for moejax {path}) is missing from the HF "
-                            "checkpoint")
+      raise ConversionError(f"tensor {name} (for moejax {path}) is missing from the HF checkpoint")
     target = like[path]
     t = tensors[name]
     if path.endswith(("/wi_gate", "/wi_up", "/wo")):
@@ -255,7 +285,7 @@ def from_hf_tensors(tensors: dict[str, Array], abstract_params: dict, model_cfg)
       continue
     expected = _hf_shape(path, target.shape, to_hf)
     _check_shape(name, t.shape, expected)
-    flat[path] = (from_hf(t, target) if from_hf else (t.T if to_hf is np.transpose else t))
+    flat[path] = from_hf(t, target) if from_hf else (t.T if to_hf is np.transpose else t)
   for path, parts in expert_parts.items():
     flat[path] = np.stack(parts)
   for path, target in like.items():
@@ -277,5 +307,6 @@ def _hf_shape(path: str, shape: tuple, to_hf) -> tuple:
 
 def _check_shape(name: str, got: tuple, expected: tuple) -> None:
   if tuple(got) != tuple(expected):
-    raise ConversionError(f"tensor {name} has shape {tuple(got)} but the moejax config "
-                          f"expects {tuple(expected)}")
+    raise ConversionError(
+      f"tensor {name} has shape {tuple(got)} but the moejax config expects {tuple(expected)}"
+    )

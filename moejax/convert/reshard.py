@@ -20,16 +20,18 @@ def with_mesh(config, mesh_shape: dict[str, int]):
   return with_overrides(config, {f"mesh.{axis}": int(n) for axis, n in mesh_shape.items()})
 
 
-def reshard_checkpoint(config, src: str, dst: str, mesh_shape: dict[str, int],
-                       step: int | None = None) -> int:
+def reshard_checkpoint(
+  config, src: str, dst: str, mesh_shape: dict[str, int], step: int | None = None
+) -> int:
   """Restores run `src` (newest step, or `step`) onto `mesh_shape` and writes run `dst`.
 
   Returns the step written. `config` is the run's config; only its mesh is changed.
   """
   new_config = with_mesh(config, mesh_shape)
   state, meta, step, _ = restore_state(new_config, src, step, unrolled=False)
-  target = Checkpointer(os.path.join(os.path.abspath(dst), "checkpoints"), keep=1_000_000,
-                        async_save=False)
+  target = Checkpointer(
+    os.path.join(os.path.abspath(dst), "checkpoints"), keep=1_000_000, async_save=False
+  )
   if target.all_steps():
     target.close()
     raise FileExistsError(f"{dst} already holds checkpoints; choose a fresh output workdir")

@@ -34,8 +34,10 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
   """Yields a temporary directory that becomes `out_dir` only if the block succeeds."""
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
-                          "(--overwrite) or choose another output directory")
+    raise FileExistsError(
+      f"{out_dir} exists and is not empty; pass overwrite=True "
+      "(--overwrite) or choose another output directory"
+    )
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -49,8 +51,9 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
   os.rename(tmp, out_dir)
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray], directory: str,
-                      max_shard_bytes: int = 5 * 2**30) -> list[str]:
+def write_safetensors(
+  tensors: Mapping[str, np.ndarray], directory: str, max_shard_bytes: int = 5 * 2**30
+) -> list[str]:
   """Writes `tensors` (name -> array) as one file or as shards with an index; returns files."""
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
@@ -73,8 +76,9 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], directory: str,
     weight_map.update({name: fname for name in shard})
   total = int(sum(np.asarray(t).nbytes for t in tensors.values()))
   with open(os.path.join(directory, INDEX_FILE), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
-              sort_keys=True)
+    json.dump(
+      {"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True
+    )
   files.append(INDEX_FILE)
   return files
 

@@ -2,27 +2,41 @@
 
 from moejax.config import DataConfig, default_data_config
 from moejax.data.pipeline import (
-    TINY_CORPUS,
-    LMBatchIterator,
-    default_data_dir,
-    host_document_order,
-    load_source,
-    make_eval_iterator,
-    make_train_iterator,
-    per_host_batch_size,
+  TINY_CORPUS,
+  LMBatchIterator,
+  default_data_dir,
+  host_document_order,
+  load_source,
+  make_eval_iterator,
+  make_train_iterator,
+  per_host_batch_size,
 )
 from moejax.data.tiny_corpus import (
-    MoejaxTinyCorpus,
-    generate_document,
-    generate_documents,
-    prepare_tiny_corpus,
+  MoejaxTinyCorpus,
+  generate_document,
+  generate_documents,
+  prepare_tiny_corpus,
 )
 from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "PAD_ID", "VOCAB_SIZE", "TINY_CORPUS", "ByteTokenizer",
-    "LMBatchIterator", "MoejaxTinyCorpus", "default_data_config", "default_data_dir",
-    "generate_document", "generate_documents", "host_document_order", "load_source",
-    "make_eval_iterator", "make_train_iterator", "per_host_batch_size",
-    "prepare_tiny_corpus", "DataConfig",
+  "BOS_ID",
+  "EOS_ID",
+  "PAD_ID",
+  "VOCAB_SIZE",
+  "TINY_CORPUS",
+  "ByteTokenizer",
+  "LMBatchIterator",
+  "MoejaxTinyCorpus",
+  "default_data_config",
+  "default_data_dir",
+  "generate_document",
+  "generate_documents",
+  "host_document_order",
+  "load_source",
+  "make_eval_iterator",
+  "make_train_iterator",
+  "per_host_batch_size",
+  "prepare_tiny_corpus",
+  "DataConfig",
 ]

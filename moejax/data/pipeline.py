@@ -23,9 +23,9 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from moejax.config import DataConfig
 from moejax.data.tiny_corpus import MoejaxTinyCorpus, prepare_tiny_corpus
 from moejax.data.tokenizer import PAD_ID, ByteTokenizer
-from moejax.config import DataConfig
 from moejax.errors import config_error
 
 TINY_CORPUS = MoejaxTinyCorpus.name  # 'moejax_tiny_corpus'
@@ -59,16 +59,20 @@ def per_host_batch_size(global_batch_size: int, process_count: int) -> int:
   """``global_batch_size // process_count``; an error naming the field if it does not divide."""
   _check_positive_int("data.global_batch_size", global_batch_size)
   if global_batch_size % process_count:
-    raise config_error("data.global_batch_size", global_batch_size,
-                       f"must be divisible by the number of processes ({process_count})")
+    raise config_error(
+      "data.global_batch_size",
+      global_batch_size,
+      f"must be divisible by the number of processes ({process_count})",
+    )
   return global_batch_size // process_count
 
 
 # ----------------------------------------------------------------------------- sources
 
 
-def load_source(name: str, split: str, data_dir: str | None = None,
-                text_key: str = "text") -> RandomAccessSource:
+def load_source(
+  name: str, split: str, data_dir: str | None = None, text_key: str = "text"
+) -> RandomAccessSource:
   """A random-access source (``builder.as_data_source(split)``) of a TFDS dataset.
 
   ``moejax_tiny_corpus`` is prepared in ``data_dir`` on first use (once, under a file
@@ -82,12 +86,15 @@ def load_source(name: str, split: str, data_dir: str | None = None,
     builder = _prepared_builder(name, data_dir)
   splits = sorted(builder.info.splits.keys())
   if split not in splits:
-    raise ValueError(f"TFDS dataset data.name={name!r} in {data_dir} has no split "
-                     f"{split!r} (check data.train_split/data.eval_split); it has {splits}")
+    raise ValueError(
+      f"TFDS dataset data.name={name!r} in {data_dir} has no split "
+      f"{split!r} (check data.train_split/data.eval_split); it has {splits}"
+    )
   features = list(builder.info.features.keys())
   if text_key not in features:
-    raise config_error("data.text_key", text_key,
-                       f"TFDS dataset {name!r} has no such feature; it has {features}")
+    raise config_error(
+      "data.text_key", text_key, f"TFDS dataset {name!r} has no such feature; it has {features}"
+    )
   return builder.as_data_source(split)
 
 
@@ -97,27 +104,35 @@ def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # DatasetNotFoundError, or a dataset module failing to import.
     raise ValueError(
-        f"data.name={name!r} is not a usable TFDS dataset ({type(e).__name__}: "
-        f"{str(e).splitlines()[0]}). Use {TINY_CORPUS!r}, or the name of a TFDS dataset "
-        f"prepared in data.data_dir={data_dir!r}.") from e
-  how = (f"prepare it offline first, e.g. `tfds build {name} --data_dir={data_dir} "
-         f"--file_format=array_record`, or set data.data_dir to where it is prepared")
+      f"data.name={name!r} is not a usable TFDS dataset ({type(e).__name__}: "
+      f"{str(e).splitlines()[0]}). Use {TINY_CORPUS!r}, or the name of a TFDS dataset "
+      f"prepared in data.data_dir={data_dir!r}."
+    ) from e
+  how = (
+    f"prepare it offline first, e.g. `tfds build {name} --data_dir={data_dir} "
+    f"--file_format=array_record`, or set data.data_dir to where it is prepared"
+  )
   if not builder.is_prepared():
-    raise ValueError(f"TFDS dataset data.name={name!r} is not prepared in "
-                     f"data.data_dir={data_dir!r} (looked in {builder.data_dir}); {how}.")
+    raise ValueError(
+      f"TFDS dataset data.name={name!r} is not prepared in "
+      f"data.data_dir={data_dir!r} (looked in {builder.data_dir}); {how}."
+    )
   file_format = builder.info.file_format
   if file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise ValueError(f"TFDS dataset data.name={name!r} in data.data_dir={data_dir!r} is "
-                     f"stored as {getattr(file_format, 'value', file_format)}, but random "
-                     f"access needs array_record; {how}.")
+    raise ValueError(
+      f"TFDS dataset data.name={name!r} in data.data_dir={data_dir!r} is "
+      f"stored as {getattr(file_format, 'value', file_format)}, but random "
+      f"access needs array_record; {how}."
+    )
   return builder
 
 
 # ----------------------------------------------------------------------------- sharding
 
 
-def host_document_order(num_docs: int, *, seed: int, epoch: int, shuffle: bool,
-                        process_index: int, process_count: int) -> np.ndarray:
+def host_document_order(
+  num_docs: int, *, seed: int, epoch: int, shuffle: bool, process_index: int, process_count: int
+) -> np.ndarray:
   """Source indices this host reads in ``epoch``, in order: ``int64[ceil((N-p)/P)]``.
 
   A pure function of its arguments: the epoch's order is ``permutation(N)`` drawn from
@@ -151,12 +166,20 @@ class LMBatchIterator(Iterator[Batch]):
   other batch shapes.
   """
 
-  def __init__(self, source: RandomAccessSource | Sequence[Mapping[str, Any]], *,
-               seq_len: int, global_batch_size: int, seed: int = 0, shuffle: bool = True,
-               process_index: int = 0, process_count: int = 1, repeat: bool = True,
-               text_key: str = "text"):
-    if isinstance(process_count, bool) or not isinstance(process_count, int) \
-        or process_count < 1:
+  def __init__(
+    self,
+    source: RandomAccessSource | Sequence[Mapping[str, Any]],
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+    text_key: str = "text",
+  ):
+    if isinstance(process_count, bool) or not isinstance(process_count, int) or process_count < 1:
       raise ValueError(f"process_count must be a positive int, got {process_count!r}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
@@ -173,8 +196,10 @@ class LMBatchIterator(Iterator[Batch]):
     self._source = source
     self._num_docs = len(source)
     if self._num_docs <= process_index:
-      raise ValueError(f"the source has {self._num_docs} documents, so process "
-                       f"{process_index} of {process_count} would get none")
+      raise ValueError(
+        f"the source has {self._num_docs} documents, so process "
+        f"{process_index} of {process_count} would get none"
+      )
     self._tokenizer = ByteTokenizer()
     # Position: the document at `cursor` of this host's order, `offset` tokens into it.
     self._epoch = 0
@@ -189,8 +214,13 @@ class LMBatchIterator(Iterator[Batch]):
     """This host's document order in the current epoch (cached per epoch)."""
     if self._order_cache is None or self._order_cache[0] != self._epoch:
       order = host_document_order(
-          self._num_docs, seed=self.seed, epoch=self._epoch, shuffle=self.shuffle,
-          process_index=self.process_index, process_count=self.process_count)
+        self._num_docs,
+        seed=self.seed,
+        epoch=self._epoch,
+        shuffle=self.shuffle,
+        process_index=self.process_index,
+        process_count=self.process_count,
+      )
       self._order_cache = (self._epoch, order)
     return self._order_cache[1]
 
@@ -220,7 +250,7 @@ class LMBatchIterator(Iterator[Batch]):
       doc = self._current_doc()
       if doc is None:
         break
-      piece = doc[self._offset:self._offset + n]
+      piece = doc[self._offset : self._offset + n]
       pieces.append(piece)
       self._offset += len(piece)
       n -= len(piece)
@@ -247,22 +277,32 @@ class LMBatchIterator(Iterator[Batch]):
     rows = tokens.reshape(self.batch_size, row_len)  # [B, L + 1]
     real = (np.arange(num_tokens) < num_real).reshape(self.batch_size, row_len)
     return {
-        "inputs": np.ascontiguousarray(rows[:, :-1]),  # int32[B, L]
-        "targets": np.ascontiguousarray(rows[:, 1:]),  # int32[B, L]
-        "mask": real[:, 1:].astype(np.float32),  # float32[B, L]
+      "inputs": np.ascontiguousarray(rows[:, :-1]),  # int32[B, L]
+      "targets": np.ascontiguousarray(rows[:, 1:]),  # int32[B, L]
+      "mask": real[:, 1:].astype(np.float32),  # float32[B, L]
     }
 
   # -- checkpointing -------------------------------------------------------------
 
   def _fingerprint(self) -> dict[str, Any]:
     """What must match between a saved state and the iterator restoring it."""
-    return {"seed": self.seed, "shuffle": self.shuffle, "num_docs": self._num_docs,
-            "process_index": self.process_index, "process_count": self.process_count}
+    return {
+      "seed": self.seed,
+      "shuffle": self.shuffle,
+      "num_docs": self._num_docs,
+      "process_index": self.process_index,
+      "process_count": self.process_count,
+    }
 
   def get_state(self) -> dict[str, Any]:
     """The position as a JSON-serialisable dict of ints/bools (a few dozen bytes)."""
-    return {"version": _STATE_VERSION, "epoch": self._epoch, "cursor": self._cursor,
-            "offset": self._offset, **self._fingerprint()}
+    return {
+      "version": _STATE_VERSION,
+      "epoch": self._epoch,
+      "cursor": self._cursor,
+      "offset": self._offset,
+      **self._fingerprint(),
+    }
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Restores a position from :meth:`get_state`; the next batches are then identical.
@@ -271,19 +311,27 @@ class LMBatchIterator(Iterator[Batch]):
     layout or source size, since it would then point into a different token stream.
     """
     if state.get("version") != _STATE_VERSION:
-      raise ValueError(f"data iterator state has version {state.get('version')!r}, "
-                       f"expected {_STATE_VERSION}")
-    mismatched = {k: (state.get(k), v) for k, v in self._fingerprint().items()
-                  if state.get(k) != v}
+      raise ValueError(
+        f"data iterator state has version {state.get('version')!r}, expected {_STATE_VERSION}"
+      )
+    mismatched = {k: (state.get(k), v) for k, v in self._fingerprint().items() if state.get(k) != v}
     if mismatched:
-      raise ValueError("data iterator state does not match this iterator "
-                       f"(field: (saved, current)): {mismatched}")
+      raise ValueError(
+        f"data iterator state does not match this iterator (field: (saved, current)): {mismatched}"
+      )
     epoch, cursor, offset = (int(state[k]) for k in ("epoch", "cursor", "offset"))
     if epoch < 0 or cursor < 0 or offset < 0:
       raise ValueError(f"data iterator state has a negative position: {dict(state)}")
-    order_len = len(host_document_order(
-        self._num_docs, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
-        process_index=self.process_index, process_count=self.process_count))
+    order_len = len(
+      host_document_order(
+        self._num_docs,
+        seed=self.seed,
+        epoch=epoch,
+        shuffle=self.shuffle,
+        process_index=self.process_index,
+        process_count=self.process_count,
+      )
+    )
     if cursor > order_len or (cursor == order_len and offset):
       raise ValueError(f"data iterator state points past the data: {dict(state)}")
     if cursor == order_len and self.repeat:  # End of an epoch: continue with the next.
@@ -302,26 +350,36 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
   """Fills unspecified values from ``jax.process_index()`` / ``jax.process_count()``."""
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (keeps this module light)
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   return process_index, process_count
 
 
-def make_train_iterator(data_cfg: Any, process_index: int | None = None,
-                        process_count: int | None = None) -> LMBatchIterator:
+def make_train_iterator(
+  data_cfg: Any, process_index: int | None = None, process_count: int | None = None
+) -> LMBatchIterator:
   """Infinite, shuffled (if ``data.shuffle``) batches of ``data.train_split`` for this host."""
   cfg = DataConfig.from_config(data_cfg)
   process_index, process_count = _process_layout(process_index, process_count)
   per_host_batch_size(cfg.global_batch_size, process_count)  # fail before any I/O
   source = load_source(cfg.name, cfg.train_split, cfg.data_dir, cfg.text_key)
   return LMBatchIterator(
-      source, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
-      seed=cfg.seed, shuffle=cfg.shuffle, process_index=process_index,
-      process_count=process_count, repeat=True, text_key=cfg.text_key)
+    source,
+    seq_len=cfg.seq_len,
+    global_batch_size=cfg.global_batch_size,
+    seed=cfg.seed,
+    shuffle=cfg.shuffle,
+    process_index=process_index,
+    process_count=process_count,
+    repeat=True,
+    text_key=cfg.text_key,
+  )
 
 
-def make_eval_iterator(data_cfg: Any, process_index: int | None = None,
-                       process_count: int | None = None) -> LMBatchIterator:
+def make_eval_iterator(
+  data_cfg: Any, process_index: int | None = None, process_count: int | None = None
+) -> LMBatchIterator:
   """One in-order pass over ``data.eval_split`` for this host; last batch mask-padded.
 
   Call again for every evaluation: each call starts from the beginning of the split.
@@ -331,6 +389,13 @@ def make_eval_iterator(data_cfg: Any, process_index: int | None = None,
   per_host_batch_size(cfg.global_batch_size, process_count)
   source = load_source(cfg.name, cfg.eval_split, cfg.data_dir, cfg.text_key)
   return LMBatchIterator(
-      source, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
-      seed=cfg.seed, shuffle=False, process_index=process_index,
-      process_count=process_count, repeat=False, text_key=cfg.text_key)
+    source,
+    seq_len=cfg.seq_len,
+    global_batch_size=cfg.global_batch_size,
+    seed=cfg.seed,
+    shuffle=False,
+    process_index=process_index,
+    process_count=process_count,
+    repeat=False,
+    text_key=cfg.text_key,
+  )

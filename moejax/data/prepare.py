@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> None:
   start = time.perf_counter()
   builder = prepare_tiny_corpus(args.data_dir or default_data_dir())
   sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
-  print(f"moejax_tiny_corpus ready in {builder.data_dir} {sizes} "
-        f"({time.perf_counter() - start:.1f} s)")
+  print(
+    f"moejax_tiny_corpus ready in {builder.data_dir} {sizes} ({time.perf_counter() - start:.1f} s)"
+  )
 
 
 if __name__ == "__main__":

@@ -18,32 +18,76 @@ import fcntl
 import os
 from typing import Callable, Iterator
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 CORPUS_SEED = 20240611
 SPLIT_SIZES = {"train": 4000, "validation": 200}
 _SPLIT_IDS = {"train": 0, "validation": 1}
 
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                 "nine", "ten", "eleven", "twelve")
+_NUMBER_WORDS = (
+  "zero",
+  "one",
+  "two",
+  "three",
+  "four",
+  "five",
+  "six",
+  "seven",
+  "eight",
+  "nine",
+  "ten",
+  "eleven",
+  "twelve",
+)
 _NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy")
 # (singular, plural)
-_ANIMATE = (("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("fox", "foxes"),
-            ("child", "children"), ("robot", "robots"), ("farmer", "farmers"),
-            ("teacher", "teachers"), ("mouse", "mice"), ("sheep", "sheep"))
-_OBJECTS = (("apple", "apples"), ("ball", "balls"), ("book", "books"), ("stone", "stones"),
-            ("box", "boxes"), ("cake", "cakes"), ("key", "keys"), ("boat", "boats"),
-            ("cup", "cups"), ("hat", "hats"))
+_ANIMATE = (
+  ("cat", "cats"),
+  ("dog", "dogs"),
+  ("bird", "birds"),
+  ("fox", "foxes"),
+  ("child", "children"),
+  ("robot", "robots"),
+  ("farmer", "farmers"),
+  ("teacher", "teachers"),
+  ("mouse", "mice"),
+  ("sheep", "sheep"),
+)
+_OBJECTS = (
+  ("apple", "apples"),
+  ("ball", "balls"),
+  ("book", "books"),
+  ("stone", "stones"),
+  ("box", "boxes"),
+  ("cake", "cakes"),
+  ("key", "keys"),
+  ("boat", "boats"),
+  ("cup", "cups"),
+  ("hat", "hats"),
+)
 # (third person singular, plural)
-_VERBS = (("sees", "see"), ("chases", "chase"), ("likes", "like"), ("finds", "find"),
-          ("carries", "carry"), ("paints", "paint"), ("watches", "watch"),
-          ("pushes", "push"))
-_ADJECTIVES = ("small", "big", "red", "blue", "green", "old", "young", "quiet", "happy",
-               "tall")
-_PLACES = ("in the garden", "near the river", "under the table", "on the hill",
-           "at school", "in the kitchen", "by the sea")
+_VERBS = (
+  ("sees", "see"),
+  ("chases", "chase"),
+  ("likes", "like"),
+  ("finds", "find"),
+  ("carries", "carry"),
+  ("paints", "paint"),
+  ("watches", "watch"),
+  ("pushes", "push"),
+)
+_ADJECTIVES = ("small", "big", "red", "blue", "green", "old", "young", "quiet", "happy", "tall")
+_PLACES = (
+  "in the garden",
+  "near the river",
+  "under the table",
+  "on the hill",
+  "at school",
+  "in the kitchen",
+  "by the sea",
+)
 _COLORS = ("red", "blue", "green", "yellow", "black", "white", "purple", "orange")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -96,7 +140,7 @@ def counting_sentence(rng: np.random.Generator) -> str:
   length = int(rng.integers(4, 9))
   if rng.random() < 0.3:
     start = int(rng.integers(0, len(_NUMBER_WORDS) - length + 1))
-    return ", ".join(_NUMBER_WORDS[start:start + length]) + "."
+    return ", ".join(_NUMBER_WORDS[start : start + length]) + "."
   start, step = int(rng.integers(0, 50)), int(rng.integers(1, 4))
   seq = ", ".join(str(start + step * i) for i in range(length))
   return f"counting by {step} from {start}: {seq}."
@@ -106,7 +150,7 @@ def letters_sentence(rng: np.random.Generator) -> str:
   """'letters from d: d e f g h.'"""
   length = int(rng.integers(4, 9))
   start = int(rng.integers(0, len(_LETTERS) - length + 1))
-  return f"letters from {_LETTERS[start]}: {' '.join(_LETTERS[start:start + length])}."
+  return f"letters from {_LETTERS[start]}: {' '.join(_LETTERS[start : start + length])}."
 
 
 def copy_sentence(rng: np.random.Generator) -> str:
@@ -121,17 +165,28 @@ def story_sentences(rng: np.random.Generator) -> str:
   _, things = _pick(rng, _OBJECTS)
   a, b = (int(x) for x in rng.integers(1, 10, size=2))
   if rng.random() < 0.5:
-    return (f"{taker} has {a} {things}. {giver} gives {taker} {b} more. "
-            f"now {taker} has {a + b} {things}.")
+    return (
+      f"{taker} has {a} {things}. {giver} gives {taker} {b} more. now {taker} has {a + b} {things}."
+    )
   a, b = max(a, b), min(a, b)
-  return (f"{taker} has {a} {things}. {taker} gives {giver} {b} of them. "
-          f"now {taker} has {a - b} {things}.")
+  return (
+    f"{taker} has {a} {things}. {taker} gives {giver} {b} of them. "
+    f"now {taker} has {a - b} {things}."
+  )
 
 
-_SENTENCES: tuple[Sentence, ...] = (svo_sentence, svo_sentence, svo_sentence,
-                                    arithmetic_sentence, arithmetic_sentence,
-                                    comparison_sentence, counting_sentence,
-                                    letters_sentence, copy_sentence, story_sentences)
+_SENTENCES: tuple[Sentence, ...] = (
+  svo_sentence,
+  svo_sentence,
+  svo_sentence,
+  arithmetic_sentence,
+  arithmetic_sentence,
+  comparison_sentence,
+  counting_sentence,
+  letters_sentence,
+  copy_sentence,
+  story_sentences,
+)
 
 
 def generate_document(split: str, index: int) -> str:
@@ -150,8 +205,7 @@ def generate_document(split: str, index: int) -> str:
   colors = [_pick(rng, _COLORS) for _ in keys]
   facts = [f"the color of the {k} is {c}." for k, c in zip(keys, colors)]
   order = rng.permutation(num_facts)
-  questions = [f"question: what is the color of the {keys[i]}? answer: {colors[i]}."
-               for i in order]
+  questions = [f"question: what is the color of the {keys[i]}? answer: {colors[i]}." for i in order]
   return " ".join(facts + body + questions)
 
 
@@ -174,12 +228,12 @@ class MoejaxTinyCorpus(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-        supervised_keys=None,
-        # Keep example i at index i, so the data source matches generate_documents().
-        disable_shuffling=True,
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+      supervised_keys=None,
+      # Keep example i at index i, so the data source matches generate_documents().
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -211,7 +265,8 @@ def prepare_tiny_corpus(data_dir: str) -> MoejaxTinyCorpus:
       builder = MoejaxTinyCorpus(data_dir=data_dir, file_format="array_record")
       if not builder.is_prepared():
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
     finally:
       fcntl.flock(lock_file, fcntl.LOCK_UN)
   return builder

@@ -23,8 +23,9 @@ def dispatch(x: jax.Array, dispatch_index: jax.Array, slot_valid: jax.Array) -> 
   return gathered.reshape(g, e, c, x.shape[-1])
 
 
-def combine(expert_out: jax.Array, dispatch_index: jax.Array, combine_weight: jax.Array,
-            group_size: int) -> jax.Array:
+def combine(
+  expert_out: jax.Array, dispatch_index: jax.Array, combine_weight: jax.Array, group_size: int
+) -> jax.Array:
   """Scatter-adds weighted slot outputs back to tokens.
 
   y[g, s] = sum_{e, c: dispatch_index[g, e, c] = s} combine_weight[g, e, c] * out[g, e, c]

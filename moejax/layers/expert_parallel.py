@@ -130,8 +130,9 @@ def combine_a2a(y: jax.Array, axis: str, split_axis: int) -> jax.Array:
   return checkpoint_name(x, "moe_combine_a2a")
 
 
-def all_to_all_experts(cfg: MoEConfig, axis: str = EXPERT_AXIS,
-                       model_axis: str | None = MODEL_AXIS) -> ExpertFn:
+def all_to_all_experts(
+  cfg: MoEConfig, axis: str = EXPERT_AXIS, model_axis: str | None = MODEL_AXIS
+) -> ExpertFn:
   """A slot-buffer ``expert_fn`` (``moejax.layers.routed.slot_experts``) for ``shard_map``.
 
   Sends every expert's slots to the device holding it over mesh axis `axis`, runs the
@@ -143,13 +144,16 @@ def all_to_all_experts(cfg: MoEConfig, axis: str = EXPERT_AXIS,
     expert_fn(x_slots [G_loc, E, C, d], w_gate [E_loc, d, f_loc], w_up [E_loc, d, f_loc],
     w_down [E_loc, f_loc, d]) -> [G_loc, E, C, d], with E = E_loc * size(axis).
   """
+
   def expert_fn(x, w_gate, w_up, w_down):
     g, e, c, d = x.shape
     e_loc = w_gate.shape[0]
     ep = jax.lax.axis_size(axis)
     if e_loc * ep != e:
-      raise ValueError(f"all_to_all_experts: {e} experts in the slot buffers but "
-                       f"{e_loc} local experts x {ep} devices on mesh axis '{axis}'")
+      raise ValueError(
+        f"all_to_all_experts: {e} experts in the slot buffers but "
+        f"{e_loc} local experts x {ep} devices on mesh axis '{axis}'"
+      )
     x = x.reshape(g, ep, e_loc, c, d)  # [G, P_dst, E_loc, C, d]
     x = dispatch_a2a(x, axis, split_axis=1)  # [G, P_src, E_loc, C, d]
     # The local experts on the slots of G * P_src groups; partial sums over the f shards.
@@ -168,9 +172,13 @@ def num_token_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in TOKEN_AXES)
 
 
-def check_expert_parallel(mesh: Mesh, cfg: MoEConfig, num_groups: int | None = None,
-                          batch_shape: Sequence[int] | None = None,
-                          mesh_path: str = "mesh") -> None:
+def check_expert_parallel(
+  mesh: Mesh,
+  cfg: MoEConfig,
+  num_groups: int | None = None,
+  batch_shape: Sequence[int] | None = None,
+  mesh_path: str = "mesh",
+) -> None:
   """Raises (before tracing) if the layer cannot be split evenly over `mesh`.
 
   Checks: the mesh has the axes ('data', 'expert', 'model'); num_experts % mesh.expert
@@ -185,8 +193,10 @@ def check_expert_parallel(mesh: Mesh, cfg: MoEConfig, num_groups: int | None = N
   """
   missing = [a for a in MESH_AXES if a not in mesh.axis_names]
   if missing:
-    raise ValueError(f"the expert-parallel MoE layer needs a mesh with axes {MESH_AXES} "
-                     f"(moejax.parallel.make_mesh); got axes {mesh.axis_names}")
+    raise ValueError(
+      f"the expert-parallel MoE layer needs a mesh with axes {MESH_AXES} "
+      f"(moejax.parallel.make_mesh); got axes {mesh.axis_names}"
+    )
   validate_mesh_for_moe(mesh, cfg, mesh_path)
   if num_groups is None:
     return
@@ -194,13 +204,15 @@ def check_expert_parallel(mesh: Mesh, cfg: MoEConfig, num_groups: int | None = N
   if num_groups % shards:
     tokens = "x".join(str(n) for n in batch_shape) if batch_shape is not None else "?"
     per_sequence = " (one per sequence: group_size=None)" if cfg.group_size is None else ""
-    allowed = (f"the {tokens} input tokens form {num_groups} routing groups{per_sequence}, "
-               f"not divisible "
-               f"by the {shards} token shards ({mesh_path}.data * {mesh_path}.expert = "
-               f"{mesh.shape['data']} * {mesh.shape['expert']}); whole groups are split "
-               f"over devices, so choose data.global_batch_size and "
-               f"{cfg.config_path}.group_size so that batch * length / group_size is a "
-               f"multiple of {shards}")
+    allowed = (
+      f"the {tokens} input tokens form {num_groups} routing groups{per_sequence}, "
+      f"not divisible "
+      f"by the {shards} token shards ({mesh_path}.data * {mesh_path}.expert = "
+      f"{mesh.shape['data']} * {mesh.shape['expert']}); whole groups are split "
+      f"over devices, so choose data.global_batch_size and "
+      f"{cfg.config_path}.group_size so that batch * length / group_size is a "
+      f"multiple of {shards}"
+    )
     if cfg.group_size is None:
       b = batch_shape[0] if batch_shape is not None else num_groups
       raise config_error("data.global_batch_size", b, allowed)
@@ -247,13 +259,15 @@ def ragged_exchange(send: jax.Array, send_sizes: jax.Array, axis: str):
   offsets = jnp.arange(p, dtype=jnp.int32) * r  # block q starts at q R on both sides
   recv_sizes = jax.lax.all_to_all(send_sizes, axis, 0, 0, tiled=True)  # [P_src]
   out_offsets = jnp.full((p,), me * r, jnp.int32)  # my block in each receiver's buffer
-  recv = jax.lax.ragged_all_to_all(send, jnp.zeros_like(send), offsets, send_sizes,
-                                   out_offsets, recv_sizes, axis_name=axis)
+  recv = jax.lax.ragged_all_to_all(
+    send, jnp.zeros_like(send), offsets, send_sizes, out_offsets, recv_sizes, axis_name=axis
+  )
   recv = checkpoint_name(recv, "moe_dispatch_a2a")
 
   def back(y):
-    out = jax.lax.ragged_all_to_all(y, jnp.zeros_like(y), offsets, recv_sizes, out_offsets,
-                                    send_sizes, axis_name=axis)
+    out = jax.lax.ragged_all_to_all(
+      y, jnp.zeros_like(y), offsets, recv_sizes, out_offsets, send_sizes, axis_name=axis
+    )
     return checkpoint_name(out, "moe_combine_a2a")
 
   return recv, back
@@ -262,10 +276,17 @@ def ragged_exchange(send: jax.Array, send_sizes: jax.Array, axis: str):
 EXCHANGES = {"padded_all_to_all": padded_exchange, "ragged_all_to_all": ragged_exchange}
 
 
-def dropless_expert_parallel(x: jax.Array, routing: Routing, probs: jax.Array,
-                             w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                             cfg: MoEConfig, axis: str = EXPERT_AXIS,
-                             model_axis: str | None = MODEL_AXIS):
+def dropless_expert_parallel(
+  x: jax.Array,
+  routing: Routing,
+  probs: jax.Array,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  cfg: MoEConfig,
+  axis: str = EXPERT_AXIS,
+  model_axis: str | None = MODEL_AXIS,
+):
   """Dropless experts inside ``shard_map``: rows exchanged over `axis` (module docstring).
 
   Args:
@@ -287,32 +308,48 @@ def dropless_expert_parallel(x: jax.Array, routing: Routing, probs: jax.Array,
   rank, _ = rank_in_group(dest, valid, p)
   kept = valid & (rank < r)
   slot = jnp.where(kept, dest * r + rank, p * r)  # [A]; p * r: not sent
-  send_assign = jnp.full((p * r,), a, jnp.int32).at[slot].set(
-      jnp.arange(a, dtype=jnp.int32), mode="drop")  # assignment of each send row; a: none
+  send_assign = (
+    jnp.full((p * r,), a, jnp.int32).at[slot].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
+  )  # assignment of each send row; a: none
   send_expert = jnp.full((p * r,), e_loc, jnp.int32).at[slot].set(expert % e_loc, mode="drop")
   send_sizes = jnp.zeros((p,), jnp.int32).at[jnp.where(kept, dest, p)].add(1, mode="drop")
   x_assign = jnp.broadcast_to(x[:, :, None], (g, s, k, d)).reshape(a, d)
   send = permute_rows(x_assign, send_assign, slot)  # [P_dst * R, d], zeros where unused
   recv, back = EXCHANGES[cfg.resolved_ep_exchange()](send, send_sizes, axis)
-  recv_expert = jax.lax.all_to_all(send_expert.reshape(p, r), axis, 0, 0,
-                                   tiled=True).reshape(p * r)  # local expert, e_loc: none
+  recv_expert = jax.lax.all_to_all(send_expert.reshape(p, r), axis, 0, 0, tiled=True).reshape(
+    p * r
+  )  # local expert, e_loc: none
   used = recv_expert < e_loc
-  y_rows = grouped_ffn(recv, jnp.where(used, recv_expert, 0), used, w_gate, w_up, w_down,
-                       cfg.activation, cfg.resolved_expert_impl(),
-                       cfg.expert_block_size)  # [P_src * R, d]
+  y_rows = grouped_ffn(
+    recv,
+    jnp.where(used, recv_expert, 0),
+    used,
+    w_gate,
+    w_up,
+    w_down,
+    cfg.activation,
+    cfg.resolved_expert_impl(),
+    cfg.expert_block_size,
+  )  # [P_src * R, d]
   if model_axis is not None:
     y_rows = jax.lax.psum(y_rows, model_axis)
   y_assign = permute_rows(back(y_rows), slot, send_assign).reshape(g, s, k, d)
   kept = kept.reshape(g, s, k)
   y = combine_assignments(y_assign, routing, kept)
-  metrics = assignment_metrics(routing.expert_index, routing.valid, kept, probs,
-                               cfg.num_experts)
+  metrics = assignment_metrics(routing.expert_index, routing.valid, kept, probs, cfg.num_experts)
   return y, metrics
 
 
-def expert_parallel_forward(x: jax.Array, router_kernel: jax.Array, w_gate: jax.Array,
-                            w_up: jax.Array, w_down: jax.Array, cfg: MoEConfig, mesh: Mesh,
-                            batch_shape: Sequence[int] | None = None):
+def expert_parallel_forward(
+  x: jax.Array,
+  router_kernel: jax.Array,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  cfg: MoEConfig,
+  mesh: Mesh,
+  batch_shape: Sequence[int] | None = None,
+):
   """``moe_forward`` with groups split over ('data', 'expert') and experts exchanged.
 
   Same arguments and results as ``moejax.layers.routed.moe_forward`` (x [G, S, d], all E
@@ -329,8 +366,10 @@ def expert_parallel_forward(x: jax.Array, router_kernel: jax.Array, w_gate: jax.
       routing = route(logits, cfg, slots=False)
       probs = jax.nn.softmax(logits, axis=-1)
       y, kept_metrics = dropless_expert_parallel(x, routing, probs, w_gate, w_up, w_down, cfg)
-      metrics = dict(routing.metrics, **{n: kept_metrics[n] for n in (
-          "expert_load", "dropped_fraction", "experts_per_token")})
+      metrics = dict(
+        routing.metrics,
+        **{n: kept_metrics[n] for n in ("expert_load", "dropped_fraction", "experts_per_token")},
+      )
     else:
       routing = route(logits, cfg)
       y = slot_experts(x, routing, w_gate, w_up, w_down, cfg, all_to_all_experts(cfg))
@@ -339,10 +378,18 @@ def expert_parallel_forward(x: jax.Array, router_kernel: jax.Array, w_gate: jax.
     return y, mean(routing.aux_losses), mean(metrics)
 
   return jax.shard_map(
-      per_device, mesh=mesh,
-      in_specs=(GROUP_SPEC, ROUTER_SPEC, W_IN_SPEC, W_IN_SPEC, W_OUT_SPEC),
-      out_specs=(GROUP_SPEC, P(), P()))(x, router_kernel, w_gate, w_up, w_down)
+    per_device,
+    mesh=mesh,
+    in_specs=(GROUP_SPEC, ROUTER_SPEC, W_IN_SPEC, W_IN_SPEC, W_OUT_SPEC),
+    out_specs=(GROUP_SPEC, P(), P()),
+  )(x, router_kernel, w_gate, w_up, w_down)
 
 
-__all__ = ["all_to_all_experts", "check_expert_parallel", "dropless_expert_parallel",
-           "expert_parallel_forward", "num_token_shards", "rows_per_device"]
+__all__ = [
+  "all_to_all_experts",
+  "check_expert_parallel",
+  "dropless_expert_parallel",
+  "expert_parallel_forward",
+  "num_token_shards",
+  "rows_per_device",
+]

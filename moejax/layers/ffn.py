@@ -14,12 +14,14 @@ ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
 
 # Fan-in truncated-normal init. Expert kernels are [E, in, out]: batch axis 0.
 dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-expert_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                               in_axis=1, out_axis=2, batch_axis=(0,))
+expert_init = nn.initializers.variance_scaling(
+  1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2, batch_axis=(0,)
+)
 
 
-def gated_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-              activation: str) -> jax.Array:
+def gated_ffn(
+  x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str
+) -> jax.Array:
   """Dense gated FFN. x: [..., d]; w_gate, w_up: [d, f]; w_down: [f, d].
 
   Tokens are flattened to [T, d] first: XLA's CPU backend runs the weight gradients of
@@ -31,8 +33,9 @@ def gated_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arra
   return jnp.einsum("tf,fd->td", h, w_down).reshape(*x.shape[:-1], w_down.shape[-1])
 
 
-def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-               activation: str) -> jax.Array:
+def expert_ffn(
+  x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str
+) -> jax.Array:
   """Per-expert gated FFN on slot buffers.
 
   x: [G, E, C, d]; w_gate, w_up: [E, d, f]; w_down: [E, f, d] -> [G, E, C, d].
@@ -61,12 +64,24 @@ class DenseFFN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
     d = x.shape[-1]
-    w_gate = self.param("wi_gate", nn.with_logical_partitioning(dense_init, ("embed", "mlp")),
-                        (d, self.d_ff), self.param_dtype)
-    w_up = self.param("wi_up", nn.with_logical_partitioning(dense_init, ("embed", "mlp")),
-                      (d, self.d_ff), self.param_dtype)
-    w_down = self.param("wo", nn.with_logical_partitioning(dense_init, ("mlp", "embed")),
-                        (self.d_ff, d), self.param_dtype)
+    w_gate = self.param(
+      "wi_gate",
+      nn.with_logical_partitioning(dense_init, ("embed", "mlp")),
+      (d, self.d_ff),
+      self.param_dtype,
+    )
+    w_up = self.param(
+      "wi_up",
+      nn.with_logical_partitioning(dense_init, ("embed", "mlp")),
+      (d, self.d_ff),
+      self.param_dtype,
+    )
+    w_down = self.param(
+      "wo",
+      nn.with_logical_partitioning(dense_init, ("mlp", "embed")),
+      (self.d_ff, d),
+      self.param_dtype,
+    )
     cast = lambda a: jnp.asarray(a, self.dtype)
     y = gated_ffn(cast(x), cast(w_gate), cast(w_up), cast(w_down), self.activation)
     return y, {"aux_losses": {}, "metrics": {}}

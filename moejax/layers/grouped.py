@@ -87,8 +87,9 @@ def sort_rows(expert: jax.Array, valid: jax.Array, num_experts: int, block: int)
   num_blocks = (a + e * (block - 1)) // block
   num_rows = num_blocks * block
   row = jnp.where(valid, padded_start[jnp.where(valid, expert, 0)] + rank, num_rows)
-  row_source = jnp.full((num_rows,), a, jnp.int32).at[row].set(
-      jnp.arange(a, dtype=jnp.int32), mode="drop")
+  row_source = (
+    jnp.full((num_rows,), a, jnp.int32).at[row].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
+  )
   block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block
   block_expert = jnp.searchsorted(jnp.cumsum(padded), block_start, side="right")
   block_expert = jnp.minimum(block_expert, e - 1).astype(jnp.int32)  # unused blocks: E-1
@@ -121,8 +122,14 @@ def _permute_bwd(res, dout):
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
-def blocked_ffn(rows: jax.Array, sorted_rows: SortedRows, w_gate: jax.Array,
-                w_up: jax.Array, w_down: jax.Array, activation: str) -> jax.Array:
+def blocked_ffn(
+  rows: jax.Array,
+  sorted_rows: SortedRows,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  activation: str,
+) -> jax.Array:
   """Gated FFN of each block's expert: rows [NB * B, d] -> [NB * B, d].
 
   'nbd,ndf->nbf' with W[block_expert]: one batched matmul; its weight gradient is a
@@ -136,8 +143,14 @@ def blocked_ffn(rows: jax.Array, sorted_rows: SortedRows, w_gate: jax.Array,
   return jnp.einsum("nbf,nfd->nbd", h, w_down[be]).reshape(nb * b, -1)
 
 
-def ragged_ffn(rows: jax.Array, counts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-               w_down: jax.Array, activation: str) -> jax.Array:
+def ragged_ffn(
+  rows: jax.Array,
+  counts: jax.Array,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  activation: str,
+) -> jax.Array:
   """Gated FFN with ``jax.lax.ragged_dot``: rows [N, d] sorted by expert, the first
   counts[e] rows after expert e-1's going to expert e; rows past sum(counts) give 0."""
   act = ACTIVATIONS[activation]
@@ -145,9 +158,17 @@ def ragged_ffn(rows: jax.Array, counts: jax.Array, w_gate: jax.Array, w_up: jax.
   return jax.lax.ragged_dot(h, w_down, counts)
 
 
-def grouped_ffn(x: jax.Array, expert: jax.Array, valid: jax.Array,
-                w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str,
-                impl: str, block_size: int | None = None) -> jax.Array:
+def grouped_ffn(
+  x: jax.Array,
+  expert: jax.Array,
+  valid: jax.Array,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  activation: str,
+  impl: str,
+  block_size: int | None = None,
+) -> jax.Array:
   """Runs each valid assignment's input through its expert; no work for invalid ones.
 
   Args:

@@ -3,10 +3,10 @@
 Tokens are grouped [G, S, d] and routed per group (``moejax.routers``). Capacity configs
 gather tokens into per-expert slot buffers [G, E, C, d]; dropless token choice sorts the
 (token, choice) assignments by expert and runs one grouped matmul over them (see
-``moejax.layers.routed``; expert-parallel: ``moejax.layers.expert_parallel``). Expert weights are stacked [E, d_model, d_ff] arrays whose leading
-axis carries the logical name 'expert', so expert parallelism shards it (see
-``moejax.parallel``). DeepSeekMoE shared experts run as one dense gated FFN of width
-num_shared_experts * expert_d_ff on every token.
+``moejax.layers.routed``; expert-parallel: ``moejax.layers.expert_parallel``). Expert
+weights are stacked [E, d_model, d_ff] arrays whose leading axis carries the logical name
+'expert', so expert parallelism shards it (see ``moejax.parallel``). DeepSeekMoE shared
+experts run as one dense gated FFN of width num_shared_experts * expert_d_ff on every token.
 
   y_t = sum_{e in routed(t)} g_{t,e} FFN_e(x_t)  [+ FFN_shared(x_t)]
 """
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers import expert_parallel as ep
-from moejax.layers.ffn import DenseFFN, dense_init, expert_init
+from moejax.layers.ffn import DenseFFN, expert_init
 from moejax.layers.routed import moe_forward
 from moejax.moe_config import MoEConfig
 
@@ -28,8 +28,10 @@ def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
   b, l, d = x.shape
   s = l if group_size is None else group_size
   if (b * l) % s:
-    raise ValueError(f"MoE input has {b}x{l}={b * l} tokens, not divisible by "
-                     f"moe.group_size={group_size}; choose a group_size dividing batch*length")
+    raise ValueError(
+      f"MoE input has {b}x{l}={b * l} tokens, not divisible by "
+      f"moe.group_size={group_size}; choose a group_size dividing batch*length"
+    )
   return x.reshape(b * l // s, s, d)
 
 
@@ -56,15 +58,29 @@ class MoELayer(nn.Module):
     cfg = self.cfg
     d, e, f = x.shape[-1], cfg.num_experts, cfg.expert_d_ff
     router_kernel = self.param(
-        "router", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                               ("embed", "router")),
-        (d, cfg.num_router_logits), self.param_dtype)
-    w_gate = self.param("wi_gate", nn.with_logical_partitioning(
-        expert_init, ("expert", "embed", "expert_mlp")), (e, d, f), self.param_dtype)
-    w_up = self.param("wi_up", nn.with_logical_partitioning(
-        expert_init, ("expert", "embed", "expert_mlp")), (e, d, f), self.param_dtype)
-    w_down = self.param("wo", nn.with_logical_partitioning(
-        expert_init, ("expert", "expert_mlp", "embed")), (e, f, d), self.param_dtype)
+      "router",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "router")),
+      (d, cfg.num_router_logits),
+      self.param_dtype,
+    )
+    w_gate = self.param(
+      "wi_gate",
+      nn.with_logical_partitioning(expert_init, ("expert", "embed", "expert_mlp")),
+      (e, d, f),
+      self.param_dtype,
+    )
+    w_up = self.param(
+      "wi_up",
+      nn.with_logical_partitioning(expert_init, ("expert", "embed", "expert_mlp")),
+      (e, d, f),
+      self.param_dtype,
+    )
+    w_down = self.param(
+      "wo",
+      nn.with_logical_partitioning(expert_init, ("expert", "expert_mlp", "embed")),
+      (e, f, d),
+      self.param_dtype,
+    )
     cast = lambda a: jnp.asarray(a, self.dtype)
     groups = to_groups(cast(x), cfg.group_size)
     weights = (router_kernel, cast(w_gate), cast(w_up), cast(w_down))
@@ -78,10 +94,12 @@ class MoELayer(nn.Module):
         y, aux_losses, metrics = moe_forward(groups, *weights, cfg)
       else:
         y, aux_losses, metrics = ep.expert_parallel_forward(
-            groups, *weights, cfg, self.mesh, batch_shape=x.shape[:2])
+          groups, *weights, cfg, self.mesh, batch_shape=x.shape[:2]
+        )
     y = y.reshape(x.shape)
     if cfg.num_shared_experts:
-      shared, _ = DenseFFN(cfg.num_shared_experts * f, cfg.activation, self.dtype,
-                           self.param_dtype, name="shared")(x)
+      shared, _ = DenseFFN(
+        cfg.num_shared_experts * f, cfg.activation, self.dtype, self.param_dtype, name="shared"
+      )(x)
       y = y + shared
     return y, {"aux_losses": aux_losses, "metrics": metrics}

@@ -38,20 +38,41 @@ def combine_assignments(y_assign: jax.Array, routing: Routing, kept: jax.Array) 
   return jnp.einsum("gskd,gsk->gsd", y_assign, w)
 
 
-def sorted_experts(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, cfg: MoEConfig) -> jax.Array:
+def sorted_experts(
+  x: jax.Array,
+  routing: Routing,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  cfg: MoEConfig,
+) -> jax.Array:
   """All E experts on this device, over expert-sorted assignments: x [G, S, d] -> [G, S, d]."""
   g, s, d = x.shape
   k = routing.expert_index.shape[-1]
   x_assign = jnp.broadcast_to(x[:, :, None], (g, s, k, d)).reshape(g * s * k, d)
-  y_assign = grouped_ffn(x_assign, routing.expert_index.reshape(-1),
-                         routing.valid.reshape(-1), w_gate, w_up, w_down, cfg.activation,
-                         cfg.resolved_expert_impl(), cfg.expert_block_size)
+  y_assign = grouped_ffn(
+    x_assign,
+    routing.expert_index.reshape(-1),
+    routing.valid.reshape(-1),
+    w_gate,
+    w_up,
+    w_down,
+    cfg.activation,
+    cfg.resolved_expert_impl(),
+    cfg.expert_block_size,
+  )
   return combine_assignments(y_assign.reshape(g, s, k, d), routing, routing.valid)
 
 
-def slot_experts(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                 w_down: jax.Array, cfg: MoEConfig, expert_fn=None) -> jax.Array:
+def slot_experts(
+  x: jax.Array,
+  routing: Routing,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  cfg: MoEConfig,
+  expert_fn=None,
+) -> jax.Array:
   """Slot-buffer experts: x [G, S, d] -> [G, S, d]. `expert_fn` maps x_slots
   [G, E, C, d] to their outputs (default: all E experts on this device)."""
   x_slots = dispatch(x, routing.dispatch_index, routing.slot_valid)  # [G, E, C, d]
@@ -62,8 +83,14 @@ def slot_experts(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Ar
   return combine(y_slots, routing.dispatch_index, routing.combine_weight, x.shape[1])
 
 
-def moe_forward(x: jax.Array, router_kernel: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                w_down: jax.Array, cfg: MoEConfig):
+def moe_forward(
+  x: jax.Array,
+  router_kernel: jax.Array,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  cfg: MoEConfig,
+):
   """Routes, runs and combines one batch of token groups on one device.
 
   Args:

@@ -32,8 +32,9 @@ from moejax.models.rope import apply_rope
 
 def fan_in_init(in_axes: Sequence[int], out_axes: Sequence[int]):
   """Truncated-normal variance scaling with Var = 1 / prod(shape[in_axes])."""
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                          in_axis=tuple(in_axes), out_axis=tuple(out_axes))
+  return nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=tuple(in_axes), out_axis=tuple(out_axes)
+  )
 
 
 class Projection(nn.Module):
@@ -54,8 +55,12 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out_axes = tuple(i for i in range(len(self.shape)) if i not in self.in_axes)
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        fan_in_init(self.in_axes, out_axes), self.names), self.shape, self.param_dtype)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(fan_in_init(self.in_axes, out_axes), self.names),
+      self.shape,
+      self.param_dtype,
+    )
     return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -74,11 +79,11 @@ class Attention(nn.Module):
     d = x.shape[-1]
     h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
     proj = lambda shape, names, eq, name, in_axes=(0,): Projection(
-        shape, names, eq, in_axes, self.dtype, self.param_dtype, name=name)
+      shape, names, eq, in_axes, self.dtype, self.param_dtype, name=name
+    )
     q = proj((d, h, dh), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "q")(x)
     k = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "k")(x)
     v = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "v")(x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = attend(q, k, v, None, self.impl)
-    return proj((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o",
-                (0, 1))(out)
+    return proj((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o", (0, 1))(out)

@@ -49,8 +49,9 @@ def causal_mask(length: int) -> jax.Array:
   return pos[None, :] <= pos[:, None]
 
 
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                  scale: float | None = None) -> jax.Array:
+def gqa_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None
+) -> jax.Array:
   """Masked softmax attention with grouped kv heads, materialising the scores.
 
   q: [B, L, H, Dk]; k: [B, M, H_kv, Dk]; v: [B, M, H_kv, Dv]; mask: bool [L, M]
@@ -62,16 +63,16 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   q = q.reshape(b, l, hkv, h // hkv, dk)  # head h = j * G + r
   scores = jnp.einsum("bljrk,bmjk->bjrlm", q, k, preferred_element_type=jnp.float32)
   scores = scores.astype(jnp.float32)
-  scores = (scores / jnp.sqrt(jnp.float32(dk)) if scale is None
-            else scores * jnp.float32(scale))
+  scores = scores / jnp.sqrt(jnp.float32(dk)) if scale is None else scores * jnp.float32(scale)
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bjrlm,bmjk->bljrk", probs, v)
   return out.reshape(b, l, h, v.shape[-1])
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
-                        block: int = BLOCK) -> jax.Array:
+def blockwise_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, scale: float, block: int = BLOCK
+) -> jax.Array:
   """Causal attention with an online softmax over key blocks (module docstring).
 
   Per key block n with scores s [.., L, Bk]: m' = max(m, max_k s), p = exp(s - m'),
@@ -105,13 +106,16 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     correction = jnp.exp(jnp.where(jnp.isfinite(m), m - shift, -jnp.inf))
     s_sum = s_sum * correction + jnp.sum(p, axis=-1)
     acc = acc * correction[..., None] + jnp.einsum(
-        "bjrlm,bmjk->bjrlk", p.astype(v_n.dtype), v_n, preferred_element_type=jnp.float32)
+      "bjrlm,bmjk->bjrlk", p.astype(v_n.dtype), v_n, preferred_element_type=jnp.float32
+    )
     return (m_new, s_sum, acc), None
 
   g = h // hkv
-  init = (jnp.full((b, hkv, g, l), -jnp.inf, jnp.float32),
-          jnp.zeros((b, hkv, g, l), jnp.float32),
-          jnp.zeros((b, hkv, g, l, dv), jnp.float32))
+  init = (
+    jnp.full((b, hkv, g, l), -jnp.inf, jnp.float32),
+    jnp.zeros((b, hkv, g, l), jnp.float32),
+    jnp.zeros((b, hkv, g, l, dv), jnp.float32),
+  )
   starts = jnp.arange(n) * block
   (_, s_sum, acc), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, starts))
   out = acc / s_sum[..., None]  # every query sees at least itself: s_sum >= 1
@@ -123,14 +127,20 @@ def _dot_product_attention(q, k, v, scale, implementation):
   if dv < dk:
     v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, dk - dv)))
   dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-  out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                     scale=scale, is_causal=True,
-                                     implementation=implementation)
+  out = jax.nn.dot_product_attention(
+    q.astype(dtype),
+    k.astype(dtype),
+    v.astype(dtype),
+    scale=scale,
+    is_causal=True,
+    implementation=implementation,
+  )
   return out[..., :dv]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None,
-           impl: str = "reference") -> jax.Array:
+def attend(
+  q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None, impl: str = "reference"
+) -> jax.Array:
   """Causal GQA attention by kernel `impl` (module docstring); out [B, L, H, Dv].
 
   scale: the score scale, default 1/sqrt(Dk).

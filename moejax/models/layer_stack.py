@@ -72,10 +72,12 @@ def stack_layers(tree: Any, cfg) -> Any:
       return node
     out = {k: v for k, v in node.items() if k not in {f"layers_{i}" for i in plan.scanned}}
     out[SCAN_KEY] = {
-        f"block_{j}": jax.tree.map(lambda *xs: jnp.stack(xs),
-                                   *[node[f"layers_{plan.layer(u, j)}"]
-                                     for u in range(plan.num_units)])
-        for j in range(plan.unit)}
+      f"block_{j}": jax.tree.map(
+        lambda *xs: jnp.stack(xs),
+        *[node[f"layers_{plan.layer(u, j)}"] for u in range(plan.num_units)],
+      )
+      for j in range(plan.unit)
+    }
     return out
 
   return jax.tree.map(stack, tree, is_leaf=_is_unrolled(plan))
@@ -108,8 +110,7 @@ def unrolled_config(config):
   """A copy of experiment `config` (an ``ExperimentConfig`` or a ConfigDict) with
   ``model.scan_layers=False`` (the form the converters and analysis tools read)."""
   if dataclasses.is_dataclass(config):
-    return dataclasses.replace(config,
-                               model=dataclasses.replace(config.model, scan_layers=False))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, scan_layers=False))
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.scan_layers = False

@@ -64,22 +64,33 @@ class LatentRMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                             (self.axis_name,)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     return rms_norm(x, scale, self.eps).astype(self.dtype)
 
 
-def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rope: jax.Array,
-                  v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def mla_attention(
+  q_nope: jax.Array,
+  q_rope: jax.Array,
+  k_nope: jax.Array,
+  k_rope: jax.Array,
+  v: jax.Array,
+  mask: jax.Array,
+  scale: float,
+) -> jax.Array:
   """Masked softmax attention with a RoPE key shared by all heads.
 
   q_nope: [B, L, H, D_n]; q_rope: [B, L, H, D_r]; k_nope: [B, M, H, D_n];
   k_rope: [B, M, D_r]; v: [B, M, H, D_v]; mask: bool [L, M] -> [B, L, H, D_v].
   scores = (q_nope . k_nope + q_rope . k_rope) * scale, float32.
   """
-  scores = (jnp.einsum("blhk,bmhk->bhlm", q_nope, k_nope, preferred_element_type=jnp.float32)
-            + jnp.einsum("blhk,bmk->bhlm", q_rope, k_rope, preferred_element_type=jnp.float32))
+  scores = jnp.einsum(
+    "blhk,bmhk->bhlm", q_nope, k_nope, preferred_element_type=jnp.float32
+  ) + jnp.einsum("blhk,bmk->bhlm", q_rope, k_rope, preferred_element_type=jnp.float32)
   scores = scores.astype(jnp.float32) * jnp.float32(scale)
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -106,9 +117,11 @@ class MLAttention(nn.Module):
     h, dn, dr, dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
     rq, rkv = self.q_lora_rank, self.kv_lora_rank
     proj = lambda shape, names, eq, name, in_axes=(0,): Projection(
-        shape, names, eq, in_axes, self.dtype, self.param_dtype, name=name)
-    norm = lambda axis, name: LatentRMSNorm(axis, LATENT_NORM_EPS, self.dtype,
-                                            self.param_dtype, name=name)
+      shape, names, eq, in_axes, self.dtype, self.param_dtype, name=name
+    )
+    norm = lambda axis, name: LatentRMSNorm(
+      axis, LATENT_NORM_EPS, self.dtype, self.param_dtype, name=name
+    )
 
     if rq:
       c_q = proj((d, rq), ("embed", "q_lora"), "bld,dr->blr", "q_a")(x)
@@ -121,17 +134,20 @@ class MLAttention(nn.Module):
     kv_a = proj((d, rkv + dr), ("embed", "kv_lora"), "bld,dr->blr", "kv_a")(x)
     c_kv = norm("kv_lora", "kv_norm")(kv_a[..., :rkv])  # [B, L, r_kv]
     k_rope = apply_rope_interleaved(kv_a[..., None, rkv:], cos, sin)[..., 0, :]  # [B, L, D_r]
-    kv = proj((rkv, h, dn + dv), ("kv_lora", "heads", "head_dim"), "blr,rhk->blhk",
-              "kv_b")(c_kv)
+    kv = proj((rkv, h, dn + dv), ("kv_lora", "heads", "head_dim"), "blr,rhk->blhk", "kv_b")(c_kv)
     k_nope, v = kv[..., :dn], kv[..., dn:]
 
     scale = (dn + dr) ** -0.5
     if resolve_impl(self.impl, x.shape[1]) == "reference":
       out = mla_attention(q_nope, q_rope, k_nope, k_rope, v, causal_mask(x.shape[1]), scale)
     else:  # one key per head: [k_n | k_r], the shared k_r broadcast over the H heads
-      k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :].astype(k_nope.dtype),
-                                                    k_nope.shape[:3] + (dr,))], axis=-1)
+      k = jnp.concatenate(
+        [
+          k_nope,
+          jnp.broadcast_to(k_rope[:, :, None, :].astype(k_nope.dtype), k_nope.shape[:3] + (dr,)),
+        ],
+        axis=-1,
+      )
       q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
       out = attend(q, k, v, scale, self.impl)
-    return proj((h, dv, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o",
-                (0, 1))(out)
+    return proj((h, dv, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o", (0, 1))(out)

@@ -1,6 +1,6 @@
 """RMSNorm (Zhang & Sennrich, 2019), computed in float32 as in HF Llama/Mixtral.
 
-  RMSNorm(x) = x / sqrt(mean_i x_i^2 + eps) * scale,   scale initialised to 1.
+RMSNorm(x) = x / sqrt(mean_i x_i^2 + eps) * scale,   scale initialised to 1.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     return rms_norm(x, scale, self.eps).astype(self.dtype)

@@ -47,8 +47,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
 
 
-def interleaved_rope_angles(positions: jax.Array, dim: int,
-                            theta: float) -> tuple[jax.Array, jax.Array]:
+def interleaved_rope_angles(
+  positions: jax.Array, dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
   """positions: int [..., L] -> (cos, sin) float32 [..., L, dim/2] of p * inv_freq_i,
   inv_freq_i = theta^(-2i / dim) (one angle per rotated pair)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))

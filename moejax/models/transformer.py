@@ -90,19 +90,36 @@ class Block(nn.Module):
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="attn_norm")(h)
     if cfg.attention == "mla":
-      y = MLAttention(cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
-                      cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.q_lora_rank, dtype,
-                      param_dtype, cfg.attention_impl, name="attn")(x, cos, sin)
+      y = MLAttention(
+        cfg.num_heads,
+        cfg.kv_lora_rank,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.q_lora_rank,
+        dtype,
+        param_dtype,
+        cfg.attention_impl,
+        name="attn",
+      )(x, cos, sin)
     else:
-      y = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, param_dtype,
-                    cfg.attention_impl, name="attn")(x, cos, sin)
+      y = Attention(
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        dtype,
+        param_dtype,
+        cfg.attention_impl,
+        name="attn",
+      )(x, cos, sin)
     h = h + y.astype(h.dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ffn_norm")(h)
     if cfg.is_moe_layer(self.layer):
       y, aux = MoELayer(cfg.moe, dtype, param_dtype, mesh=self.mesh, name="ffn")(x)
     else:
-      y, aux = DenseFFN(cfg.d_ff, activation="silu", dtype=dtype, param_dtype=param_dtype,
-                        name="ffn")(x)
+      y, aux = DenseFFN(
+        cfg.d_ff, activation="silu", dtype=dtype, param_dtype=param_dtype, name="ffn"
+      )(x)
     return h + y.astype(h.dtype), aux
 
 
@@ -127,12 +144,11 @@ class Transformer(nn.Module):
     if length > cfg.max_len:
       raise ValueError(f"sequence length {length} exceeds model.max_len={cfg.max_len}")
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
-    embed_std = cfg.d_model ** -0.5 if cfg.tie_embeddings else 1.0
+    embed_std = cfg.d_model**-0.5 if cfg.tie_embeddings else 1.0
     embedding = Embed(cfg.vocab_size, cfg.d_model, embed_std, param_dtype, name="embed")()
     h = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)  # [B, L, d]
     if cfg.attention == "mla":  # interleaved pairs of the D_r RoPE dims: [L, D_r / 2]
-      cos, sin = interleaved_rope_angles(jnp.arange(length), cfg.qk_rope_head_dim,
-                                         cfg.rope_theta)
+      cos, sin = interleaved_rope_angles(jnp.arange(length), cfg.qk_rope_head_dim, cfg.rope_theta)
     else:
       cos, sin = rope_angles(jnp.arange(length), cfg.head_dim, cfg.rope_theta)  # [L, Dh]
 
@@ -161,8 +177,9 @@ class Transformer(nn.Module):
 
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="final_norm")(h)
     if cfg.tie_embeddings:
-      logits = jnp.einsum("bld,vd->blv", x, embedding.astype(dtype),
-                          preferred_element_type=jnp.float32)
+      logits = jnp.einsum(
+        "bld,vd->blv", x, embedding.astype(dtype), preferred_element_type=jnp.float32
+      )
     else:
       logits = LMHead(cfg.vocab_size, dtype, param_dtype, name="lm_head")(x)
     return logits.astype(jnp.float32), {"aux_losses": aux_losses, "metrics": metrics}
@@ -192,9 +209,14 @@ class BlockUnit(nn.Module):
 def ScannedUnits(cfg: ModelConfig, mesh, name: str) -> nn.Module:
   """``nn.scan`` of BlockUnit over the U units: params stacked on a leading 'layers'
   axis (h carried, cos/sin broadcast, aux stacked)."""
-  scan = nn.scan(BlockUnit, variable_axes={"params": 0}, split_rngs={"params": True},
-                 in_axes=(nn.broadcast, nn.broadcast), length=scan_plan(cfg).num_units,
-                 metadata_params={nn.PARTITION_NAME: "layers"})
+  scan = nn.scan(
+    BlockUnit,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=(nn.broadcast, nn.broadcast),
+    length=scan_plan(cfg).num_units,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
   return scan(cfg, mesh, name=name)
 
 
@@ -208,9 +230,12 @@ class Embed(nn.Module):
 
   @nn.compact
   def __call__(self) -> jax.Array:
-    return self.param("embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(self.stddev), ("vocab", "embed")),
-                      (self.vocab_size, self.d_model), self.param_dtype)
+    return self.param(
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(self.stddev), ("vocab", "embed")),
+      (self.vocab_size, self.d_model),
+      self.param_dtype,
+    )
 
 
 class LMHead(nn.Module):
@@ -222,8 +247,15 @@ class LMHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        fan_in_init((0,), (1,)), ("embed", "vocab")), (x.shape[-1], self.vocab_size),
-                        self.param_dtype)
-    return jnp.einsum("bld,dv->blv", x.astype(self.dtype), kernel.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(fan_in_init((0,), (1,)), ("embed", "vocab")),
+      (x.shape[-1], self.vocab_size),
+      self.param_dtype,
+    )
+    return jnp.einsum(
+      "bld,dv->blv",
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )

@@ -5,7 +5,18 @@ MoE layer is ``moejax.layers.expert_parallel``).
   rules.py            logical axis names -> PartitionSpecs / NamedShardings
 """
 
-from moejax.parallel.mesh import (MESH_AXES, TOKEN_AXES, make_mesh, mesh_shape_of,
-                                  resolve_mesh_shape, validate_mesh_for_moe)
-from moejax.parallel.rules import (batch_sharding, logical_axis_rules, logical_to_sharding,
-                                   params_shardings, shard_params)
+from moejax.parallel.mesh import (
+  MESH_AXES,
+  TOKEN_AXES,
+  make_mesh,
+  mesh_shape_of,
+  resolve_mesh_shape,
+  validate_mesh_for_moe,
+)
+from moejax.parallel.rules import (
+  batch_sharding,
+  logical_axis_rules,
+  logical_to_sharding,
+  params_shardings,
+  shard_params,
+)

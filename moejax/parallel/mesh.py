@@ -45,16 +45,22 @@ def resolve_mesh_shape(mesh_cfg: Any, num_devices: int, path: str = "mesh") -> d
   if fill is not None:
     if num_devices % fixed:
       culprit = _first_non_divisor(sizes, num_devices, skip=fill) or fill
-      raise config_error(f"{path}.{culprit}", sizes[culprit],
-                         f"the other axes ({product}) must divide the {num_devices} devices "
-                         f"so that {path}.{fill}=-1 can take the rest")
+      raise config_error(
+        f"{path}.{culprit}",
+        sizes[culprit],
+        f"the other axes ({product}) must divide the {num_devices} devices "
+        f"so that {path}.{fill}=-1 can take the rest",
+      )
     sizes[fill] = num_devices // fixed
     return sizes
   if fixed != num_devices:
     culprit = _first_non_divisor(sizes, num_devices) or "data"
-    raise config_error(f"{path}.{culprit}", sizes[culprit],
-                       f"{product} = {fixed} must equal the number of devices "
-                       f"({num_devices}); set one axis to -1 to fill the remaining devices")
+    raise config_error(
+      f"{path}.{culprit}",
+      sizes[culprit],
+      f"{product} = {fixed} must equal the number of devices "
+      f"({num_devices}); set one axis to -1 to fill the remaining devices",
+    )
   return sizes
 
 
@@ -70,8 +76,9 @@ def _first_non_divisor(sizes: dict[str, int], n: int, skip: str | None = None) -
   return None
 
 
-def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None,
-              path: str = "mesh") -> Mesh:
+def make_mesh(
+  mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, path: str = "mesh"
+) -> Mesh:
   """Builds the ('data', 'expert', 'model') mesh from a config with int fields of those names.
 
   Args:
@@ -97,8 +104,7 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None,
   except (ValueError, NotImplementedError, AssertionError):
     # create_device_mesh rejects some device subsets (e.g. part of a TPU slice); a plain
     # row-major layout of the given devices is always a valid, if less tuned, mesh.
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES,
-                axis_types=axis_types)
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def mesh_shape_of(mesh_or_shape: Mesh | Mapping[str, int]) -> dict[str, int]:
@@ -108,8 +114,9 @@ def mesh_shape_of(mesh_or_shape: Mesh | Mapping[str, int]) -> dict[str, int]:
   return {a: int(shape.get(a, 1)) for a in MESH_AXES}
 
 
-def validate_mesh_for_moe(mesh_shape: Mesh | Mapping[str, int], moe_cfg: Any,
-                          mesh_path: str = "mesh") -> None:
+def validate_mesh_for_moe(
+  mesh_shape: Mesh | Mapping[str, int], moe_cfg: Any, mesh_path: str = "mesh"
+) -> None:
   """Checks that the expert weights split evenly over the mesh.
 
   num_experts % mesh.expert == 0 (the leading E axis is split over 'expert') and
@@ -129,6 +136,9 @@ def validate_mesh_for_moe(mesh_shape: Mesh | Mapping[str, int], moe_cfg: Any,
   for field, axis in (("num_experts", "expert"), ("expert_d_ff", "model")):
     value = moe_cfg[field] if isinstance(moe_cfg, Mapping) else getattr(moe_cfg, field)
     if value % shape[axis]:
-      raise config_error(f"{path}.{field}", value,
-                         f"must be divisible by {mesh_path}.{axis}={shape[axis]} (the "
-                         f"'{axis}' mesh axis splits it evenly across devices)")
+      raise config_error(
+        f"{path}.{field}",
+        value,
+        f"must be divisible by {mesh_path}.{axis}={shape[axis]} (the "
+        f"'{axis}' mesh axis splits it evenly across devices)",
+      )

@@ -35,7 +35,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moejax.parallel.mesh import TOKEN_AXES
 
@@ -44,31 +45,32 @@ log = logging.getLogger(__name__)
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # activations
-    ("batch", TOKEN_AXES),
-    ("length", None),
-    ("activation_embed", None),
-    # parameters
-    ("embed", None),
-    ("mlp", "model"),
-    ("expert", "expert"),
-    ("expert_mlp", "model"),
-    ("router", None),
-    ("vocab", "model"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("head_dim", None),
-    ("q_lora", None),  # MLA latent widths: small, replicated
-    ("kv_lora", None),
-    ("layers", None),
+  # activations
+  ("batch", TOKEN_AXES),
+  ("length", None),
+  ("activation_embed", None),
+  # parameters
+  ("embed", None),
+  ("mlp", "model"),
+  ("expert", "expert"),
+  ("expert_mlp", "model"),
+  ("router", None),
+  ("vocab", "model"),
+  ("heads", "model"),
+  ("kv_heads", "model"),
+  ("head_dim", None),
+  ("q_lora", None),  # MLA latent widths: small, replicated
+  ("kv_lora", None),
+  ("layers", None),
 )
 
 # FSDP: the same table with 'embed' split over the token axes (falling back to 'data').
 FSDP_LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = tuple(
-    r for r in LOGICAL_AXIS_RULES if r[0] != "embed") + (
-        ("embed", TOKEN_AXES),
-        ("embed", "data"),
-    )
+  r for r in LOGICAL_AXIS_RULES if r[0] != "embed"
+) + (
+  ("embed", TOKEN_AXES),
+  ("embed", "data"),
+)
 
 # Logical axes consumed by the expert-parallel shard_map with fixed in_specs: replicating
 # them as a fallback would not match those specs, so a non-divisible size is an error
@@ -76,8 +78,7 @@ FSDP_LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = 
 STRICT_LOGICAL_AXES: frozenset[str] = frozenset({"expert", "expert_mlp"})
 
 
-def logical_axis_rules(fsdp: bool = False
-                       ) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+def logical_axis_rules(fsdp: bool = False) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
   """The project's rules, a tuple of (logical name, mesh axis | tuple of axes | None);
   ``fsdp=True`` adds the FSDP placement of parameters (module docstring)."""
   return FSDP_LOGICAL_AXIS_RULES if fsdp else LOGICAL_AXIS_RULES
@@ -94,8 +95,7 @@ def _axis_size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def _fit_to_shape(logical: P, mesh_spec: P, shape: Sequence[int], mesh: Mesh,
-                  where: str) -> P:
+def _fit_to_shape(logical: P, mesh_spec: P, shape: Sequence[int], mesh: Mesh, where: str) -> P:
   """Replicates dims whose size the mesh axes do not divide (only for non-strict names).
 
   Replicating a dim is always numerically safe under jit (GSPMD) -- it only costs memory
@@ -107,17 +107,28 @@ def _fit_to_shape(logical: P, mesh_spec: P, shape: Sequence[int], mesh: Mesh,
     n = _axis_size(mesh, axes)
     if n > 1 and size % n:
       if names[i] in STRICT_LOGICAL_AXES:
-        raise ValueError(f"{where}: dim {i} ('{names[i]}') has size {size}, not divisible "
-                         f"by mesh axes {axes} of size {n}; the expert-parallel layer needs "
-                         f"an even split (check moe.num_experts / moe.expert_d_ff)")
-      log.info("%s: dim %d ('%s') of size %d is not divisible by mesh axes %s (%d); "
-               "replicating it instead", where, i, names[i], size, axes, n)
+        raise ValueError(
+          f"{where}: dim {i} ('{names[i]}') has size {size}, not divisible "
+          f"by mesh axes {axes} of size {n}; the expert-parallel layer needs "
+          f"an even split (check moe.num_experts / moe.expert_d_ff)"
+        )
+      log.info(
+        "%s: dim %d ('%s') of size %d is not divisible by mesh axes %s (%d); "
+        "replicating it instead",
+        where,
+        i,
+        names[i],
+        size,
+        axes,
+        n,
+      )
       entries[i] = None
   return P(*entries)
 
 
-def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh, rules: LogicalRules | None = None,
-                        shapes: Any = None) -> Any:
+def logical_to_sharding(
+  logical_spec_tree: Any, mesh: Mesh, rules: LogicalRules | None = None, shapes: Any = None
+) -> Any:
   """Tree of logical PartitionSpecs -> tree of NamedSharding on `mesh`.
 
   Args:
@@ -131,8 +142,7 @@ def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh, rules: LogicalRules 
   if shapes is None:
     return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, rules)
   mesh_specs = nn.logical_to_mesh(logical_spec_tree, rules)
-  flat_logical, treedef = jax.tree_util.tree_flatten_with_path(logical_spec_tree,
-                                                               is_leaf=_is_spec)
+  flat_logical, treedef = jax.tree_util.tree_flatten_with_path(logical_spec_tree, is_leaf=_is_spec)
   flat_mesh = treedef.flatten_up_to(mesh_specs)
   flat_shapes = treedef.flatten_up_to(shapes)
   out = []
@@ -148,8 +158,9 @@ def _has_boxes(tree: Any) -> bool:
   return any(isinstance(x, nn.Partitioned) for x in leaves)
 
 
-def params_shardings(abstract_boxed_params: Any, mesh: Mesh,
-                     rules: LogicalRules | None = None) -> Any:
+def params_shardings(
+  abstract_boxed_params: Any, mesh: Mesh, rules: LogicalRules | None = None
+) -> Any:
   """NamedSharding for every leaf of a boxed (``nn.Partitioned``) params tree.
 
   Works on any boxed tree (params, a whole TrainState with optimizer moments) of arrays or
@@ -164,8 +175,9 @@ def params_shardings(abstract_boxed_params: Any, mesh: Mesh,
   return logical_to_sharding(logical, mesh, rules, shapes)
 
 
-def shard_params(params: Any, mesh: Mesh, rules: LogicalRules | None = None,
-                 logical_specs: Any = None) -> Any:
+def shard_params(
+  params: Any, mesh: Mesh, rules: LogicalRules | None = None, logical_specs: Any = None
+) -> Any:
   """Places a params tree on `mesh` according to its logical axis names.
 
   Args:
@@ -180,9 +192,11 @@ def shard_params(params: Any, mesh: Mesh, rules: LogicalRules | None = None,
     values = jax.device_put(nn.meta.unbox(params), shardings)
     return nn.meta.replace_boxed(params, values)
   if logical_specs is None:
-    raise ValueError("shard_params got an unboxed params tree without logical_specs; pass "
-                     "the boxed tree from model.init / jax.eval_shape(model.init, ...) or "
-                     "its nn.get_partition_spec(...) as logical_specs")
+    raise ValueError(
+      "shard_params got an unboxed params tree without logical_specs; pass "
+      "the boxed tree from model.init / jax.eval_shape(model.init, ...) or "
+      "its nn.get_partition_spec(...) as logical_specs"
+    )
   if _has_boxes(logical_specs):
     logical_specs = nn.get_partition_spec(logical_specs)
   shardings = logical_to_sharding(logical_specs, mesh, rules, params)

@@ -26,9 +26,14 @@ import jax
 import jax.numpy as jnp
 
 # Per-chip accelerator memory (GiB) a plan is checked against.
-TARGETS_GIB: dict[str, float] = {"TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "H100": 80,
-                                 "H200": 141}
-GIB = 2 ** 30
+TARGETS_GIB: dict[str, float] = {
+  "TPU v5e": 16,
+  "TPU v5p": 95,
+  "TPU v6e": 32,
+  "H100": 80,
+  "H200": 141,
+}
+GIB = 2**30
 
 
 def sharded_bytes(tree: Any) -> int:
@@ -59,34 +64,44 @@ def plan_memory(config) -> dict:
 
   exp = build_experiment(config)
   tcfg = config.train
-  step = make_train_step(exp.model, exp.tx, exp.schedule, tcfg.nan_policy,
-                         microbatches=tcfg.get("microbatches", 1))
-  jitted = jax.jit(step, in_shardings=(exp.state_shardings, exp.batch_sharding),
-                   out_shardings=(exp.state_shardings, None), donate_argnums=(0,))
+  step = make_train_step(
+    exp.model, exp.tx, exp.schedule, tcfg.nan_policy, microbatches=tcfg.get("microbatches", 1)
+  )
+  jitted = jax.jit(
+    step,
+    in_shardings=(exp.state_shardings, exp.batch_sharding),
+    out_shardings=(exp.state_shardings, None),
+    donate_argnums=(0,),
+  )
   start = time.perf_counter()
-  compiled = jitted.lower(exp.abstract_state,
-                          abstract_batch(config, exp.batch_sharding)).compile()
+  compiled = jitted.lower(exp.abstract_state, abstract_batch(config, exp.batch_sharding)).compile()
   compile_s = time.perf_counter() - start
   stats = compiled.memory_analysis()
   params_bytes = sharded_bytes(exp.abstract_state.params)
   temp = int(stats.temp_size_in_bytes)
-  total = int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-              - stats.alias_size_in_bytes + temp)
+  total = int(
+    stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + temp
+  )
   backend = jax.default_backend()
   return {
-      "devices": exp.mesh.size,
-      "mesh": {k: int(v) for k, v in exp.mesh.shape.items()},
-      "backend": backend,
-      "params_bytes": params_bytes,
-      "optimizer_bytes": sharded_bytes(exp.abstract_state.opt_state),
-      "gradient_bytes": params_bytes,
-      "temp_bytes": temp,
-      "total_bytes": total,
-      "compile_s": round(compile_s, 2),
-      "fits": {name: total <= gib * GIB for name, gib in TARGETS_GIB.items()},
-      "note": ("per device; gradient_bytes is part of temp_bytes"
-               + ("; XLA:CPU keeps bfloat16 as float32, so temp/total are upper bounds"
-                  if backend == "cpu" else "")),
+    "devices": exp.mesh.size,
+    "mesh": {k: int(v) for k, v in exp.mesh.shape.items()},
+    "backend": backend,
+    "params_bytes": params_bytes,
+    "optimizer_bytes": sharded_bytes(exp.abstract_state.opt_state),
+    "gradient_bytes": params_bytes,
+    "temp_bytes": temp,
+    "total_bytes": total,
+    "compile_s": round(compile_s, 2),
+    "fits": {name: total <= gib * GIB for name, gib in TARGETS_GIB.items()},
+    "note": (
+      "per device; gradient_bytes is part of temp_bytes"
+      + (
+        "; XLA:CPU keeps bfloat16 as float32, so temp/total are upper bounds"
+        if backend == "cpu"
+        else ""
+      )
+    ),
   }
 
 
@@ -94,10 +109,12 @@ def format_plan(plan: dict) -> str:
   """A human-readable table of `plan` (``plan_memory``'s result)."""
   gib = lambda b: f"{b / GIB:9.2f} GiB"
   mesh = ", ".join(f"{k}={v}" for k, v in plan["mesh"].items())
-  lines = [f"{plan['devices']} {plan['backend']} devices, mesh {mesh}; "
-           f"compiled in {plan['compile_s']:.1f} s", ""]
-  for key in ("params_bytes", "optimizer_bytes", "gradient_bytes", "temp_bytes",
-              "total_bytes"):
+  lines = [
+    f"{plan['devices']} {plan['backend']} devices, mesh {mesh}; "
+    f"compiled in {plan['compile_s']:.1f} s",
+    "",
+  ]
+  for key in ("params_bytes", "optimizer_bytes", "gradient_bytes", "temp_bytes", "total_bytes"):
     lines.append(f"  {key:<16}{gib(plan[key])}")
   lines.append("")
   for name, ok in plan["fits"].items():

@@ -58,9 +58,7 @@ class Routing:
 
 
 class RouterFn(Protocol):
-
-  def __call__(self, logits: jax.Array, cfg) -> Routing:
-    ...
+  def __call__(self, logits: jax.Array, cfg) -> Routing: ...
 
 
 ROUTERS: dict[str, RouterFn] = {}
@@ -105,9 +103,11 @@ def route(logits: jax.Array, cfg, slots: bool = True) -> Routing:
   if slots and routing.dispatch_index is None:
     s = logits.shape[1]
     dispatch_index, combine_weight, slot_valid, _ = assign_slots(
-        routing.expert_index, routing.weight, routing.valid, cfg.num_experts, cfg.capacity(s))
-    routing = routing.replace(dispatch_index=dispatch_index, combine_weight=combine_weight,
-                              slot_valid=slot_valid)
+      routing.expert_index, routing.weight, routing.valid, cfg.num_experts, cfg.capacity(s)
+    )
+    routing = routing.replace(
+      dispatch_index=dispatch_index, combine_weight=combine_weight, slot_valid=slot_valid
+    )
   return routing
 
 
@@ -137,8 +137,9 @@ def select_top_k(logits: jax.Array, k: int, order: str) -> tuple[jax.Array, jax.
   return probs, expert_index, weight
 
 
-def assign_slots(expert_index: jax.Array, weight: jax.Array, selected: jax.Array,
-                 num_experts: int, capacity: int):
+def assign_slots(
+  expert_index: jax.Array, weight: jax.Array, selected: jax.Array, num_experts: int, capacity: int
+):
   """Places token-choice assignments into per-expert slots, dropping overflow.
 
   Priority follows GShard: every token's 1st choice is placed before any 2nd choice, and
@@ -166,10 +167,12 @@ def assign_slots(expert_index: jax.Array, weight: jax.Array, selected: jax.Array
   slot_e = jnp.where(kept_ks, idx_ks, e)
   slot_c = jnp.where(kept_ks, position_ks, c)
   group = jnp.broadcast_to(jnp.arange(g)[:, None], (g, k * s))
-  dispatch_index = jnp.zeros((g, e, c), jnp.int32).at[group, slot_e, slot_c].set(
-      token_ks, mode="drop")
-  combine_weight = jnp.zeros((g, e, c), weight.dtype).at[group, slot_e, slot_c].set(
-      weight_ks, mode="drop")
+  dispatch_index = (
+    jnp.zeros((g, e, c), jnp.int32).at[group, slot_e, slot_c].set(token_ks, mode="drop")
+  )
+  combine_weight = (
+    jnp.zeros((g, e, c), weight.dtype).at[group, slot_e, slot_c].set(weight_ks, mode="drop")
+  )
   slot_valid = jnp.zeros((g, e, c), bool).at[group, slot_e, slot_c].set(True, mode="drop")
   kept = jnp.swapaxes(kept_ks.reshape(g, k, s), 1, 2)
   return dispatch_index, combine_weight, slot_valid, kept
@@ -206,16 +209,21 @@ def expert_counts(expert_index: jax.Array, kept: jax.Array, num_experts: int) ->
   return jnp.zeros((g, num_experts), jnp.int32).at[rows, flat].add(1, mode="drop")
 
 
-def assignment_metrics(expert_index: jax.Array, valid: jax.Array, kept: jax.Array,
-                       probs: jax.Array, num_experts: int) -> dict:
+def assignment_metrics(
+  expert_index: jax.Array, valid: jax.Array, kept: jax.Array, probs: jax.Array, num_experts: int
+) -> dict:
   """``routing_metrics`` of the assignment form: `kept` (bool[G, S, K], a subset of
   `valid`) are the assignments that were processed. Same values as the slot form."""
   per_expert = expert_counts(expert_index, kept, num_experts)
   return routing_metrics(None, probs, jnp.sum(valid, axis=(1, 2)), per_expert=per_expert)
 
 
-def routing_metrics(slot_valid: jax.Array | None, probs: jax.Array,
-                    num_selected_real: jax.Array, per_expert: jax.Array | None = None) -> dict:
+def routing_metrics(
+  slot_valid: jax.Array | None,
+  probs: jax.Array,
+  num_selected_real: jax.Array,
+  per_expert: jax.Array | None = None,
+) -> dict:
   """Diagnostics common to all routers, each a mean of per-group values (so a mean over
   devices' groups equals the unsharded value).
 
@@ -238,17 +246,23 @@ def routing_metrics(slot_valid: jax.Array | None, probs: jax.Array,
   selected = num_selected_real.astype(jnp.float32)  # [G]
   safe_p = jnp.where(probs > 0, probs, 1.0)
   return {
-      "expert_load": jnp.mean(per_expert / jnp.maximum(kept, 1.0)[:, None], axis=0),
-      "dropped_fraction": jnp.mean((selected - kept) / jnp.maximum(selected, 1.0)),
-      "experts_per_token": jnp.mean(kept) / s,
-      "router_entropy": -jnp.mean(jnp.sum(probs * jnp.log(safe_p), axis=-1)),
+    "expert_load": jnp.mean(per_expert / jnp.maximum(kept, 1.0)[:, None], axis=0),
+    "dropped_fraction": jnp.mean((selected - kept) / jnp.maximum(selected, 1.0)),
+    "experts_per_token": jnp.mean(kept) / s,
+    "router_entropy": -jnp.mean(jnp.sum(probs * jnp.log(safe_p), axis=-1)),
   }
 
 
-def token_choice_routing(logits: jax.Array, probs: jax.Array, expert_index: jax.Array,
-                         weight: jax.Array, selected: jax.Array, cfg,
-                         balance_probs: jax.Array | None = None,
-                         balance_assigned: jax.Array | None = None) -> Routing:
+def token_choice_routing(
+  logits: jax.Array,
+  probs: jax.Array,
+  expert_index: jax.Array,
+  weight: jax.Array,
+  selected: jax.Array,
+  cfg,
+  balance_probs: jax.Array | None = None,
+  balance_assigned: jax.Array | None = None,
+) -> Routing:
   """Assignments (slots too unless dropless), aux losses and metrics shared by all
   token-choice routers."""
   s = logits.shape[1]
@@ -256,17 +270,20 @@ def token_choice_routing(logits: jax.Array, probs: jax.Array, expert_index: jax.
   if balance_assigned is None:
     balance_probs = probs
     balance_assigned = jnp.sum(
-        jax.nn.one_hot(expert_index, probs.shape[-1]) * selected[..., None], axis=2)
+      jax.nn.one_hot(expert_index, probs.shape[-1]) * selected[..., None], axis=2
+    )
   aux = {
-      "load_balance_loss": cfg.load_balance_weight * load_balance_loss(
-          balance_probs, balance_assigned),
-      "z_loss": cfg.z_loss_weight * z_loss(logits),
+    "load_balance_loss": cfg.load_balance_weight
+    * load_balance_loss(balance_probs, balance_assigned),
+    "z_loss": cfg.z_loss_weight * z_loss(logits),
   }
   if cfg.dropless:  # every valid assignment is kept; slots only if asked (``route``)
     metrics = assignment_metrics(expert_index, valid, valid, probs, cfg.num_experts)
     return Routing(None, None, None, aux, metrics, expert_index, weight, valid)
   dispatch_index, combine_weight, slot_valid, _ = assign_slots(
-      expert_index, weight, selected, cfg.num_experts, cfg.capacity(s))
+    expert_index, weight, selected, cfg.num_experts, cfg.capacity(s)
+  )
   metrics = routing_metrics(slot_valid, probs, jnp.sum(valid, axis=(1, 2)))
-  return Routing(dispatch_index, combine_weight, slot_valid, aux, metrics, expert_index,
-                 weight, valid)
+  return Routing(
+    dispatch_index, combine_weight, slot_valid, aux, metrics, expert_index, weight, valid
+  )

@@ -21,8 +21,8 @@ def route_expert_choice(logits, cfg) -> Routing:
   combine_weight, dispatch_index = jax.lax.top_k(scores_es, c)  # [G, E, C]
   slot_valid = jnp.ones(dispatch_index.shape, bool)
   aux = {
-      "load_balance_loss": jnp.zeros((), jnp.float32),
-      "z_loss": cfg.z_loss_weight * z_loss(logits),
+    "load_balance_loss": jnp.zeros((), jnp.float32),
+    "z_loss": cfg.z_loss_weight * z_loss(logits),
   }
   metrics = routing_metrics(slot_valid, probs, jnp.sum(slot_valid, axis=(1, 2)))
   return Routing(dispatch_index.astype(jnp.int32), combine_weight, slot_valid, aux, metrics)

@@ -30,5 +30,13 @@ def route_null_experts(logits, cfg) -> Routing:
   # Averaging the null columns of both f and P gives N * mean(f) * mean(P) for the nulls.
   balance_assigned = _average_null_columns(assigned, cfg.num_experts)
   balance_probs = _average_null_columns(probs, cfg.num_experts)
-  return token_choice_routing(logits, probs, expert_index, weight, selected, cfg,
-                              balance_probs=balance_probs, balance_assigned=balance_assigned)
+  return token_choice_routing(
+    logits,
+    probs,
+    expert_index,
+    weight,
+    selected,
+    cfg,
+    balance_probs=balance_probs,
+    balance_assigned=balance_assigned,
+  )

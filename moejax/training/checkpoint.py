@@ -54,8 +54,10 @@ def _tree_checksums(tree) -> list:
 
 def tree_checksums(tree) -> dict[str, int]:
   """{'params/layers_0/...': checksum} for every array leaf of `tree`."""
-  paths = [jax.tree_util.keystr(p, simple=True, separator="/")
-           for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  paths = [
+    jax.tree_util.keystr(p, simple=True, separator="/")
+    for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
   values = jax.device_get(_tree_checksums(tree))
   return {path: int(v) for path, v in zip(paths, values)}
 
@@ -67,21 +69,22 @@ def gather_host_states(local_state: dict) -> dict[str, Any]:
   encoded = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.array([encoded.size], np.int32))
   padded = np.zeros(int(np.max(lengths)), np.uint8)
-  padded[:encoded.size] = encoded
+  padded[: encoded.size] = encoded
   everyone = multihost_utils.process_allgather(padded)
-  return {str(i): json.loads(bytes(everyone[i][:int(lengths[i][0])]).decode())
-          for i in range(jax.process_count())}
+  return {
+    str(i): json.loads(bytes(everyone[i][: int(lengths[i][0])]).decode())
+    for i in range(jax.process_count())
+  }
 
 
 class Checkpointer:
   """Keep-N, optionally asynchronous Orbax checkpointing with verified restore."""
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                           enable_async_checkpointing=async_save,
-                                           create=True)
-    self._manager = ocp.CheckpointManager(directory, options=options,
-                                          item_names=("state", "meta"))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
+    self._manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
     self.directory = directory
 
   def all_steps(self) -> list[int]:
@@ -94,16 +97,23 @@ class Checkpointer:
   def save_all_hosts(self, step: int, state, host_data_states: dict[str, Any]) -> None:
     """Saves `state` with every host's data state ({'0': ..., '1': ...})."""
     meta = {"step": int(step), "data": host_data_states, "checksums": tree_checksums(state)}
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     """Restores step `step` into `abstract_state`'s shardings and verifies its checksums.
 
     Returns (state, meta) with meta = {'step', 'data': per-host states, 'checksums'}.
     """
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+      ),
+    )
     state, meta = restored["state"], restored["meta"]
     bad = _mismatched_leaves(meta["checksums"], tree_checksums(state))
     if bad:
@@ -137,8 +147,7 @@ class Checkpointer:
   def _quarantine(self, steps: list[int]) -> None:
     """Moves unusable newer steps to <dir>/../quarantine/ (kept for inspection), so the
     resumed run can save those step numbers again."""
-    quarantine = os.path.join(os.path.dirname(self.directory.rstrip("/")),
-                              "quarantine_checkpoints")
+    quarantine = os.path.join(os.path.dirname(self.directory.rstrip("/")), "quarantine_checkpoints")
     if jax.process_index() == 0:
       os.makedirs(quarantine, exist_ok=True)
       for step in steps:

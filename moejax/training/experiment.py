@@ -43,6 +43,13 @@ def build_experiment(config, devices=None) -> Experiment:
   tx = make_optimizer(cfg.train)
   rules = logical_axis_rules(fsdp=cfg.train.fsdp)
   shardings, abstract = state_shardings(model, tx, cfg.data.seq_len, mesh, rules)
-  return Experiment(config=cfg, mesh=mesh, model=model, tx=tx,
-                    schedule=learning_rate_schedule(cfg.train), state_shardings=shardings,
-                    abstract_state=abstract, batch_sharding=batch_sharding(mesh))
+  return Experiment(
+    config=cfg,
+    mesh=mesh,
+    model=model,
+    tx=tx,
+    schedule=learning_rate_schedule(cfg.train),
+    state_shardings=shardings,
+    abstract_state=abstract,
+    batch_sharding=batch_sharding(mesh),
+  )

@@ -25,8 +25,9 @@ def crash_point() -> tuple[str, int] | None:
     return None
   point, _, step = spec.partition(":")
   if point not in POINTS or not step.isdigit():
-    raise ValueError(f"{ENV_VAR}={spec!r} is invalid: expected '<point>:<step>' with point "
-                     f"in {POINTS}")
+    raise ValueError(
+      f"{ENV_VAR}={spec!r} is invalid: expected '<point>:<step>' with point in {POINTS}"
+    )
   return point, int(step)
 
 

@@ -53,8 +53,9 @@ def router_summary(metrics: dict) -> dict[str, float]:
   """Mean over MoE layers of dropped fraction / experts per token, and the worst load."""
   out = {}
   for name in ("dropped_fraction", "experts_per_token"):
-    vals = [float(v) for k, v in metrics.items() if k.startswith("router/") and
-            k.endswith("/" + name)]
+    vals = [
+      float(v) for k, v in metrics.items() if k.startswith("router/") and k.endswith("/" + name)
+    ]
     if vals:
       out[f"mean_{name}"] = float(np.mean(vals))
   loads = [np.asarray(v) for k, v in metrics.items() if k.endswith("/expert_load")]

@@ -42,20 +42,23 @@ def _boxed_init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: 
   return init
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
-                    mesh: jax.sharding.Mesh, rules) -> tuple[Any, TrainState]:
+def state_shardings(
+  model: nn.Module, tx: optax.GradientTransformation, seq_len: int, mesh: jax.sharding.Mesh, rules
+) -> tuple[Any, TrainState]:
   """Returns (NamedSharding tree, abstract unboxed TrainState) without allocating."""
   abstract_boxed = jax.eval_shape(_boxed_init_fn(model, tx, seq_len), jax.random.key(0))
   # Dims the mesh does not divide (e.g. a 259-row byte vocab on model=2) are replicated.
   shardings = params_shardings(abstract_boxed, mesh, rules)
   abstract = nn.meta.unbox(abstract_boxed)
   abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   return shardings, abstract
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
-                       seed: int, shardings) -> TrainState:
+def create_train_state(
+  model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int, shardings
+) -> TrainState:
   """Initialises params and optimizer state directly in their sharded layout."""
   init = _boxed_init_fn(model, tx, seq_len)
   init_unboxed = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)
@@ -69,6 +72,7 @@ def count_params(params) -> int:
 def abstract_params(model_cfg) -> Any:
   """The unboxed parameter tree of ``Transformer(model_cfg)`` as ShapeDtypeStructs (nothing
   is allocated)."""
-  boxed = jax.eval_shape(lambda: Transformer(model_cfg).init(jax.random.key(0),
-                                                              jnp.zeros((1, 1), jnp.int32)))
+  boxed = jax.eval_shape(
+    lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  )
   return nn.meta.unbox(boxed["params"])

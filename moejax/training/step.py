@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moejax.parallel.mesh import TOKEN_AXES
 from moejax.training.state import TrainState
@@ -32,8 +32,7 @@ Batch = dict  # inputs i32[B, L], targets i32[B, L], mask f32[B, L]
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean token cross-entropy over mask: sum_t m_t CE_t / max(sum_t m_t, 1)."""
-  per_token = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), targets)
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -47,8 +46,13 @@ def _forward(model: nn.Module, params, batch: Batch):
 def _metrics(loss, ce, aux) -> dict:
   metrics = {"loss": loss, "ce_loss": ce}
   metrics.update({f"aux/{k}": v for k, v in aux["aux_losses"].items()})
-  metrics.update({f"router/{layer}/{k}": v for layer, layer_metrics in aux["metrics"].items()
-                  for k, v in layer_metrics.items()})
+  metrics.update(
+    {
+      f"router/{layer}/{k}": v
+      for layer, layer_metrics in aux["metrics"].items()
+      for k, v in layer_metrics.items()
+    }
+  )
   return metrics
 
 
@@ -58,6 +62,7 @@ def split_microbatches(batch: Batch, k: int, mesh=None) -> Batch:
   Strided so that each device's contiguous block of rows splits locally (no data moves);
   on a `mesh` the B / K axis is constrained to the token axes.
   """
+
   def split(x):
     b = x.shape[0]
     if b % k:
@@ -79,7 +84,8 @@ def _accumulated_grads(model: nn.Module, params, batch: Batch, k: int):
   def loss_fn(p, mb):
     logits, aux = model.apply({"params": p}, mb["inputs"])
     per_token = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), mb["targets"])
+      logits.astype(jnp.float32), mb["targets"]
+    )
     ce = jnp.sum(per_token * mb["mask"]) / tokens
     aux_total = sum(aux["aux_losses"].values(), jnp.zeros((), jnp.float32))
     return ce + aux_total / k, (ce, aux)
@@ -90,16 +96,23 @@ def _accumulated_grads(model: nn.Module, params, batch: Batch, k: int):
     (loss, (ce, aux)), grads = grad_fn(params, mb)
     return jax.tree.map(jnp.add, acc, (loss, ce, grads)), aux
 
-  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-           jax.tree.map(jnp.zeros_like, params))
+  zeros = (
+    jnp.zeros((), jnp.float32),
+    jnp.zeros((), jnp.float32),
+    jax.tree.map(jnp.zeros_like, params),
+  )
   (loss, ce, grads), auxes = jax.lax.scan(body, zeros, micro)
   aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), auxes)  # mean over microbatches
   return (loss, (ce, aux)), grads
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, nan_policy: str = "stop",
-                    microbatches: int = 1) -> Callable:
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  nan_policy: str = "stop",
+  microbatches: int = 1,
+) -> Callable:
   """Builds train_step(state, batch) -> (state, metrics).
 
   With nan_policy='skip', a step whose loss or gradient norm is not finite leaves the
@@ -125,8 +138,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       opt_state = keep_new(opt_state, state.opt_state)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = _metrics(loss, ce, aux)
-    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step),
-                   skipped=(~finite).astype(jnp.float32))
+    metrics.update(
+      grad_norm=grad_norm, learning_rate=schedule(state.step), skipped=(~finite).astype(jnp.float32)
+    )
     return new_state, metrics
 
   return train_step
@@ -139,7 +153,8 @@ def make_eval_step(model: nn.Module) -> Callable:
   def eval_step(params, batch: Batch):
     logits, _ = model.apply({"params": params}, batch["inputs"])
     per_token = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["targets"])
+      logits.astype(jnp.float32), batch["targets"]
+    )
     return {"ce_sum": jnp.sum(per_token * batch["mask"]), "tokens": jnp.sum(batch["mask"])}
 
   return eval_step

@@ -35,8 +35,14 @@ from moejax.training.workdir import save_run_config
 
 log = logging.getLogger("moejax.train")
 
-CONSOLE_KEYS = ("loss", "ce_loss", "aux/load_balance_loss", "aux/z_loss", "grad_norm",
-                "learning_rate")
+CONSOLE_KEYS = (
+  "loss",
+  "ce_loss",
+  "aux/load_balance_loss",
+  "aux/z_loss",
+  "grad_norm",
+  "learning_rate",
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,10 +64,17 @@ def _global_batch(local: dict, sharding) -> dict:
 
 
 def _diverged_message(step: int, metrics: dict) -> str:
-  lines = [f"Non-finite training loss/gradient at step {step} "
-           f"(loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])})."]
-  offending = sorted({k.split("/")[1] for k in metrics if k.startswith("router/")
-                      and not np.all(np.isfinite(np.asarray(metrics[k], np.float64)))})
+  lines = [
+    f"Non-finite training loss/gradient at step {step} "
+    f"(loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])})."
+  ]
+  offending = sorted(
+    {
+      k.split("/")[1]
+      for k in metrics
+      if k.startswith("router/") and not np.all(np.isfinite(np.asarray(metrics[k], np.float64)))
+    }
+  )
   if offending:
     lines.append(f"Non-finite router metrics first appear in MoE layer(s): {offending}.")
   lines.append("Per-layer router metrics and aux losses at that step:")
@@ -70,8 +83,10 @@ def _diverged_message(step: int, metrics: dict) -> str:
       v = np.asarray(metrics[k])
       shown = f"{float(v):.6g}" if v.ndim == 0 else np.array2string(v, precision=3)
       lines.append(f"  {k} = {shown}")
-  lines.append("The last good checkpoint is untouched; lower the learning rate, raise "
-               "moe.z_loss_weight, or set train.nan_policy='skip'.")
+  lines.append(
+    "The last good checkpoint is untouched; lower the learning rate, raise "
+    "moe.z_loss_weight, or set train.nan_policy='skip'."
+  )
   return "\n".join(lines)
 
 
@@ -107,42 +122,55 @@ class Trainer:
   step N+1 is dispatched before step N's metrics are read.
   """
 
-  def __init__(self, config, workdir: str, resume: bool = True, show_progress: bool = True,
-               devices=None):
+  def __init__(
+    self, config, workdir: str, resume: bool = True, show_progress: bool = True, devices=None
+  ):
     self.exp: Experiment = build_experiment(config, devices=devices)
     self.cfg = self.exp.config  # ExperimentConfig
     self.workdir = workdir
     self.show_progress = show_progress
     self.primary = jax.process_index() == 0
     tcfg = self.cfg.train
-    self.checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                     keep=tcfg.keep_checkpoints,
-                                     async_save=tcfg.async_checkpointing)
+    self.checkpointer = Checkpointer(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      keep=tcfg.keep_checkpoints,
+      async_save=tcfg.async_checkpointing,
+    )
     self.writer = MetricsWriter(workdir, enabled=self.primary)
-    self.train_iter = make_train_iterator(self.cfg.data, jax.process_index(),
-                                          jax.process_count())
+    self.train_iter = make_train_iterator(self.cfg.data, jax.process_index(), jax.process_count())
     self.state, self.start = self._restore_or_init(resume)
     self.last_saved = self.start if self.restored else None
     self.step_no = self.start  # updates dispatched so far
     self.num_params = count_params(self.state.params)
     shardings, batch_spec = self.exp.state_shardings, self.exp.batch_sharding
     self.train_step = jax.jit(
-        make_train_step(self.exp.model, self.exp.tx, self.exp.schedule, tcfg.nan_policy,
-                        microbatches=tcfg.microbatches),
-        in_shardings=(shardings, batch_spec), out_shardings=(shardings, None),
-        donate_argnums=(0,))
-    self.eval_step = jax.jit(make_eval_step(self.exp.model),
-                             in_shardings=(shardings.params, batch_spec))
+      make_train_step(
+        self.exp.model,
+        self.exp.tx,
+        self.exp.schedule,
+        tcfg.nan_policy,
+        microbatches=tcfg.microbatches,
+      ),
+      in_shardings=(shardings, batch_spec),
+      out_shardings=(shardings, None),
+      donate_argnums=(0,),
+    )
+    self.eval_step = jax.jit(
+      make_eval_step(self.exp.model), in_shardings=(shardings.params, batch_spec)
+    )
     self.losses: dict[int, float] = {}
     self.eval_losses: dict[int, float] = {}
     self.pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked
-    self.hooks = [Hook(tcfg.log_every, Trainer.log, at_end="call"),
-                  Hook(tcfg.eval_every, Trainer.eval, at_end="run"),
-                  Hook(tcfg.checkpoint_every, Trainer.save)]
+    self.hooks = [
+      Hook(tcfg.log_every, Trainer.log, at_end="call"),
+      Hook(tcfg.eval_every, Trainer.eval, at_end="run"),
+      Hook(tcfg.checkpoint_every, Trainer.save),
+    ]
     self._window = (time.perf_counter(), 0)  # (start time, steps) of the throughput window
 
-  def add_hook(self, every: int, fn: Callable[[Trainer, int], None],
-               at_end: str | None = None) -> None:
+  def add_hook(
+    self, every: int, fn: Callable[[Trainer, int], None], at_end: str | None = None
+  ) -> None:
     self.hooks.append(Hook(every, fn, at_end))
 
   def _restore_or_init(self, resume: bool):
@@ -154,11 +182,18 @@ class Trainer:
       log.info("Resumed from checkpoint step %d in %s", start, self.checkpointer.directory)
       return state, start
     if self.checkpointer.all_steps():
-      raise FileExistsError(f"{self.workdir} already holds checkpoints "
-                            f"{self.checkpointer.all_steps()}; pass --resume or use a fresh "
-                            "--workdir")
-    state = create_train_state(self.exp.model, self.exp.tx, self.cfg.data.seq_len,
-                               self.cfg.train.seed, self.exp.state_shardings)
+      raise FileExistsError(
+        f"{self.workdir} already holds checkpoints "
+        f"{self.checkpointer.all_steps()}; pass --resume or use a fresh "
+        "--workdir"
+      )
+    state = create_train_state(
+      self.exp.model,
+      self.exp.tx,
+      self.cfg.data.seq_len,
+      self.cfg.train.seed,
+      self.exp.state_shardings,
+    )
     return state, 0
 
   # ---------------------------------------------------------------- steps and hooks
@@ -191,22 +226,31 @@ class Trainer:
     start, steps = self._window
     elapsed = time.perf_counter() - start
     tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_len
-    record = dict(last[1], step=step_no,
-                  tokens_per_s=steps * tokens_per_step / max(elapsed, 1e-9))
+    record = dict(last[1], step=step_no, tokens_per_s=steps * tokens_per_step / max(elapsed, 1e-9))
     record.update(router_summary(record))
     self.writer.write(record)
     self.progress.set_postfix_str(summarize(record, ("loss", "grad_norm")))
     if self.primary and not self.show_progress:
-      log.info("step %d: %s tokens/s=%.0f", step_no, summarize(record, CONSOLE_KEYS),
-               record["tokens_per_s"])
+      log.info(
+        "step %d: %s tokens/s=%.0f",
+        step_no,
+        summarize(record, CONSOLE_KEYS),
+        record["tokens_per_s"],
+      )
     self._window = (time.perf_counter(), 0)
 
   def eval(self, step_no: int) -> None:
-    loss = evaluate(self.eval_step, self.state.params, self.cfg.data,
-                    self.exp.batch_sharding, self.cfg.train.eval_steps)
+    loss = evaluate(
+      self.eval_step,
+      self.state.params,
+      self.cfg.data,
+      self.exp.batch_sharding,
+      self.cfg.train.eval_steps,
+    )
     self.eval_losses[step_no] = loss
-    self.writer.write({"step": step_no, "eval_loss": loss,
-                       "eval_perplexity": math.exp(min(loss, 50.0))})
+    self.writer.write(
+      {"step": step_no, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    )
     if self.primary:
       tqdm.write(f"step {step_no}: eval_loss={loss:.4f}")
 
@@ -228,15 +272,25 @@ class Trainer:
     steps = self.cfg.train.steps
     end = steps if max_steps is None else min(steps, self.start + max_steps)
     stopped_by = "completed" if end == steps else "max_steps"
-    log.info("Process %d of %d processes: mesh %s over %d devices (%d local)",
-             jax.process_index(), jax.process_count(), dict(self.exp.mesh.shape),
-             self.exp.mesh.size, jax.local_device_count())
+    log.info(
+      "Process %d of %d processes: mesh %s over %d devices (%d local)",
+      jax.process_index(),
+      jax.process_count(),
+      dict(self.exp.mesh.shape),
+      self.exp.mesh.size,
+      jax.local_device_count(),
+    )
     if self.primary:
       save_run_config(self.cfg, self.workdir)  # what the tools (convert, analysis) read back
       log.info("Model: %s parameters", f"{self.num_params:,}")
-    self.progress = tqdm(total=steps, initial=self.start,
-                         disable=not (self.primary and self.show_progress), desc="train",
-                         unit="step", dynamic_ncols=True)
+    self.progress = tqdm(
+      total=steps,
+      initial=self.start,
+      disable=not (self.primary and self.show_progress),
+      desc="train",
+      unit="step",
+      dynamic_ncols=True,
+    )
     self._window = (time.perf_counter(), 0)
     with PreemptionGuard() as guard:
       try:
@@ -258,12 +312,23 @@ class Trainer:
       finally:
         self.progress.close()
         self.checkpointer.close()
-    return TrainResult(final_step=final, losses=self.losses, eval_losses=self.eval_losses,
-                       stopped_by=stopped_by, num_params=self.num_params)
+    return TrainResult(
+      final_step=final,
+      losses=self.losses,
+      eval_losses=self.eval_losses,
+      stopped_by=stopped_by,
+      num_params=self.num_params,
+    )
 
 
-def train(config, workdir: str, resume: bool = True, max_steps: int | None = None,
-          show_progress: bool = True, devices=None) -> TrainResult:
+def train(
+  config,
+  workdir: str,
+  resume: bool = True,
+  max_steps: int | None = None,
+  show_progress: bool = True,
+  devices=None,
+) -> TrainResult:
   """Trains `config` in `workdir` (checkpoints in workdir/checkpoints, metrics.jsonl).
 
   Args:
@@ -273,5 +338,6 @@ def train(config, workdir: str, resume: bool = True, max_steps: int | None = Non
       for tests and time-sliced jobs. None trains to ``train.steps``.
     devices: devices for the mesh (default: all of them).
   """
-  return Trainer(config, workdir, resume=resume, show_progress=show_progress,
-                 devices=devices).run(max_steps)
+  return Trainer(config, workdir, resume=resume, show_progress=show_progress, devices=devices).run(
+    max_steps
+  )

@@ -43,8 +43,7 @@ def save_run_config(config, workdir: str) -> None:
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file such as configs/tiny_cpu.py (as --config loads it)."""
-  spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(path))[0], path)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   if spec is None or not os.path.exists(path):
     raise FileNotFoundError(f"config file {path} not found")
   module = importlib.util.module_from_spec(spec)
@@ -70,8 +69,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_merge(base_config().to_dict(), stored))
 
 
-def restore_state(config, workdir: str, step: int | None = None, devices=None,
-                  unrolled: bool = True) -> tuple[TrainState, dict, int, Experiment]:
+def restore_state(
+  config, workdir: str, step: int | None = None, devices=None, unrolled: bool = True
+) -> tuple[TrainState, dict, int, Experiment]:
   """Restores (state, meta, step, experiment) from the newest (or given) verified step.
 
   unrolled: a scanned run (model.scan_layers) comes back in the ``layers_{i}`` form with
@@ -96,8 +96,9 @@ def restore_state(config, workdir: str, step: int | None = None, devices=None,
   return state, meta, step, exp
 
 
-def write_run(config, workdir: str, params, step: int = 0,
-              host_data_states: dict | None = None, opt_state=None) -> int:
+def write_run(
+  config, workdir: str, params, step: int = 0, host_data_states: dict | None = None, opt_state=None
+) -> int:
   """Writes `workdir` as a run at `step` holding `params` (fresh optimizer state unless
   given) and fresh input positions; returns the step. Refuses a workdir with checkpoints.
   params / opt_state may be unrolled (``layers_{i}``) for a scanned config."""
@@ -109,12 +110,14 @@ def write_run(config, workdir: str, params, step: int = 0,
   params = jax.device_put(params, exp.state_shardings.params)
   if opt_state is None:
     opt_state = jax.jit(exp.tx.init, out_shardings=exp.state_shardings.opt_state)(params)
-  state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=params,
-                     opt_state=opt_state)
+  state = TrainState(
+    step=jax.numpy.asarray(step, jax.numpy.int32), params=params, opt_state=opt_state
+  )
   if host_data_states is None:
     n = jax.process_count()
-    host_data_states = {str(i): make_train_iterator(exp.config.data, i, n).get_state()
-                        for i in range(n)}
+    host_data_states = {
+      str(i): make_train_iterator(exp.config.data, i, n).get_state() for i in range(n)
+    }
   save_run_config(exp.config, workdir)
   ckpt = Checkpointer(ckpt_dir, keep=1_000_000, async_save=False)
   ckpt.save_all_hosts(step, state, host_data_states)
