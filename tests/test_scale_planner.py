@@ -44,7 +44,7 @@ def test_plan_bytes_match_hand_computation(fsdp):
 
 
 def _tool(*args, timeout=1200):
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
   out = subprocess.run(
     [sys.executable, os.path.join(REPO, "tools", "plan_memory.py"), *args],
     capture_output=True,
@@ -84,3 +84,26 @@ def test_deepseek_fits_per_device_budget():
     _tool("--config", os.path.join(REPO, "configs", "deepseek_like.py"), *ACCEPTANCE_FLAGS)
   )
   assert plan["total_bytes"] <= 95 * GIB
+
+
+def test_cli_plans_a_small_config_on_the_requested_devices_and_rejects_bad_fields():
+  config = os.path.join(REPO, "configs", "tiny_cpu.py")
+  plan = json.loads(_tool("--config", config, "--devices", "2", "--config.mesh.data=2", "--json"))
+  assert plan["devices"] == 2 and plan["mesh"] == {"data": 2, "expert": 1, "model": 1}
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, "tools", "plan_memory.py"),
+      "--config",
+      config,
+      "--config.train.microbatches=3",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    cwd=REPO,
+  )
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  assert "train.microbatches=3 is invalid" in bad.stderr
