@@ -52,7 +52,7 @@ from hypothesis import strategies as st
 
 from moejax.errors import ConfigError
 from moejax.layers import MoELayer, combine, dispatch, to_groups
-from moejax.moe_config import ACTIVATIONS, ROUTER_ORDERS, MoEConfig
+from moejax.moe_config import ACTIVATIONS, EP_EXCHANGES, EXPERT_IMPLS, ROUTER_ORDERS, MoEConfig
 from moejax.routers import ROUTERS, assign_slots, route
 
 try:
@@ -620,6 +620,13 @@ def invalid_value(field: str, base: MoEConfig) -> st.SearchStrategy:
     "routed_scaling_factor": st.one_of(
       st.floats(max_value=0.0), st.sampled_from([math.inf, math.nan]), NON_NUMBERS
     ),
+    "expert_impl": not_in(EXPERT_IMPLS),
+    "expert_block_size": st.one_of(st.integers(max_value=0), st.floats(), st.booleans()),
+    "ep_exchange": not_in(EP_EXCHANGES),
+    "ragged_buffer_factor": st.one_of(
+      st.floats(max_value=0.0), st.sampled_from([math.inf, math.nan]), NON_NUMBERS
+    ),
+    "ragged_buffer_min_rows": st.one_of(st.integers(max_value=0), NON_INTS),
   }
   if field == "routed_scaling_factor" and base.router != "shared_experts":
     # Any other value than 1 is invalid for routers that do not scale.

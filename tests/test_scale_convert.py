@@ -11,13 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from moejax.convert.run_io import load_run_config, restore_state, write_run
 
 from moejax.config import ModelConfig
 from moejax.convert import hf
 from moejax.convert.reshard import reshard_checkpoint
 from moejax.models import Transformer
 from moejax.models.layer_stack import SCAN_KEY, stack_layers
+from moejax.training.workdir import load_run_config, restore_state, write_run
 from tests.helpers import tiny_config
 
 

@@ -66,7 +66,9 @@ def _tokens(seed=0):
 
 
 @pytest.mark.parametrize(
-  "kw", [INTERLEAVED, MLA_DEEPSEEK, DENSE], ids=["interleaved", "mla", "dense"]
+  "kw",
+  [INTERLEAVED, pytest.param(MLA_DEEPSEEK, marks=pytest.mark.slow), DENSE],
+  ids=["interleaved", "mla", "dense"],
 )
 def test_scanned_equals_unrolled(kw):
   unrolled_cfg = cfg(**kw)
@@ -145,7 +147,14 @@ def _count_all_to_alls(policy: str, scan: bool) -> int:
   )
   loss = lambda p: jnp.mean(model.apply({"params": p}, tokens)[0] ** 2)
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-  return hlo.count(" all-to-all(")
+  # Activation exchanges only: the dropless row exchange also sends each row's local expert
+  # id in a small int32 all_to_all, which carries no gradient.
+  return sum(
+    1
+    for line in hlo.splitlines()
+    if " all-to-all(" in line
+    and ("f32[" in line.split(" all-to-all(")[0] or "bf16[" in line.split(" all-to-all(")[0])
+  )
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])

@@ -79,7 +79,10 @@ def _run(cfg, batches, devices=None):
   return np.array(losses), jax.device_get(unstack_layers(state.params, exp.model_cfg)), exp
 
 
-@pytest.mark.parametrize("router", list(ROUTER_KW))
+# topk runs by default; the other routers (~2 min each on 2 cores) with -m slow.
+@pytest.mark.parametrize(
+  "router", [r if r == "topk" else pytest.param(r, marks=pytest.mark.slow) for r in ROUTER_KW]
+)
 def test_fsdp_scanned_sharded_training_equals_single_device(router):
   batches = _batches(_config((1, 1, 1)), 3)
   single, p1, _ = _run(_config((1, 1, 1), router), batches, jax.devices()[:1])
@@ -109,7 +112,14 @@ def test_microbatches_split_rows_locally():
   np.testing.assert_array_equal(mb[1], x[1::3])
 
 
-@pytest.mark.parametrize("case", ["dense", "moe_no_aux", "sharded_fsdp"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    pytest.param("dense", marks=pytest.mark.slow),
+    "moe_no_aux",
+    pytest.param("sharded_fsdp", marks=pytest.mark.slow),
+  ],
+)
 def test_microbatches_equal_one_big_batch(case):
   kw = dict(batch=16)
   if case == "dense":

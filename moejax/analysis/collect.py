@@ -43,7 +43,7 @@ from moejax.layers.ffn import expert_ffn
 from moejax.layers.moe import to_groups
 from moejax.models import Transformer
 from moejax.moe_config import MoEConfig
-from moejax.routers import route, select_top_k
+from moejax.routers import route
 
 MAX_KEYS = ("max_abs",)  # accumulated with max; every other key is a sum
 
@@ -64,25 +64,16 @@ def moe_layer_inputs(model, params, tokens: jax.Array) -> tuple[jax.Array, dict[
   return logits, {i: inter[f"layers_{i}"]["ffn_norm"]["__call__"][0] for i in model.cfg.moe_layers}
 
 
-def selected_experts(logits: jax.Array, processed: jax.Array, cfg: MoEConfig) -> jax.Array:
-  """S bool[G, S, E]: the real experts the router chose per token before capacity.
-
-  Token-choice routers pick by logits (top-k, or the top-p prefix capped at top_k, see
-  ``moejax.routers.top_p``); expert-choice has no per-token choice, so S = A (nothing is
-  dropped by construction).
+def selected_experts(routing, processed: jax.Array, cfg: MoEConfig) -> jax.Array:
+  """S bool[G, S, E]: the real experts the router chose per token before capacity, read
+  from the router's own assignments (``Routing.expert_index`` / ``valid``: top-k, or the
+  top-p prefix capped at top_k; null picks are not valid). Expert choice has no per-token
+  choice, so S = A (nothing is dropped by construction).
   """
-  e = cfg.num_experts
   if not cfg.is_token_choice:
     return processed
-  if cfg.router == "top_p":
-    probs = jax.nn.softmax(logits, axis=-1)
-    sorted_probs, index = jax.lax.top_k(probs, cfg.top_k)  # [G, S, K]
-    chosen = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < cfg.top_p
-  else:
-    _, index, _ = select_top_k(logits, cfg.top_k, cfg.router_order)
-    chosen = jnp.ones(index.shape, bool)
-  onehot = jax.nn.one_hot(index, logits.shape[-1], dtype=jnp.float32)  # [G, S, K, R]
-  return jnp.sum(onehot * chosen[..., None], axis=2)[..., :e] > 0
+  onehot = jax.nn.one_hot(routing.expert_index, cfg.num_experts, dtype=jnp.float32)  # [G,S,K,E]
+  return jnp.sum(onehot * routing.valid[..., None], axis=2) > 0
 
 
 def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict[str, jax.Array]:
@@ -113,7 +104,7 @@ def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict
     .max(valid.astype(jnp.int32))
     > 0
   )
-  selected = selected_experts(logits, processed, cfg)
+  selected = selected_experts(routing, processed, cfg)
 
   cast = lambda a: jnp.asarray(a, xg.dtype)
   y = expert_ffn(
