@@ -44,6 +44,7 @@ from moejax.layers.moe import to_groups
 from moejax.models import Transformer
 from moejax.moe_config import MoEConfig
 from moejax.routers import route
+from moejax.routers.base import entropy
 
 MAX_KEYS = ("max_abs",)  # accumulated with max; every other key is a sum
 
@@ -120,8 +121,7 @@ def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict
 
   a = processed.astype(jnp.float32) * m[..., None]  # [G, S, E]
   probs = jax.nn.softmax(logits, axis=-1)
-  safe_p = jnp.where(probs > 0, probs, 1.0)
-  entropy = -jnp.sum(probs * jnp.log(safe_p), axis=-1)  # [G, S]
+  token_entropy = entropy(probs)  # [G, S]
   real = logits[..., :e]
   return {
     "tokens": jnp.sum(m),
@@ -129,7 +129,7 @@ def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict
     "selected": jnp.sum(selected.astype(jnp.float32) * m[..., None], axis=(0, 1)),
     "coactivation": jnp.einsum("gsi,gsj->ij", a, processed.astype(jnp.float32)),
     "unprocessed": jnp.sum(m * (jnp.sum(processed, axis=-1) == 0)),
-    "entropy": jnp.sum(m * entropy),
+    "entropy": jnp.sum(m * token_entropy),
     "prob": jnp.sum(probs * m[..., None], axis=(0, 1)),
     "gate_norm": jnp.sum(slot_m * w * y_norm, axis=(0, 2)),
     "max_abs": jnp.max(jnp.where(slot_m > 0, y_max, 0.0), axis=(0, 2)),

@@ -178,6 +178,12 @@ def assign_slots(
   return dispatch_index, combine_weight, slot_valid, kept
 
 
+def entropy(probs: jax.Array) -> jax.Array:
+  """Per-token entropy in nats, H(p) = -sum_r p_r log p_r (0 log 0 = 0): [..., R] -> [...]."""
+  safe_p = jnp.where(probs > 0, probs, 1.0)
+  return -jnp.sum(probs * jnp.log(safe_p), axis=-1)
+
+
 def z_loss(logits: jax.Array) -> jax.Array:
   """Router z-loss (Zoph et al., 2022, ST-MoE): mean_t logsumexp(logits_t)^2."""
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
@@ -244,12 +250,11 @@ def routing_metrics(
   per_expert = per_expert.astype(jnp.float32)  # [G, E]
   kept = jnp.sum(per_expert, axis=1)  # [G]
   selected = num_selected_real.astype(jnp.float32)  # [G]
-  safe_p = jnp.where(probs > 0, probs, 1.0)
   return {
     "expert_load": jnp.mean(per_expert / jnp.maximum(kept, 1.0)[:, None], axis=0),
     "dropped_fraction": jnp.mean((selected - kept) / jnp.maximum(selected, 1.0)),
     "experts_per_token": jnp.mean(kept) / s,
-    "router_entropy": -jnp.mean(jnp.sum(probs * jnp.log(safe_p), axis=-1)),
+    "router_entropy": jnp.mean(entropy(probs)),
   }
 
 

@@ -11,7 +11,7 @@ pushes routers to be confident (fewer experts per token); its weight is
 import jax
 import jax.numpy as jnp
 
-from moejax.routers.base import Routing, register_router, token_choice_routing
+from moejax.routers.base import Routing, entropy, register_router, token_choice_routing
 
 
 @register_router("top_p")
@@ -21,7 +21,5 @@ def route_top_p(logits, cfg) -> Routing:
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
   selected = mass_before < cfg.top_p  # the first expert is always selected
   routing = token_choice_routing(logits, probs, expert_index, sorted_probs, selected, cfg)
-  safe_p = jnp.where(probs > 0, probs, 1.0)
-  entropy = -jnp.mean(jnp.sum(probs * jnp.log(safe_p), axis=-1))
-  aux = dict(routing.aux_losses, dynamic_loss=cfg.dynamic_loss_weight * entropy)
+  aux = dict(routing.aux_losses, dynamic_loss=cfg.dynamic_loss_weight * jnp.mean(entropy(probs)))
   return routing.replace(aux_losses=aux)

@@ -30,9 +30,14 @@ from moejax.training.state import TrainState
 Batch = dict  # inputs i32[B, L], targets i32[B, L], mask f32[B, L]
 
 
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """CE_t = -log softmax(logits_t)[target_t] in float32: [B, L, V], [B, L] -> [B, L]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean token cross-entropy over mask: sum_t m_t CE_t / max(sum_t m_t, 1)."""
-  per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  per_token = token_cross_entropy(logits, targets)
   return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -83,9 +88,7 @@ def _accumulated_grads(model: nn.Module, params, batch: Batch, k: int):
 
   def loss_fn(p, mb):
     logits, aux = model.apply({"params": p}, mb["inputs"])
-    per_token = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), mb["targets"]
-    )
+    per_token = token_cross_entropy(logits, mb["targets"])
     ce = jnp.sum(per_token * mb["mask"]) / tokens
     aux_total = sum(aux["aux_losses"].values(), jnp.zeros((), jnp.float32))
     return ce + aux_total / k, (ce, aux)
@@ -152,9 +155,7 @@ def make_eval_step(model: nn.Module) -> Callable:
 
   def eval_step(params, batch: Batch):
     logits, _ = model.apply({"params": params}, batch["inputs"])
-    per_token = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["targets"]
-    )
+    per_token = token_cross_entropy(logits, batch["targets"])
     return {"ce_sum": jnp.sum(per_token * batch["mask"]), "tokens": jnp.sum(batch["mask"])}
 
   return eval_step
