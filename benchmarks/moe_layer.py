@@ -65,6 +65,12 @@ def parse_args(argv=None):
   p.add_argument("--expert-d-ff", type=int, default=None, help="f (top-2 expert width)")
   p.add_argument("--group-size", type=int, default=None, help="routing group size S")
   p.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
+  p.add_argument(
+    "--dropless-impls",
+    default="auto",
+    help="comma list of dropless expert_impl values to time (auto, blocked, ragged_dot)",
+  )
+  p.add_argument("--skip-cs", action="store_true", help="skip the C = S row (large shapes)")
   p.add_argument("--json", action="store_true", help="print one JSON object per row")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -204,14 +210,20 @@ def run_device_count(num_devices: int, args) -> list[dict]:
     common = dict(
       router="topk", num_experts=e, top_k=k, expert_d_ff=width, group_size=group, activation="silu"
     )
-    layers = {
-      "dropless": MoELayer(MoEConfig(dropless=True, **common), mesh=mesh),
-      "dropless_cs": MoELayer(
-        MoEConfig(dropless=True, expert_impl="capacity", **common), mesh=mesh
-      ),
-      "capacity": MoELayer(MoEConfig(capacity_factor=1.25, **common), mesh=mesh),
-      "dense": DenseFFN(k * width),
+    dropless_impls = {
+      "dropless:" + MoEConfig(dropless=True, expert_impl=i, **common).resolved_expert_impl(): i
+      for i in args.dropless_impls.split(",")
     }
+    layers = {
+      name: MoELayer(MoEConfig(dropless=True, expert_impl=i, **common), mesh=mesh)
+      for name, i in dropless_impls.items()
+    }
+    if not args.skip_cs:
+      layers["dropless_cs"] = MoELayer(
+        MoEConfig(dropless=True, expert_impl="capacity", **common), mesh=mesh
+      )
+    layers["capacity"] = MoELayer(MoEConfig(capacity_factor=1.25, **common), mesh=mesh)
+    layers["dense"] = DenseFFN(k * width)
     fns, a2a = {}, {}
     for impl, layer in layers.items():
       boxed = layer.init(jax.random.key(0), x)["params"]
@@ -230,9 +242,6 @@ def run_device_count(num_devices: int, args) -> list[dict]:
     if name == "top2_of_8" and num_devices == 1 and not args.no_torch:
       fns.update(torch_fns(args, x_np, ct_np))
     times = measure(fns, args.steps)
-    impl_name = {
-      "dropless": "dropless:" + MoEConfig(dropless=True, **common).resolved_expert_impl()
-    }
     for pass_ in ("fwd", "fwd+bwd"):
       for impl in [i for i, p in times if p == pass_]:
         ms = times[(impl, pass_)]
@@ -241,7 +250,7 @@ def run_device_count(num_devices: int, args) -> list[dict]:
             layer=name,
             devices=num_devices,
             pass_=pass_,
-            impl=impl_name.get(impl, impl),
+            impl=impl,
             ms=ms,
             ratio_to_dense=ms / times[("dense", pass_)],
             ratio_to_capacity=ms / times[("capacity", pass_)],
@@ -273,7 +282,10 @@ def child_argv(args, num_devices: int) -> list[str]:
     str(args.expert_d_ff),
     "--group-size",
     str(args.group_size),
+    "--dropless-impls",
+    args.dropless_impls,
   ]
+  argv += ["--skip-cs"] if args.skip_cs else []
   return argv + (["--quick"] if args.quick else []) + (["--no-torch"] if args.no_torch else [])
 
 
