@@ -123,3 +123,20 @@ def assert_same_safetensors(dir_a, dir_b) -> None:
   for name in a:
     assert a[name].dtype == b[name].dtype, name
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def covering_params(names, shapes, id_of=lambda s: "x".join(map(str, s))):
+  """(name, shape) pytest params for the full matrix; only a covering diagonal (name i with
+  shape i mod len(shapes), so every name and every shape appears) runs by default, the rest
+  under ``-m slow``. Keeps each property checked for every router and every mesh in the
+  default suite at len(names) compilations instead of len(names) * len(shapes)."""
+  import pytest
+
+  names, shapes = list(names), list(shapes)
+  fast = {(n, shapes[i % len(shapes)]) for i, n in enumerate(names)}
+  fast |= {(names[i % len(names)], s) for i, s in enumerate(shapes)}
+  return [
+    pytest.param(n, s, id=f"{n}-{id_of(s)}", marks=() if (n, s) in fast else pytest.mark.slow)
+    for n in names
+    for s in shapes
+  ]

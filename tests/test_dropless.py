@@ -27,6 +27,7 @@ from moejax.layers.routed import router_logits
 from moejax.moe_config import MoEConfig
 from moejax.parallel import make_mesh, shard_params
 from moejax.routers import route
+from tests.helpers import covering_params
 
 try:
   from tests import reference as ref
@@ -45,7 +46,6 @@ ROUTERS = {
 }
 IMPLS = ("blocked", "ragged_dot")
 MESHES = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1), (2, 2, 2), (1, 1, 1)]
-FAST_MESHES = [(1, 8, 1), (2, 2, 2)]
 
 
 def make_cfg(name: str, **kw) -> MoEConfig:
@@ -280,12 +280,7 @@ def run_sharded(cfg: MoEConfig, shape):
   return loss_and_grads(MoELayer(cfg, mesh=mesh))(params, *inputs())
 
 
-@pytest.mark.parametrize(
-  "shape",
-  [pytest.param(s, marks=() if s in FAST_MESHES else pytest.mark.slow) for s in MESHES],
-  ids=lambda s: "x".join(map(str, s)),
-)
-@pytest.mark.parametrize("name", list(ROUTERS))
+@pytest.mark.parametrize("name,shape", covering_params(ROUTERS, MESHES))
 def test_sharded_dropless_equals_unsharded(name, shape):
   """Row exchange (padded all_to_all, the CPU fallback) == the unsharded C = S layer:
   outputs, aux losses, metrics (dropped_fraction 0) and gradients."""

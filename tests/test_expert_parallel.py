@@ -22,7 +22,7 @@ from moejax.layers.expert_parallel import all_to_all_experts
 from moejax.layers.moe import MoELayer
 from moejax.moe_config import MoEConfig
 from moejax.parallel import make_mesh, params_shardings, shard_params
-from tests.helpers import make_moe_cfg, random_like
+from tests.helpers import covering_params, make_moe_cfg, random_like
 
 D, F, E = 16, 32, 8
 X_SHAPE = (4, 32, D)  # 128 tokens: 16 groups of 8 (or 8 groups of 16)
@@ -117,8 +117,7 @@ def assert_close(actual, expected, rtol=1e-5):
   jax.tree_util.tree_map_with_path(check, actual, expected)
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name", list(ROUTERS))
+@pytest.mark.parametrize("name,shape", covering_params(ROUTERS, MESHES))
 def test_sharded_layer_equals_unsharded(name, shape):
   cfg = make_cfg(**ROUTERS[name])
   _, _, got = run_sharded(cfg, shape)
