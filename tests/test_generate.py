@@ -183,3 +183,26 @@ def test_greedy_decoding_of_an_imported_model_matches_transformers_generate(tmp_
   assert all(len(t) == max_new for t in theirs)
   ours = generate_tokens(Transformer(inference_model_config(cfg)), params, prompts, max_new)
   assert ours == theirs
+
+
+@pytest.mark.slow
+def test_generate_cli_prints_the_greedy_continuation(data_dir, tmp_path, capsys):
+  from moejax.generate import main as generate_main
+  from moejax.training.workdir import write_run
+
+  config = tiny_config(data_dir, mesh=(-1, 1, 1))
+  cfg = build_experiment(config).model_cfg
+  params = random_params(cfg, seed=5)
+  workdir = str(tmp_path / "run")
+  write_run(config, workdir, params)
+  capsys.readouterr()  # TFDS's preparation messages
+  argv = ["--workdir", workdir, "--max_new_tokens", "6"]
+  assert generate_main(argv + ["--prompt_ids", "1,72,101", "--prompt_ids", "1,99"]) == 0
+  printed = [[int(t) for t in line.split(",")] for line in capsys.readouterr().out.split()]
+  model = Transformer(inference_model_config(cfg))
+  refs = full_forward_logits(model, params, [[1, 72, 101], [1, 99]], printed)
+  for row, ref in zip(printed, refs):
+    assert row == np.argmax(ref, axis=-1)[: len(row)].tolist()  # cut after eos (id 2)
+  assert generate_main(argv + ["--prompt", "the cat", "--one_device", "--json"]) == 0
+  assert '"prompt": "the cat"' in capsys.readouterr().out
+  assert generate_main(argv + ["--prompt", "x", "--top_p", "0"]) == 2
