@@ -76,3 +76,23 @@ def test_evaluate_matches_the_definitions(data_dir):
   np.testing.assert_allclose(result.bits_per_byte, nats / (math.log(2) * nbytes), rtol=1e-5)
   assert 0.0 <= result.router["layers_0"]["dropped_fraction"] < 1.0
   assert "bits/byte" in result.summary()
+
+
+@pytest.mark.slow
+def test_upcycle_reports_the_same_eval_before_and_after(data_dir, tmp_path, capsys):
+  """Sparse upcycling keeps the function at step 0, so the reported eval loss is unchanged."""
+  from moejax.compress.workflows import evaluate_before_after
+  from moejax.convert.cli import main as convert_main
+  from moejax.training.workdir import write_run
+
+  dense = tiny_config(data_dir, mesh=(-1, 1, 1))
+  with dense.unlocked():
+    dense.model.moe_every = 0
+  params = random_params(build_experiment(dense).model_cfg, seed=3)
+  write_run(dense, str(tmp_path / "dense"), params)
+  argv = ["upcycle", "--workdir", str(tmp_path / "dense"), "--out", str(tmp_path / "moe")]
+  assert convert_main(argv + ["--num_experts", "4", "--eval_batches", "1"]) == 0
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line.startswith("eval on 256 validation tokens: loss ")
+  report = evaluate_before_after(str(tmp_path / "dense"), None, str(tmp_path / "moe"), 1)
+  np.testing.assert_allclose(report["after"]["loss"], report["before"]["loss"], rtol=1e-5)
