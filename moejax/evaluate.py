@@ -1,7 +1,7 @@
 """Scores a run's checkpoint on a split: loss, perplexity, bits per byte, router summary.
 
   python -m moejax.evaluate --workdir W [--step N] [--split validation] [--batches N] \
-      [--json] [--one_device]
+      [--json] [--one_device] [--tokenizer T --data_name NAME --data_dir DIR]
 
 Reads ``--batches`` (default ``train.eval_steps``; 0 = the whole split) batches of the
 in-order eval pass the trainer uses, so on a finished run it reproduces the trainer's
@@ -9,6 +9,8 @@ last ``eval_loss``. loss = sum_t m_t CE_t / sum_t m_t (nats per target token),
 perplexity = e^loss, bits per token = loss / ln 2, bits per byte = sum_t m_t CE_t /
 (ln 2 * sum_t m_t bytes(target_t)) (bytes of each token's text; special tokens 0).
 The router summary is each MoE layer's metrics averaged over the batches.
+--tokenizer / --data_name / --data_dir replace the run's ``data.*`` (e.g. to score an
+imported HF model on your own prepared text with its own tokenizer).
 """
 
 from __future__ import annotations
@@ -134,11 +136,13 @@ def evaluate_run(
   split: str | None = None,
   num_batches: int | None = None,
   one_device: bool = False,
+  data: dict | None = None,
 ) -> tuple[EvalResult, int]:
-  """(EvalResult, step) of a run directory's checkpoint (newest unless `step`)."""
+  """(EvalResult, step) of a run directory's checkpoint (newest unless `step`); `data`
+  overrides fields of the run's ``data`` section."""
   from moejax.inference.run import load_run
 
-  exp, params, step = load_run(workdir, step, one_device)
+  exp, params, step = load_run(workdir, step, one_device, data=data)
   return evaluate_params(exp, params, split, num_batches), step
 
 
@@ -152,11 +156,17 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batches", type=int, default=None, help="Default train.eval_steps; 0 = all.")
   p.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
   p.add_argument("--one_device", action="store_true", help="Run on a single device.")
+  p.add_argument("--tokenizer", default=None, help="Override data.tokenizer.")
+  p.add_argument("--data_name", default=None, help="Override data.name (a TFDS dataset).")
+  p.add_argument("--data_dir", default=None, help="Override data.data_dir.")
   args = p.parse_args(argv)
+  data = {"tokenizer": args.tokenizer, "name": args.data_name, "data_dir": args.data_dir}
   from moejax.errors import ConfigError
 
   try:
-    result, step = evaluate_run(args.workdir, args.step, args.split, args.batches, args.one_device)
+    result, step = evaluate_run(
+      args.workdir, args.step, args.split, args.batches, args.one_device, data
+    )
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

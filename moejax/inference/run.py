@@ -11,7 +11,11 @@ from moejax.training.workdir import load_run_config, restore_state
 
 
 def load_run(
-  workdir: str, step: int | None = None, one_device: bool = False, tokenizer: str | None = None
+  workdir: str,
+  step: int | None = None,
+  one_device: bool = False,
+  tokenizer: str | None = None,
+  data: dict | None = None,
 ) -> tuple[Experiment, dict, int]:
   """(experiment, unrolled params, step) of `workdir` at `step` (default: the newest).
 
@@ -25,6 +29,9 @@ def load_run(
       config.mesh.data, config.mesh.expert, config.mesh.model = 1, 1, 1
     if tokenizer is not None:
       config.data.tokenizer = tokenizer
+    for k, v in (data or {}).items():
+      if v is not None:
+        config.data[k] = v
   sizes = [config.mesh.data, config.mesh.expert, config.mesh.model]
   devices = None
   if -1 not in sizes and math.prod(sizes) <= jax.device_count():
