@@ -287,6 +287,8 @@ class DataConfig:
     seq_len: L, tokens per row (rows are L + 1 packed tokens, shifted by one).
     global_batch_size: rows per step summed over hosts (each host makes // process_count).
     seed: document-order seed; shuffle: train only (eval always reads in document order).
+    tokenizer: 'byte', a SentencePiece ``.model`` file, or a HF ``tokenizer.json`` (or its
+      directory); see ``moejax.data.tokenizer.load_tokenizer``.
   """
 
   name: str = "moejax_tiny_corpus"
@@ -298,10 +300,11 @@ class DataConfig:
   global_batch_size: int = 16
   seed: int = 0
   shuffle: bool = True
+  tokenizer: str = "byte"
   config_path: str = dataclasses.field(default="data", compare=False, hash=False, repr=False)
 
   def __post_init__(self):
-    for name in ("name", "train_split", "eval_split", "text_key"):
+    for name in ("name", "train_split", "eval_split", "text_key", "tokenizer"):
       v = getattr(self, name)
       check(self, name, isinstance(v, str) and bool(v), "must be a non-empty string")
     check(
@@ -486,7 +489,8 @@ class ExperimentConfig:
     """Validates each section (unknown sections and fields are errors) and the cross-section
     constraints:
       data.seq_len <= model.max_len;
-      model.vocab_size >= 259 (the byte tokenizer's ids must index the embedding);
+      model.vocab_size >= the vocabulary of data.tokenizer (its ids must index the
+        embedding; 259 for 'byte');
       data.global_batch_size * data.seq_len % model.moe.group_size == 0 for a MoE model
         with a group size (the MoE layer splits the batch's tokens into whole groups).
     Raises ConfigError naming the field.
@@ -517,16 +521,17 @@ class ExperimentConfig:
     return exp
 
   def check_cross_section(self) -> None:
-    from moejax.data.tokenizer import VOCAB_SIZE  # local: keeps tfds off the config path
+    from moejax.data.tokenizer import load_tokenizer  # local: keeps tfds off the config path
 
     model, data = self.model, self.data
     if data.seq_len > model.max_len:
       raise config_error("data.seq_len", data.seq_len, f"must be <= model.max_len={model.max_len}")
-    if model.vocab_size < VOCAB_SIZE:
+    vocab = load_tokenizer(data.tokenizer).vocab_size
+    if model.vocab_size < vocab:
       raise config_error(
         "model.vocab_size",
         model.vocab_size,
-        f"must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary size",
+        f"must be >= {vocab}, the vocabulary size of data.tokenizer={data.tokenizer!r}",
       )
     if data.global_batch_size % self.train.microbatches:
       raise config_error(

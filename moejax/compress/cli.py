@@ -67,6 +67,7 @@ def cmd_prune(args) -> None:
     f"pruned to {args.keep} experts by {args.method}: kept "
     f"{json.dumps(summary['kept_experts'])}; new run {args.out}"
   )
+  _report_eval(args, summary["step"])
 
 
 def cmd_merge(args) -> None:
@@ -87,6 +88,17 @@ def cmd_merge(args) -> None:
     f"(top_k={summary['top_k']}), groups "
     f"{json.dumps(summary['groups'])}; new run {args.out}"
   )
+  _report_eval(args, summary["step"])
+
+
+def _report_eval(args, step: int) -> None:
+  """With --eval_batches N > 0: the source and the new run evaluated on N eval batches."""
+  if args.eval_batches:
+    from moejax.compress.workflows import evaluate_before_after, format_before_after
+
+    print(
+      format_before_after(evaluate_before_after(args.workdir, step, args.out, args.eval_batches))
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if new_run:
+      p.add_argument(
+        "--eval_batches",
+        type=int,
+        default=0,
+        help="evaluate the source and the new run on this many eval batches and print "
+        "loss / bits per byte before -> after (moejax.evaluate; default 0: skip)",
+      )
       p.add_argument(
         "--mesh",
         type=parse_mesh,

@@ -91,6 +91,11 @@ def cmd_upcycle(args) -> None:
     f"upcycled step {summary['step']} of {args.workdir} into {summary['num_experts']} "
     f"experts: {args.out}"
   )
+  if args.eval_batches:
+    from moejax.compress.workflows import evaluate_before_after, format_before_after
+
+    report = evaluate_before_after(args.workdir, summary["step"], args.out, args.eval_batches)
+    print(format_before_after(report))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--moe_every", type=int, default=1)
   p.add_argument("--first_moe_layer", type=int, default=0)
   p.add_argument("--seed", type=int, default=0, help="seed of the fresh router")
+  p.add_argument(
+    "--eval_batches",
+    type=int,
+    default=0,
+    help="evaluate the dense and the upcycled run on this many eval batches and print "
+    "loss before -> after (moejax.evaluate; default 0: skip)",
+  )
   p.set_defaults(fn=cmd_upcycle)
 
   return parser

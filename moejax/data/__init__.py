@@ -1,4 +1,5 @@
-"""Input pipeline: byte tokenizer, the synthetic TFDS corpus, packed resumable batches."""
+"""Input pipeline: tokenizers, the synthetic TFDS corpus, user text as TFDS, packed
+resumable batches."""
 
 from moejax.config import DataConfig, default_data_config
 from moejax.data.pipeline import (
@@ -17,7 +18,16 @@ from moejax.data.tiny_corpus import (
   generate_documents,
   prepare_tiny_corpus,
 )
-from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from moejax.data.tokenizer import (
+  BOS_ID,
+  EOS_ID,
+  PAD_ID,
+  VOCAB_SIZE,
+  ByteTokenizer,
+  HFTokenizer,
+  SentencePieceTokenizer,
+  load_tokenizer,
+)
 
 __all__ = [
   "BOS_ID",
@@ -26,6 +36,9 @@ __all__ = [
   "VOCAB_SIZE",
   "TINY_CORPUS",
   "ByteTokenizer",
+  "HFTokenizer",
+  "SentencePieceTokenizer",
+  "load_tokenizer",
   "LMBatchIterator",
   "MoejaxTinyCorpus",
   "default_data_config",

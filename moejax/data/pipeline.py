@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 
 from moejax.config import DataConfig
 from moejax.data.tiny_corpus import MoejaxTinyCorpus, prepare_tiny_corpus
-from moejax.data.tokenizer import PAD_ID, ByteTokenizer
+from moejax.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from moejax.errors import config_error
 
 TINY_CORPUS = MoejaxTinyCorpus.name  # 'moejax_tiny_corpus'
@@ -160,6 +160,8 @@ class LMBatchIterator(Iterator[Batch]):
   of the pass is a target exactly once (apart from the first token of each row, which
   is only an input). Hosts may then yield different numbers of batches.
 
+  Documents become ``tokenizer.encode_document(text)`` (default: the byte tokenizer).
+
   ``get_state()`` / ``set_state()`` save and restore the position as a small JSON dict;
   a restored iterator yields bit-identical batches. The position does not depend on
   ``seq_len`` or the batch size, so a state can also resume the same token stream with
@@ -178,6 +180,7 @@ class LMBatchIterator(Iterator[Batch]):
     process_count: int = 1,
     repeat: bool = True,
     text_key: str = "text",
+    tokenizer: Tokenizer | None = None,
   ):
     if isinstance(process_count, bool) or not isinstance(process_count, int) or process_count < 1:
       raise ValueError(f"process_count must be a positive int, got {process_count!r}")
@@ -200,7 +203,7 @@ class LMBatchIterator(Iterator[Batch]):
         f"the source has {self._num_docs} documents, so process "
         f"{process_index} of {process_count} would get none"
       )
-    self._tokenizer = ByteTokenizer()
+    self._tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
     # Position: the document at `cursor` of this host's order, `offset` tokens into it.
     self._epoch = 0
     self._cursor = 0
@@ -273,7 +276,9 @@ class LMBatchIterator(Iterator[Batch]):
     if num_real == 0:
       raise StopIteration
     if num_real < num_tokens:  # Only at the end of a repeat=False pass.
-      tokens = np.concatenate([tokens, np.full(num_tokens - num_real, PAD_ID, np.int32)])
+      tokens = np.concatenate(
+        [tokens, np.full(num_tokens - num_real, self._tokenizer.pad_id, np.int32)]
+      )
     rows = tokens.reshape(self.batch_size, row_len)  # [B, L + 1]
     real = (np.arange(num_tokens) < num_real).reshape(self.batch_size, row_len)
     return {
@@ -374,6 +379,7 @@ def make_train_iterator(
     process_count=process_count,
     repeat=True,
     text_key=cfg.text_key,
+    tokenizer=load_tokenizer(cfg.tokenizer),
   )
 
 
@@ -398,4 +404,5 @@ def make_eval_iterator(
     process_count=process_count,
     repeat=False,
     text_key=cfg.text_key,
+    tokenizer=load_tokenizer(cfg.tokenizer),
   )

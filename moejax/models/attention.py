@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.models.attention_impl import attend, causal_mask, gqa_attention  # noqa: F401
+from moejax.models.kv_cache import DecodeStep, update_cache
 from moejax.models.rope import apply_rope
 
 
@@ -65,7 +66,11 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-  """Causal GQA self-attention: ``y = Attention(...)(x, cos, sin)``, x [B, L, d]."""
+  """Causal GQA self-attention: ``y = Attention(...)(x, cos, sin)``, x [B, L, d].
+
+  With ``decode`` (a ``moejax.models.kv_cache.DecodeStep``) k and v [B, M, H_kv, D_h] come
+  from the layer's KV cache after writing this call's rows, masked by ``decode.mask``.
+  """
 
   num_heads: int
   num_kv_heads: int
@@ -75,7 +80,9 @@ class Attention(nn.Module):
   impl: str = "reference"  # the kernel, ``moejax.models.attention_impl.attend``
 
   @nn.compact
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, cos: jax.Array, sin: jax.Array, decode: DecodeStep | None = None
+  ) -> jax.Array:
     d = x.shape[-1]
     h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
     proj = lambda shape, names, eq, name, in_axes=(0,): Projection(
@@ -85,5 +92,9 @@ class Attention(nn.Module):
     k = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "k")(x)
     v = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "v")(x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attend(q, k, v, None, self.impl)
+    if decode is None:
+      out = attend(q, k, v, None, self.impl)
+    else:  # k, v: [B, M, H_kv, D_h]; mask [B, L, M] -> [B, 1, 1, L, M] over [b, j, r, l, m]
+      k, v = update_cache(self, "key", k, decode), update_cache(self, "value", v, decode)
+      out = gqa_attention(q, k, v, decode.mask[:, None, None])
     return proj((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o", (0, 1))(out)

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from moejax.models.attention import Projection
 from moejax.models.attention_impl import attend, causal_mask, resolve_impl
+from moejax.models.kv_cache import DecodeStep, update_cache
 from moejax.models.norms import rms_norm
 from moejax.models.rope import apply_rope_interleaved
 
@@ -99,7 +100,12 @@ def mla_attention(
 
 class MLAttention(nn.Module):
   """Causal MLA self-attention: ``y = MLAttention(...)(x, cos, sin)``, x [B, L, d];
-  cos, sin: [L, D_r / 2] from ``interleaved_rope_angles(positions, D_r, theta)``."""
+  cos, sin: [L, D_r / 2] from ``interleaved_rope_angles(positions, D_r, theta)``.
+
+  With ``decode`` (``moejax.models.kv_cache.DecodeStep``) the cache holds only the
+  compressed latent c_kv [B, M, r_kv] and the shared RoPE key k_r [B, M, D_r]; k_n and v
+  are re-expanded from c_kv (``kv_b``) over the M cached slots.
+  """
 
   num_heads: int
   kv_lora_rank: int
@@ -112,7 +118,9 @@ class MLAttention(nn.Module):
   impl: str = "reference"  # the kernel, ``moejax.models.attention_impl``
 
   @nn.compact
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, cos: jax.Array, sin: jax.Array, decode: DecodeStep | None = None
+  ) -> jax.Array:
     d = x.shape[-1]
     h, dn, dr, dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
     rq, rkv = self.q_lora_rank, self.kv_lora_rank
@@ -134,11 +142,16 @@ class MLAttention(nn.Module):
     kv_a = proj((d, rkv + dr), ("embed", "kv_lora"), "bld,dr->blr", "kv_a")(x)
     c_kv = norm("kv_lora", "kv_norm")(kv_a[..., :rkv])  # [B, L, r_kv]
     k_rope = apply_rope_interleaved(kv_a[..., None, rkv:], cos, sin)[..., 0, :]  # [B, L, D_r]
+    if decode is not None:  # [B, M, r_kv], [B, M, D_r]
+      c_kv = update_cache(self, "latent", c_kv, decode)
+      k_rope = update_cache(self, "rope_key", k_rope, decode)
     kv = proj((rkv, h, dn + dv), ("kv_lora", "heads", "head_dim"), "blr,rhk->blhk", "kv_b")(c_kv)
     k_nope, v = kv[..., :dn], kv[..., dn:]
 
     scale = (dn + dr) ** -0.5
-    if resolve_impl(self.impl, x.shape[1]) == "reference":
+    if decode is not None:  # mask [B, L, M] -> [B, 1, L, M] over [b, h, l, m]
+      out = mla_attention(q_nope, q_rope, k_nope, k_rope, v, decode.mask[:, None], scale)
+    elif resolve_impl(self.impl, x.shape[1]) == "reference":
       out = mla_attention(q_nope, q_rope, k_nope, k_rope, v, causal_mask(x.shape[1]), scale)
     else:  # one key per head: [k_n | k_r], the shared k_r broadcast over the H heads
       k = jnp.concatenate(

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 from moejax.config import ModelConfig
 from moejax.layers import DenseFFN, MoELayer
 from moejax.models.attention import Attention, fan_in_init
+from moejax.models.kv_cache import DecodeStep
 from moejax.models.layer_stack import SCAN_KEY, scan_plan
 from moejax.models.mla import MLAttention
 from moejax.models.norms import RMSNorm
@@ -85,7 +86,9 @@ class Block(nn.Module):
   mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
-  def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array):
+  def __call__(
+    self, h: jax.Array, cos: jax.Array, sin: jax.Array, decode: DecodeStep | None = None
+  ):
     cfg = self.cfg
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="attn_norm")(h)
@@ -101,7 +104,7 @@ class Block(nn.Module):
         param_dtype,
         cfg.attention_impl,
         name="attn",
-      )(x, cos, sin)
+      )(x, cos, sin, decode)
     else:
       y = Attention(
         cfg.num_heads,
@@ -111,7 +114,7 @@ class Block(nn.Module):
         param_dtype,
         cfg.attention_impl,
         name="attn",
-      )(x, cos, sin)
+      )(x, cos, sin, decode)
     h = h + y.astype(h.dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ffn_norm")(h)
     if cfg.is_moe_layer(self.layer):
@@ -136,21 +139,36 @@ class Transformer(nn.Module):
   mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
-  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict]:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    decode: DecodeStep | None = None,
+  ) -> tuple[jax.Array, dict]:
+    """tokens [B, L]; positions int [L] or [B, L] (RoPE; default 0..L-1); decode: a cached
+    forward (``moejax.models.kv_cache``; needs unrolled layers and the 'cache' collection
+    mutable)."""
     cfg = self.cfg
     if tokens.ndim != 2:
       raise ValueError(f"Transformer expects tokens of shape [batch, length], got {tokens.shape}")
-    length = tokens.shape[1]
+    length = tokens.shape[1] if decode is None else decode.mask.shape[-1]
     if length > cfg.max_len:
       raise ValueError(f"sequence length {length} exceeds model.max_len={cfg.max_len}")
+    if decode is not None and cfg.scan_layers and scan_plan(cfg).num_units:
+      raise ValueError(
+        "a cached (decode) forward needs model.scan_layers=False; restore the run unrolled "
+        "(moejax.models.layer_stack.unrolled_config)"
+      )
+    length = tokens.shape[1]
+    positions = jnp.arange(length) if positions is None else positions
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     embed_std = cfg.d_model**-0.5 if cfg.tie_embeddings else 1.0
     embedding = Embed(cfg.vocab_size, cfg.d_model, embed_std, param_dtype, name="embed")()
     h = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)  # [B, L, d]
     if cfg.attention == "mla":  # interleaved pairs of the D_r RoPE dims: [L, D_r / 2]
-      cos, sin = interleaved_rope_angles(jnp.arange(length), cfg.qk_rope_head_dim, cfg.rope_theta)
+      cos, sin = interleaved_rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta)
     else:
-      cos, sin = rope_angles(jnp.arange(length), cfg.head_dim, cfg.rope_theta)  # [L, Dh]
+      cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # [(B,) L, Dh]
 
     aux_losses: dict[str, jax.Array] = {}
     metrics: dict[str, dict] = {}
@@ -162,7 +180,7 @@ class Transformer(nn.Module):
 
     plan = scan_plan(cfg)
     scanned = plan.scanned if cfg.scan_layers and plan.num_units else range(0)
-    block_cls = remat_module(Block, cfg.remat_mode)
+    block_cls = remat_module(Block, cfg.remat_mode) if decode is None else Block
     for i in range(cfg.num_layers):
       if i in scanned:
         if i == scanned.start:
@@ -171,7 +189,7 @@ class Transformer(nn.Module):
             for u in range(plan.num_units):
               add_aux(plan.layer(u, j), jax.tree.map(lambda x, u=u: x[u], aux))
         continue
-      h, aux = block_cls(cfg, i, self.mesh, name=f"layers_{i}")(h, cos, sin)
+      h, aux = block_cls(cfg, i, self.mesh, name=f"layers_{i}")(h, cos, sin, decode)
       if cfg.is_moe_layer(i):
         add_aux(i, aux)
 

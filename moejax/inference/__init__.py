@@ -1,0 +1,16 @@
+"""Text generation: sampling, routers in inference mode, a jitted prefill + KV-cached decode."""
+
+from moejax.inference.decode import (
+  generate_tokens,
+  inference_model_config,
+  left_pad,
+)
+from moejax.inference.sampling import SamplingConfig, sample
+
+__all__ = [
+  "SamplingConfig",
+  "generate_tokens",
+  "inference_model_config",
+  "left_pad",
+  "sample",
+]

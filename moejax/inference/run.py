@@ -1,0 +1,40 @@
+"""A run's params for generation / evaluation: config.json + a checkpoint, on a mesh."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from moejax.training.experiment import Experiment
+from moejax.training.workdir import load_run_config, restore_state
+
+
+def load_run(
+  workdir: str,
+  step: int | None = None,
+  one_device: bool = False,
+  tokenizer: str | None = None,
+  data: dict | None = None,
+) -> tuple[Experiment, dict, int]:
+  """(experiment, unrolled params, step) of `workdir` at `step` (default: the newest).
+
+  The mesh is the run's ``mesh`` section (over the first data * expert * model devices
+  when it names no -1 axis), or a single device with `one_device`; `tokenizer` overrides
+  ``data.tokenizer``.
+  """
+  config = load_run_config(workdir)
+  with config.unlocked():
+    if one_device:
+      config.mesh.data, config.mesh.expert, config.mesh.model = 1, 1, 1
+    if tokenizer is not None:
+      config.data.tokenizer = tokenizer
+    for k, v in (data or {}).items():
+      if v is not None:
+        config.data[k] = v
+  sizes = [config.mesh.data, config.mesh.expert, config.mesh.model]
+  devices = None
+  if -1 not in sizes and math.prod(sizes) <= jax.device_count():
+    devices = jax.devices()[: math.prod(sizes)]
+  state, _, step, exp = restore_state(config, workdir, step, devices=devices)
+  return exp, state.params, step
