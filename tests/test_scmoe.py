@@ -4,6 +4,7 @@ standard decoding), refusals, and the CLI flags."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,6 +97,9 @@ def test_cached_scmoe_decode_equals_the_formula_on_two_full_forwards():
 def test_weak_routing_is_refused_where_undefined():
   with pytest.raises(ValueError, match="expert_choice.*weak activation"):
     weak_moe_config(MoEConfig(num_experts=4, expert_d_ff=8, router="expert_choice"), "top1")
+  with pytest.raises(ValueError, match="null experts.*top1"):
+    weak_moe_config(make_moe_cfg("null_experts"), "rank:2")
+  assert weak_moe_config(make_moe_cfg("null_experts"), "top1").top_k == 1
   with pytest.raises(ValueError, match="rank 5"):
     weak_moe_config(MoEConfig(num_experts=4, expert_d_ff=8), "rank:5")
   for bad in ("rank:0", "rank", "top2", "rank:x"):
@@ -140,3 +144,24 @@ def test_generate_cli_scmoe_prints_the_contrast_greedy_continuation(data_dir, tm
   weak_ref = full_forward_logits(weak, params, [[1, 72, 101]], [printed])[0]
   ref = _reference(strong_ref, weak_ref, 0.8, 0.1)
   assert printed == np.argmax(ref, axis=-1)[: len(printed)].tolist()  # cut after eos (id 2)
+
+
+@pytest.mark.slow
+def test_sharded_scmoe_generation_equals_one_device():
+  from moejax.training.experiment import build_experiment
+  from tests.helpers import tiny_config
+
+  config = tiny_config("/unused", mesh=(2, 2, 2))
+  with config.unlocked():
+    config.model.num_layers, config.model.first_moe_layer = 1, 0
+  exp = build_experiment(config)
+  cfg = exp.model_cfg
+  params = random_params(cfg, seed=2)
+  contrast = ContrastConfig(beta=0.9, alpha=0.1, weak="rank:2")
+  one_model = Transformer(inference_model_config(cfg))
+  one = generate_tokens(one_model, params, PROMPTS, 5, return_logits=True, contrast=contrast)
+  sharded_params = jax.device_put(params, exp.state_shardings.params)
+  model = Transformer(inference_model_config(cfg, exp.mesh), mesh=exp.mesh)
+  many = generate_tokens(model, sharded_params, PROMPTS, 5, return_logits=True, contrast=contrast)
+  assert many[0] == one[0]
+  np.testing.assert_allclose(many[1], one[1], rtol=1e-5, atol=1e-5)

@@ -72,6 +72,11 @@ def weak_moe_config(moe: MoEConfig, weak: str) -> MoEConfig:
   k = parse_weak(weak)
   if k == 0:
     return dataclasses.replace(moe, top_k=1)
+  if moe.num_null_experts:
+    raise ValueError(
+      f"--scmoe_weak {weak}: rank-K routing is not defined for AdaMoE null experts "
+      "(router='null_experts'); use --scmoe_weak top1"
+    )
   if k > moe.num_router_logits:
     raise ValueError(
       f"--scmoe_weak {weak}: rank {k} > model.moe has {moe.num_router_logits} router logits"
