@@ -28,7 +28,7 @@ def test_rank_k_routes_each_token_to_its_kth_expert_only(router):
   rng = np.random.default_rng(0)
   logits = rng.standard_normal((2, 5, 6)).astype(np.float32)  # [G, S, E]
   order = np.argsort(-logits, axis=-1)  # descending, distinct values: no ties
-  for rank in (1, 2, 4):
+  for rank in (1, 3):
     for router_order in ("topk_softmax", "softmax_topk"):
       scale = 2.5 if router == "shared_experts" else 1.0
       base = make_moe_cfg(
