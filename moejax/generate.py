@@ -1,13 +1,17 @@
 """Samples text from a run's checkpoint (``moejax.inference``).
 
   python -m moejax.generate --workdir W [--step N] --prompt "text" [--prompt "more"] \
-      [--max_new_tokens 64] [--temperature 0 --top_p 1 --top_k 0 --seed 0]
+      [--max_new_tokens 64] [--temperature 0 --top_p 1 --top_k 0 --seed 0] \
+      [--decoding scmoe --scmoe_beta 0.5 --scmoe_alpha 0.1 --scmoe_weak rank:2]
   python -m moejax.generate --workdir W --prompt_ids 1,2,3 [--prompt_ids 4,5] ...
 
 --prompt encodes with the run's ``data.tokenizer`` (or --tokenizer; bos first) and prints
 each prompt with its continuation; --prompt_ids takes and prints token ids. Temperature 0
 is greedy. Generation stops at the tokenizer's eos. Runs on the run's mesh (all devices),
-or on one device with --one_device. Exit codes: 0 done, 2 bad arguments or config.
+or on one device with --one_device. --decoding scmoe contrasts the model's routing with a
+weak routing (top1, or rank:K: only the K-th ranked expert) of the same params, SCMoE
+(Shi et al., 2024; ``moejax.inference.contrast``). Exit codes: 0 done, 2 bad arguments
+or config.
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top_k", type=int, default=0, help="0 = off.")
   p.add_argument("--top_p", type=float, default=1.0, help="1 = off.")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--decoding",
+    choices=("standard", "scmoe"),
+    default="standard",
+    help="scmoe: self-contrast of strong and weak routing (Shi et al., 2024).",
+  )
+  p.add_argument("--scmoe_beta", type=float, default=0.5, help="Contrast strength beta >= 0.")
+  p.add_argument(
+    "--scmoe_alpha", type=float, default=0.1, help="Plausibility threshold alpha in [0, 1]."
+  )
+  p.add_argument("--scmoe_weak", default="rank:2", help="Weak routing: top1 or rank:K.")
   p.add_argument("--tokenizer", default=None, help="Override the run's data.tokenizer.")
   p.add_argument("--one_device", action="store_true", help="Run on a single device.")
   p.add_argument("--json", action="store_true", help="Print one JSON object per prompt.")
@@ -56,12 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   from moejax.data.tokenizer import load_tokenizer
   from moejax.errors import ConfigError
-  from moejax.inference import SamplingConfig, generate_tokens, inference_model_config
+  from moejax.inference import (
+    ContrastConfig,
+    SamplingConfig,
+    generate_tokens,
+    inference_model_config,
+  )
   from moejax.inference.run import load_run
   from moejax.models import Transformer
 
   try:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    contrast = None
+    if args.decoding == "scmoe":
+      contrast = ContrastConfig(args.scmoe_beta, args.scmoe_alpha, args.scmoe_weak)
     exp, params, step = load_run(args.workdir, args.step, args.one_device, args.tokenizer)
     tok = load_tokenizer(exp.config.data.tokenizer)
     model = Transformer(inference_model_config(exp.model_cfg, exp.mesh), mesh=exp.mesh)
@@ -79,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
       eos_id=tok.eos_id,
       pad_id=tok.pad_id,
       seed=args.seed,
+      contrast=contrast,
     )
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -228,8 +228,9 @@ def validate_moe_config(cfg: MoEConfig) -> None:
   _check(
     cfg,
     "routed_scaling_factor",
-    cfg.router == "shared_experts" or cfg.routed_scaling_factor == 1.0,
-    "only router='shared_experts' scales its routed weights; set it to 1.0",
+    cfg.router in ("shared_experts", "rank_k") or cfg.routed_scaling_factor == 1.0,
+    "only router='shared_experts' (and its rank_k weak routing) scales its routed weights; "
+    "set it to 1.0",
   )
   _check(cfg, "expert_impl", cfg.expert_impl in EXPERT_IMPLS, f"allowed: {EXPERT_IMPLS}")
   _check(

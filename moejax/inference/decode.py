@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import ModelConfig
+from moejax.inference.contrast import ContrastConfig, contrast_logits, weak_model_config
 from moejax.inference.sampling import SamplingConfig, sample
 from moejax.models.kv_cache import DecodeStep
 
@@ -66,38 +67,60 @@ def left_pad(
   return tokens, valid
 
 
+def _next_logits(logits: tuple, beta_alpha) -> jax.Array:
+  """The logits the next token is drawn from: the model's, or SCMoE's contrast of the
+  strong and weak passes (``moejax.inference.contrast``)."""
+  if len(logits) == 1:
+    return logits[0]
+  return contrast_logits(logits[0], logits[1], beta_alpha[0], beta_alpha[1])
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate(model, params, tokens, valid, max_new_tokens, sampling, return_logits, rng):
-  """tokens, valid [B, P] -> new tokens int32 [B, N] (and their logits [B, N, V])."""
+def _generate(
+  models, params, tokens, valid, max_new_tokens, sampling, return_logits, rng, beta_alpha
+):
+  """tokens, valid [B, P] -> new tokens int32 [B, N] (and their logits [B, N, V]).
+
+  `models`: one Transformer, or (strong, weak) for SCMoE contrast with f32[2]
+  `beta_alpha`; each model keeps its own KV cache."""
   b, p = tokens.shape
   m = p + max_new_tokens
   slot = jnp.arange(m)
   key_valid = jnp.concatenate([valid, jnp.ones((b, max_new_tokens), bool)], axis=1)  # [B, M]
   positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
   mask = key_valid[:, None, :] & (slot[None, None, :] <= jnp.arange(p)[None, :, None])
-  (logits, _), state = model.apply(
-    {"params": params}, tokens, positions, DecodeStep(jnp.int32(0), mask), mutable=["cache"]
-  )
-  last = logits[:, -1]  # [B, V]
+  outs = [
+    model.apply(
+      {"params": params}, tokens, positions, DecodeStep(jnp.int32(0), mask), mutable=["cache"]
+    )
+    for model in models
+  ]
+  caches = tuple(state["cache"] for _, state in outs)
+  last = _next_logits(tuple(logits[:, -1] for (logits, _), _ in outs), beta_alpha)  # [B, V]
   first = sample(last, jax.random.fold_in(rng, 0), sampling)
   lengths = jnp.sum(valid, axis=1).astype(jnp.int32)  # [B]
 
   def step(carry, t):
-    cache, token, _ = carry
+    caches, token, _ = carry
     index = p + t
     step_mask = key_valid[:, None, :] & (slot[None, None, :] <= index)  # [B, 1, M]
-    (out, _), new = model.apply(
-      {"params": params, "cache": cache},
-      token[:, None],
-      (lengths + t)[:, None],
-      DecodeStep(index, step_mask),
-      mutable=["cache"],
-    )
-    nxt = sample(out[:, 0], jax.random.fold_in(rng, t + 1), sampling)
-    return (new["cache"], nxt, out[:, 0]), (nxt, out[:, 0] if return_logits else None)
+    outs = [
+      model.apply(
+        {"params": params, "cache": cache},
+        token[:, None],
+        (lengths + t)[:, None],
+        DecodeStep(index, step_mask),
+        mutable=["cache"],
+      )
+      for model, cache in zip(models, caches)
+    ]
+    caches = tuple(new["cache"] for _, new in outs)
+    logits = _next_logits(tuple(out[:, 0] for (out, _), _ in outs), beta_alpha)  # [B, V]
+    nxt = sample(logits, jax.random.fold_in(rng, t + 1), sampling)
+    return (caches, nxt, logits), (nxt, logits if return_logits else None)
 
   steps = jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
-  _, (rest, rest_logits) = jax.lax.scan(step, (state["cache"], first, last), steps)
+  _, (rest, rest_logits) = jax.lax.scan(step, (caches, first, last), steps)
   new_tokens = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, N]
   if not return_logits:
     return new_tokens, None
@@ -115,13 +138,16 @@ def generate_tokens(
   pad_id: int = 0,
   seed: int = 0,
   return_logits: bool = False,
+  contrast: ContrastConfig | None = None,
 ):
   """Continues each prompt (a list of token ids) by up to `max_new_tokens` ids.
 
   `model`: a ``Transformer`` of ``inference_model_config(cfg, mesh)`` (on a mesh, the
   batch is padded to a multiple of the token shards). Returns the new ids per prompt, cut
   after the first `eos_id`; with return_logits also float32 [len(prompts), N, V], the
-  logits each new token was drawn from. `sampling` default: greedy.
+  logits each new token was drawn from. `sampling` default: greedy. `contrast`: SCMoE
+  self-contrast decoding against a weak routing of the same params (``contrast``
+  module); the logits returned are then the contrast logits (-inf outside V_valid).
   """
   sampling = SamplingConfig() if sampling is None else sampling
   if max_new_tokens < 1:
@@ -139,8 +165,12 @@ def generate_tokens(
     shards = int(np.prod([model.mesh.shape[a] for a in ("data", "expert")]))
   rows = -(-len(prompts) // shards) * shards
   tokens, valid = left_pad(prompts, pad_id, rows)
+  models, beta_alpha = (model,), None
+  if contrast is not None:
+    models = (model, model.clone(cfg=weak_model_config(cfg, contrast.weak)))
+    beta_alpha = jnp.asarray([contrast.beta, contrast.alpha], jnp.float32)
   new, logits = _generate(
-    model,
+    models,
     params,
     jnp.asarray(tokens),
     jnp.asarray(valid),
@@ -148,6 +178,7 @@ def generate_tokens(
     sampling,
     return_logits,
     jax.random.key(seed),
+    beta_alpha,
   )
   new = np.asarray(jax.device_get(new))[: len(prompts)]
   out = []
