@@ -417,7 +417,7 @@ class TrainConfig:
   fsdp: bool = False
   microbatches: int = 1
   max_consecutive_skips: int = 10
-  lock_timeout_s: float = 300.0
+  lock_timeout_s: float = 120.0
   tensorboard: bool = True
   config_path: str = dataclasses.field(default="train", compare=False, hash=False, repr=False)
 

@@ -251,18 +251,23 @@ def test_nan_stops_with_step_and_layer_metrics_and_keeps_last_good_checkpoint(tm
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
-def test_nan_skip_policy_keeps_params_finite_and_counts_skips(tmp_path, data_dir):
-  cfg = tiny_config(data_dir, steps=12, checkpoint_every=100, learning_rate=1e9)
+def test_nan_skip_policy_keeps_params_finite_counts_skips_and_aborts_when_diverged(
+  tmp_path, data_dir
+):
+  cfg = tiny_config(data_dir, steps=12, checkpoint_every=1, learning_rate=1e9)
   with cfg.unlocked():
     cfg.train.warmup_steps = 0
     cfg.train.grad_clip_norm = 1e30
     cfg.train.nan_policy = "skip"
+    cfg.train.max_consecutive_skips = 3
   one = jax.devices()[:1]
-  result = train(cfg, str(tmp_path / "run"), show_progress=False, devices=one)
-  assert result.final_step == 12
+  with pytest.raises(TrainingDiverged, match=r"3 consecutive .*train\.max_consecutive_skips=3"):
+    train(cfg, str(tmp_path / "run"), show_progress=False, devices=one)
   records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   skipped = [r["step"] for r in records if r.get("skipped") == 1.0]
-  assert skipped, "the huge learning rate should have produced non-finite steps"
+  # the run of skips that aborted (its last step raises before it is logged)
+  assert len(skipped) >= 2 and skipped[-2:] == [skipped[-1] - 1, skipped[-1]], skipped
+  assert records[-1]["skipped_steps"] == len(skipped)
   from moejax.training.workdir import restore_state
 
   state, _, _, _ = restore_state(cfg, str(tmp_path / "run"), devices=one)

@@ -148,7 +148,7 @@ class Checkpointer:
         if quarantine:
           self._quarantine([s for s in steps if s > step])
       return state, meta, step
-    raise CheckpointError("no usable checkpoint:\n" + "\n".join(failures))
+    raise CheckpointError("no usable checkpoint: " + "; ".join(failures))
 
   def restore_latest(self, abstract_state) -> tuple[Any, dict, int] | None:
     """Restores the newest checkpoint that loads and verifies; None when there is none.

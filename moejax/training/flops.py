@@ -15,6 +15,7 @@ import functools
 import math
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -58,7 +59,7 @@ def model_flops(params, model_cfg: ModelConfig, seq_len: int) -> ModelFlops:
   moe = model_cfg.moe
   stacked = 1 if model_cfg.scan_layers else 0
   dense = expert = 0
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))[0]
   names = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in leaves]
   has_head = any(n.startswith("lm_head/") for n in names)
   for name, (_, leaf) in zip(names, leaves):

@@ -1,6 +1,7 @@
 """One trainer per workdir: a lock object ``<workdir>/trainer.lock`` holding the owner id
 (host, pid, run id) and a heartbeat time the owner refreshes; a lock whose heartbeat is
-older than `stale_after_s` belongs to a dead trainer and is taken over.
+older than `stale_after_s`, or whose owner is a dead process on this host (a kill -9 and
+restart), belongs to a dead trainer and is taken over.
 
 Creation is create-if-absent: ``O_EXCL`` on a local disk; on an object store (no such
 primitive through epath) the lock is written, then read back after a short settle time,
@@ -28,6 +29,21 @@ class WorkdirLocked(RuntimeError):
 
 def owner_id(run_id: str) -> str:
   return f"{socket.gethostname()}:{os.getpid()}:{run_id}"
+
+
+def _owner_dead(owner: str) -> bool:
+  """True if `owner` names a process of this host that no longer exists."""
+  host, _, rest = str(owner).partition(":")
+  pid = rest.partition(":")[0]
+  if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # alive, another user's
+    return False
+  return False
 
 
 class WorkdirLock:
@@ -75,14 +91,14 @@ class WorkdirLock:
     if not self._create_exclusive():
       held = self.read() or {"owner": "<vanished>", "heartbeat": 0.0}
       age = time.time() - float(held.get("heartbeat", 0.0))
-      if age < self.stale_after_s:
+      if age < self.stale_after_s and not _owner_dead(held.get("owner", "")):
         raise WorkdirLocked(
           f"{self.path.parent} is in use by trainer {held.get('owner')} (heartbeat {age:.0f}s "
           f"ago); stop it or wait {self.stale_after_s - age:.0f}s for its lock to go stale "
           f"(train.lock_timeout_s={self.stale_after_s:g})"
         )
       log.warning(
-        "Taking over the stale lock of %s (no heartbeat for %.0fs) in %s",
+        "Taking over the stale lock of %s (dead, or no heartbeat for %.0fs) in %s",
         held.get("owner"),
         age,
         self.path.parent,

@@ -177,6 +177,8 @@ class Trainer:
     try:
       self._setup(resume, init_from)
     except BaseException:
+      if hasattr(self, "checkpointer"):
+        self.checkpointer.close()
       self.lock.release()
       raise
 
@@ -243,6 +245,7 @@ class Trainer:
     ]
     self._window = (time.perf_counter(), 0)  # (start time, steps) of the throughput window
     self._profiling = False
+    self._last_flushed: tuple[int, dict] | None = None
 
   def add_hook(
     self, every: int, fn: Callable[[Trainer, int], None], at_end: str | None = None
@@ -318,7 +321,8 @@ class Trainer:
       self.losses[step_no] = loss
       last = (step_no, metrics)
     self.pending.clear()
-    return last
+    self._last_flushed = last or self._last_flushed
+    return self._last_flushed
 
   def log(self, step_no: int) -> None:
     last = self.flush()
@@ -374,6 +378,16 @@ class Trainer:
     self.last_saved = step_no
     maybe_crash("during_save", step_no)
 
+  def close(self) -> None:
+    """Finishes pending saves, flushes the metrics and releases the workdir lock (``run``
+    does this itself; call it for a Trainer that is not run)."""
+    if self._profiling:
+      jax.profiler.stop_trace()
+      self._profiling = False
+    self.checkpointer.close()
+    self.writer.close()
+    self.lock.release()
+
   def _due(self, hook: Hook, step_no: int, end: int) -> bool:
     last = {"call": end, "run": self.cfg.train.steps}.get(hook.at_end)
     return hook.every > 0 and (step_no % hook.every == 0 or step_no == last)
@@ -426,13 +440,8 @@ class Trainer:
         if self.last_saved != final:
           self.save(final)
       finally:
-        if self._profiling:
-          jax.profiler.stop_trace()
-          self._profiling = False
         self.progress.close()
-        self.checkpointer.close()
-        self.writer.close()
-        self.lock.release()
+        self.close()
     return TrainResult(
       final_step=final,
       losses=self.losses,
