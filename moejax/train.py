@@ -105,9 +105,11 @@ def main(argv) -> int:
     profile_steps = parse_profile_steps(_PROFILE_STEPS.value)
     config = _CONFIG.value
     if config is None:  # continue a run (e.g. one written by tools/) with its own config
+      from moejax.training.paths import as_path
       from moejax.training.workdir import load_run_config
 
-      config = load_run_config(_INIT_FROM.value or _WORKDIR.value)
+      own = (as_path(_WORKDIR.value) / "config.json").exists() or not _INIT_FROM.value
+      config = load_run_config(_WORKDIR.value if own else _INIT_FROM.value)
   except (ConfigError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -136,6 +136,30 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, data_dir, 
   _assert_matches_reference(workdir, reference)
 
 
+@pytest.mark.slow
+def test_second_trainer_on_a_live_workdir_exits_2_and_the_first_run_is_untouched(
+  tmp_path, data_dir, reference
+):
+  workdir = tmp_path / "run"
+  first = subprocess.Popen(
+    _cmd(workdir),
+    cwd=REPO,
+    env=_env(data_dir),
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
+  _wait_for_step(first, workdir, 2)
+  config_before = (workdir / "config.json").read_bytes()
+  second = _run(workdir, data_dir, "--config.train.learning_rate=0.5")
+  assert second.returncode == 2, second.stderr[-3000:]
+  assert f":{first.pid}:" in second.stderr and "is in use by trainer" in second.stderr
+  assert (workdir / "config.json").read_bytes() == config_before
+  _, stderr = first.communicate(timeout=300)
+  assert first.returncode == 0, stderr[-3000:]
+  _assert_matches_reference(workdir, reference)  # every loss as if alone
+
+
 def test_kill9_during_async_save_resumes_from_newest_complete_checkpoint(
   tmp_path, data_dir, reference
 ):
