@@ -335,3 +335,40 @@ def test_tools_name_garbage_files_in_one_line_and_export_world_readable(tmp_path
   assert rc == 2, err
   assert "no usable checkpoint" in err and str(bad / "checkpoints" / "2") in err
   assert not (tmp_path / "hf2").exists()
+
+
+def test_a_runs_config_json_is_a_config_file(uri_run):
+  from moejax.training import json_config
+  from moejax.training.workdir import load_config_file
+
+  src, cfg, _ = uri_run
+  loaded = load_config_file(os.path.join(src, "config.json"))
+  assert loaded.to_dict() == json_config.get_config(os.path.join(src, "config.json")).to_dict()
+  assert ExperimentConfig.from_config(loaded).model == ExperimentConfig.from_config(cfg).model
+
+
+@pytest.mark.slow
+def test_cli_fine_tunes_from_a_run_with_its_config_json(tmp_path, uri_run):
+  src, cfg, _ = uri_run
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "moejax.train",
+      f"--workdir={tmp_path / 'ft'}",
+      f"--init_from={src}",
+      "--config",
+      os.path.join(src, "config.json"),
+      "--config.train.steps=3",
+      "--config.train.learning_rate=1e-4",
+      "--noprogress",
+    ],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", MOEJAX_DATA_DIR=cfg.data.data_dir),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Initialised from step 2" in out.stderr and "finished at step 3" in out.stdout
+  assert load_run_config(str(tmp_path / "ft")).train.learning_rate == 1e-4

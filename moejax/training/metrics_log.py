@@ -98,9 +98,13 @@ class MetricsWriter:
       with self.path.open("a") as f:
         f.write(line + "\n")
     if self._tb is not None and "step" in record:
-      for key, value in record.items():
-        if key != "step" and not isinstance(value, str) and np.ndim(value) == 0:
-          self._tb.add_scalar(key, float(value), int(record["step"]))
+      try:
+        for key, value in record.items():
+          if key != "step" and not isinstance(value, str) and np.ndim(value) == 0:
+            self._tb.add_scalar(key, float(value), int(record["step"]))
+      except Exception as e:  # noqa: BLE001 — TensorBoard is optional output
+        logging.getLogger(__name__).warning("TensorBoard events off: %s", e)
+        self._tb = None
 
   def flush(self) -> None:
     if self.enabled and self.remote and self._dirty:

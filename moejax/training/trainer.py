@@ -189,7 +189,7 @@ class Trainer:
     if self.primary:
       try:
         lock.acquire()
-      except WorkdirLocked as e:
+      except (WorkdirLocked, OSError) as e:  # every process must hear about a failure
         error = e
     if not _agree(error is None):
       raise error or WorkdirLocked(f"{self.workdir} is in use by another trainer (see process 0)")
@@ -363,8 +363,11 @@ class Trainer:
       return
     first, last = self.profile_steps
     if starting and step_no == first and not self._profiling:
-      jax.profiler.start_trace(str(self.workdir / "profile"))
-      self._profiling = True
+      try:
+        jax.profiler.start_trace(str(self.workdir / "profile"))
+        self._profiling = True
+      except Exception as e:  # noqa: BLE001 — a profile is never worth the run
+        log.warning("No profile: jax.profiler could not write to %s: %s", self.workdir, e)
     elif not starting and step_no >= last and self._profiling:
       self.flush()  # wait for the traced steps to finish
       jax.block_until_ready(self.state)
