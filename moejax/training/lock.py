@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 
-from moejax.training.paths import as_path, is_uri
+from moejax.training.paths import as_path, is_uri, write_text_atomic
 
 LOCK_FILE = "trainer.lock"
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class WorkdirLock:
     if is_uri(self.path):
       if self.path.exists():
         return False
-      self.path.write_text(self._record())
+      write_text_atomic(self.path, self._record())
       return True
     try:
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -103,7 +103,7 @@ class WorkdirLock:
         age,
         self.path.parent,
       )
-      self.path.write_text(self._record())
+      write_text_atomic(self.path, self._record())
     if is_uri(self.path):
       time.sleep(self.settle_s)  # let a concurrent writer's object land; the last one wins
     held = self.read()
@@ -118,7 +118,7 @@ class WorkdirLock:
   def _heartbeat(self) -> None:
     while not self._stop.wait(self.stale_after_s / 5):
       try:
-        self.path.write_text(self._record())
+        write_text_atomic(self.path, self._record())
       except OSError as e:  # a transient store error must not kill the run
         log.warning("Could not refresh %s: %s", self.path, e)
 
