@@ -5,8 +5,9 @@
 
 The same code path as a TPU pod: ``jax.distributed.initialize`` with a local coordinator
 and gloo CPU collectives; the mesh spans all processes' (simulated) devices, each process
-reads its own input shard, process 0 logs. Each process's output goes to
-<workdir>/process_<i>.log; exits non-zero if any process fails.
+reads its own input shard, process 0 logs. --workdir may be a path or a URI (file://,
+gs://...). Each process's output goes to <log_dir>/process_<i>.log (default: the workdir
+when it is local, else ./process_logs); exits non-zero if any process fails.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def default_log_dir(workdir: str) -> str:
+  """The workdir itself when it is local (a path or file://), else ./process_logs."""
+  if workdir.startswith("file://"):
+    return workdir[len("file://") :]
+  return "process_logs" if "://" in workdir else workdir
+
+
 def launch(
   num_processes: int,
   devices_per_process: int,
@@ -31,9 +39,11 @@ def launch(
   workdir: str,
   trainer_flags: list[str],
   timeout: float | None = None,
+  log_dir: str | None = None,
 ) -> list[int]:
   """Starts the processes, waits for all, returns their exit codes."""
-  os.makedirs(workdir, exist_ok=True)
+  log_dir = log_dir or default_log_dir(workdir)
+  os.makedirs(log_dir, exist_ok=True)
   port = free_port()
   env = dict(
     os.environ,
@@ -42,7 +52,7 @@ def launch(
   )
   procs, logs = [], []
   for i in range(num_processes):
-    log = open(os.path.join(workdir, f"process_{i}.log"), "w")
+    log = open(os.path.join(log_dir, f"process_{i}.log"), "w")
     cmd = [
       sys.executable,
       "-m",
@@ -79,13 +89,20 @@ def main() -> int:
   p.add_argument("--num_processes", type=int, default=2)
   p.add_argument("--devices_per_process", type=int, default=2)
   p.add_argument("--config", required=True)
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", required=True, help="run directory: a path or a URI")
+  p.add_argument("--log_dir", default=None, help="process logs (default: see above)")
   args = p.parse_args(argv)
+  log_dir = args.log_dir or default_log_dir(args.workdir)
   codes = launch(
-    args.num_processes, args.devices_per_process, args.config, args.workdir, trainer_flags
+    args.num_processes,
+    args.devices_per_process,
+    args.config,
+    args.workdir,
+    trainer_flags,
+    log_dir=log_dir,
   )
   for i, code in enumerate(codes):
-    print(f"process {i}: exit {code} (log: {args.workdir}/process_{i}.log)")
+    print(f"process {i}: exit {code} (log: {log_dir}/process_{i}.log)")
   return max(codes, default=0)
 
 

@@ -394,6 +394,11 @@ class TrainConfig:
       (ZeRO-3 / FSDP; GSPMD all-gathers each layer's weights where it is used).
     microbatches: gradient accumulation: the global batch is split into this many
       microbatches inside the jitted step (1 = none); same update as one big batch.
+    max_consecutive_skips: with nan_policy='skip', this many non-finite steps in a row
+      abort the run as diverged (exit 3).
+    lock_timeout_s: a workdir lock whose heartbeat is older than this belongs to a dead
+      trainer and is taken over (``moejax.training.lock``).
+    tensorboard: also write TensorBoard event files into the workdir (tensorboardX).
   """
 
   steps: int = 1000
@@ -414,6 +419,9 @@ class TrainConfig:
   nan_policy: str = "stop"
   fsdp: bool = False
   microbatches: int = 1
+  max_consecutive_skips: int = 10
+  lock_timeout_s: float = 120.0
+  tensorboard: bool = True
   config_path: str = dataclasses.field(default="train", compare=False, hash=False, repr=False)
 
   def __post_init__(self):
@@ -465,11 +473,31 @@ class TrainConfig:
       is_int(self.microbatches) and self.microbatches > 0,
       "must be an int > 0 dividing the per-step batch (1 = no gradient accumulation)",
     )
+    check(
+      self,
+      "max_consecutive_skips",
+      is_int(self.max_consecutive_skips) and self.max_consecutive_skips > 0,
+      "must be an int > 0",
+    )
+    check(
+      self,
+      "lock_timeout_s",
+      is_number(self.lock_timeout_s) and self.lock_timeout_s > 0,
+      "must be a finite number > 0 (seconds)",
+    )
+    check(self, "tensorboard", is_bool(self.tensorboard), "must be a bool")
 
   @classmethod
   def from_config(cls, cd: Any, path: str = "train") -> TrainConfig:
-    # fsdp / microbatches came later: config.json files written before them still load.
-    return section_from_config(cls, cd, path, required=True, optional=("fsdp", "microbatches"))
+    # Fields added later: config.json files written before them still load.
+    optional = (
+      "fsdp",
+      "microbatches",
+      "max_consecutive_skips",
+      "lock_timeout_s",
+      "tensorboard",
+    )
+    return section_from_config(cls, cd, path, required=True, optional=optional)
 
 
 # ----------------------------------------------------------------------------- experiment

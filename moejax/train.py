@@ -2,17 +2,22 @@
 
   python -m moejax.train --config configs/tiny_cpu.py --workdir /tmp/moejax_run \
       [--config.model.moe.num_experts=16] [--noresume] [--max_steps N]
+  python -m moejax.train --workdir gs://bucket/ft --init_from runs/pruned \
+      --config runs/pruned/config.json --config.train.learning_rate=1e-4
 
 Multi-host (TPU pods, or several local processes): pass --distributed; with no
 coordinator flags ``jax.distributed.initialize()`` auto-detects the TPU slice, otherwise
 --coordinator_address/--num_processes/--process_id are used (see launch/).
-Exit codes: 0 done or preempted-and-saved, 2 bad config, 3 diverged (NaN/Inf).
+The workdir may be a local path or an object-store URI (gs://...); one trainer per workdir.
+Exit codes: 0 done or preempted-and-saved; 2 bad config, workdir in use, refused resume or
+unusable checkpoint (nothing written); 3 diverged (NaN/Inf, or too many skipped steps).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -37,6 +42,15 @@ _CPU_COLLECTIVES = flags.DEFINE_string(
 _DEBUG_NANS = flags.DEFINE_bool("debug_nans", False, "jax_debug_nans: raise at the first NaN.")
 _DISABLE_JIT = flags.DEFINE_bool("disable_jit", False, "Run op by op (slow; for debugging).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (else log lines).")
+_INIT_FROM = flags.DEFINE_string(
+  "init_from",
+  None,
+  "A run (path or URI) whose newest params start this run if it has no checkpoint yet "
+  "(fine-tuning a run written by moejax-convert / moejax-experts); fresh optimizer state.",
+)
+_PROFILE_STEPS = flags.DEFINE_string(
+  "profile_steps", None, "'a:b': write a jax.profiler trace of steps a..b to <workdir>/profile."
+)
 _REPORT_LOSSES = flags.DEFINE_bool(
   "report_losses",
   False,
@@ -65,6 +79,16 @@ def initialize_runtime() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
+  """'a:b' -> (a, b) with 1 <= a <= b; ValueError otherwise."""
+  if not text:
+    return None
+  first, sep, last = text.partition(":")
+  if not (sep and first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last)):
+    raise ValueError(f"--profile_steps={text!r} is invalid: expected 'a:b' with 1 <= a <= b")
+  return int(first), int(last)
+
+
 def main(argv) -> int:
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -73,17 +97,23 @@ def main(argv) -> int:
   if _WORKDIR.value is None:
     print("error: --workdir is required", file=sys.stderr)
     return 2
-  config = _CONFIG.value
-  if config is None:  # continue a run (e.g. one written by tools/) with its own config
-    from moejax.training.workdir import load_run_config
-
-    try:
-      config = load_run_config(_WORKDIR.value)
-    except FileNotFoundError as e:
-      print(f"error: no --config given and {e}", file=sys.stderr)
-      return 2
-  initialize_runtime()
   from moejax.errors import ConfigError
+  from moejax.training.checkpoint import CheckpointError
+  from moejax.training.lock import WorkdirLocked
+
+  try:
+    profile_steps = parse_profile_steps(_PROFILE_STEPS.value)
+    config = _CONFIG.value
+    if config is None:  # continue a run (e.g. one written by tools/) with its own config
+      from moejax.training.paths import as_path
+      from moejax.training.workdir import load_run_config
+
+      own = (as_path(_WORKDIR.value) / "config.json").exists() or not _INIT_FROM.value
+      config = load_run_config(_WORKDIR.value if own else _INIT_FROM.value)
+  except (ConfigError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  initialize_runtime()
   from moejax.training.trainer import TrainingDiverged, train
 
   try:
@@ -93,9 +123,14 @@ def main(argv) -> int:
       resume=_RESUME.value,
       max_steps=_MAX_STEPS.value,
       show_progress=_PROGRESS.value,
+      init_from=_INIT_FROM.value,
+      profile_steps=profile_steps,
     )
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
+    return 2
+  except (WorkdirLocked, CheckpointError, FileExistsError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   except TrainingDiverged as e:
     print(str(e), file=sys.stderr)
@@ -105,6 +140,7 @@ def main(argv) -> int:
     f"finished at step {result.final_step} ({result.stopped_by}); "
     f"last loss {last if last is None else round(last, 4)}; "
     f"eval { ({k: round(v, 4) for k, v in result.eval_losses.items()}) }; "
+    f"skipped steps {result.skipped_steps}; run id {result.run_id}; "
     f"checkpoints in {_WORKDIR.value}/checkpoints"
   )
   if _REPORT_LOSSES.value:
@@ -112,8 +148,54 @@ def main(argv) -> int:
   return 0
 
 
+def _json_config_argv(argv: list[str]) -> list[str]:
+  """``--config=x.json`` (a run's config.json) -> ``--config=<json_config.py>:x.json``."""
+  loader = os.path.join(os.path.dirname(__file__), "training", "json_config.py")
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config=") and arg.endswith(".json"):
+      out[i] = f"--config={loader}:{arg[len('--config=') :]}"
+    elif arg == "--config" and i + 1 < len(out) and out[i + 1].endswith(".json"):
+      out[i + 1] = f"{loader}:{out[i + 1]}"
+  return out
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first ``--config.a.b`` override naming no field of the config file (or None)."""
+  from moejax.config import base_config
+  from moejax.training.workdir import load_config_file
+
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  try:
+    config = load_config_file(path.split(":", 1)[-1] if path else None) if path else base_config()
+  except Exception:  # noqa: BLE001 — only used to word an error message
+    config = base_config()
+  for arg in argv:
+    if arg.startswith("--config."):
+      dotted = arg[len("--config.") :].split("=", 1)[0]
+      node = config
+      for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node:
+          return dotted
+        node = node[part]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a config file or override error exits 2 naming the field."""
+  try:
+    return flags.FLAGS(_json_config_argv(argv))
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as e:
+    field = _unknown_override(argv[1:])
+    if field is not None:
+      print(f"config error: {field} is not a config field (--config.{field})", file=sys.stderr)
+    else:
+      print(f"config error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run() -> None:
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, TINY_FLAGS
+
+REPO_PATH = pathlib.Path(REPO)
 
 
 def _env(data_dir: str, devices: int) -> dict:
@@ -31,7 +34,7 @@ def test_two_processes_form_one_mesh_and_agree_on_the_loss(tmp_path, data_dir):
     "--num_processes=2",
     "--devices_per_process=2",
     "--config=configs/tiny_cpu.py",
-    f"--workdir={workdir}",
+    f"--workdir=file://{workdir}",  # a URI workdir, as on a pod (gs://...)
     "--",
     *TINY_FLAGS,
     "--config.train.steps=3",
@@ -57,6 +60,9 @@ def test_two_processes_form_one_mesh_and_agree_on_the_loss(tmp_path, data_dir):
   # only process 0 writes metrics
   records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+  assert len({r["run_id"] for r in records}) == 1
+  assert not (workdir / "trainer.lock").exists()  # process 0 held it and released it
+  assert not (REPO_PATH / "file:").exists()
 
 
 def test_tpu_pod_launcher_prints_one_command_for_every_host():

@@ -136,6 +136,37 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, data_dir, 
   _assert_matches_reference(workdir, reference)
 
 
+@pytest.mark.slow
+def test_second_trainer_on_a_live_workdir_exits_2_and_the_first_run_is_untouched(
+  tmp_path, data_dir
+):
+  workdir = tmp_path / "run"
+  first = subprocess.Popen(  # long enough to still be training when the second one starts
+    _cmd(workdir, "--config.train.steps=100000"),
+    cwd=REPO,
+    env=_env(data_dir),
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
+  _wait_for_step(first, workdir, 2)
+  config_before = (workdir / "config.json").read_bytes()
+  second = _run(
+    workdir, data_dir, "--config.train.steps=100000", "--config.train.learning_rate=0.5"
+  )
+  assert second.returncode == 2, second.stderr[-3000:]
+  assert f":{first.pid}:" in second.stderr and "is in use by trainer" in second.stderr
+  assert first.poll() is None  # still training
+  first.send_signal(signal.SIGTERM)
+  _, stderr = first.communicate(timeout=300)
+  assert first.returncode == 0, stderr[-3000:]
+  assert (workdir / "config.json").read_bytes() == config_before  # not the second's LR
+  records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == list(range(1, len(steps) + 1)) and len({r["run_id"] for r in records}) == 1
+  assert not (workdir / "trainer.lock").exists()
+
+
 def test_kill9_during_async_save_resumes_from_newest_complete_checkpoint(
   tmp_path, data_dir, reference
 ):
@@ -251,18 +282,23 @@ def test_nan_stops_with_step_and_layer_metrics_and_keeps_last_good_checkpoint(tm
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
-def test_nan_skip_policy_keeps_params_finite_and_counts_skips(tmp_path, data_dir):
-  cfg = tiny_config(data_dir, steps=12, checkpoint_every=100, learning_rate=1e9)
+def test_nan_skip_policy_keeps_params_finite_counts_skips_and_aborts_when_diverged(
+  tmp_path, data_dir
+):
+  cfg = tiny_config(data_dir, steps=12, checkpoint_every=1, learning_rate=1e9)
   with cfg.unlocked():
     cfg.train.warmup_steps = 0
     cfg.train.grad_clip_norm = 1e30
     cfg.train.nan_policy = "skip"
+    cfg.train.max_consecutive_skips = 3
   one = jax.devices()[:1]
-  result = train(cfg, str(tmp_path / "run"), show_progress=False, devices=one)
-  assert result.final_step == 12
+  with pytest.raises(TrainingDiverged, match=r"3 consecutive .*train\.max_consecutive_skips=3"):
+    train(cfg, str(tmp_path / "run"), show_progress=False, devices=one)
   records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   skipped = [r["step"] for r in records if r.get("skipped") == 1.0]
-  assert skipped, "the huge learning rate should have produced non-finite steps"
+  # the run of skips that aborted (its last step raises before it is logged)
+  assert len(skipped) >= 2 and skipped[-2:] == [skipped[-1] - 1, skipped[-1]], skipped
+  assert records[-1]["skipped_steps"] == len(skipped)
   from moejax.training.workdir import restore_state
 
   state, _, _, _ = restore_state(cfg, str(tmp_path / "run"), devices=one)

@@ -8,10 +8,9 @@ mesh) that ``moejax.train --workdir DST`` resumes.
 
 from __future__ import annotations
 
-import os
-
 from moejax.config import with_overrides
 from moejax.training.checkpoint import Checkpointer
+from moejax.training.paths import as_path
 from moejax.training.workdir import restore_state, save_run_config
 
 
@@ -29,9 +28,7 @@ def reshard_checkpoint(
   """
   new_config = with_mesh(config, mesh_shape)
   state, meta, step, _ = restore_state(new_config, src, step, unrolled=False)
-  target = Checkpointer(
-    os.path.join(os.path.abspath(dst), "checkpoints"), keep=1_000_000, async_save=False
-  )
+  target = Checkpointer(as_path(dst) / "checkpoints", keep=1_000_000, async_save=False)
   if target.all_steps():
     target.close()
     raise FileExistsError(f"{dst} already holds checkpoints; choose a fresh output workdir")

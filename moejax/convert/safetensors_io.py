@@ -46,9 +46,23 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  _make_world_readable(tmp)
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.rename(tmp, out_dir)
+
+
+def _make_world_readable(directory: str) -> None:
+  """0755 folders / 0644 files (less the umask), like a run the trainer writes; mkdtemp
+  would otherwise leave the export readable by its owner only."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(directory, 0o755 & ~umask)
+  for root, dirs, files in os.walk(directory):
+    for name in dirs:
+      os.chmod(os.path.join(root, name), 0o755 & ~umask)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o644 & ~umask)
 
 
 def write_safetensors(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -24,11 +23,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from moejax.training.paths import as_path
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-  """No usable checkpoint could be restored."""
+class CheckpointError(RuntimeError, ValueError):
+  """No usable checkpoint could be restored (a ValueError too: tools report it in one line)."""
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
@@ -80,7 +81,8 @@ def gather_host_states(local_state: dict) -> dict[str, Any]:
 class Checkpointer:
   """Keep-N, optionally asynchronous Orbax checkpointing with verified restore."""
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
+  def __init__(self, directory, keep: int, async_save: bool = True):
+    directory = as_path(directory)  # a local folder or an object-store URI, never abspath'd
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, enable_async_checkpointing=async_save, create=True
     )
@@ -120,39 +122,54 @@ class Checkpointer:
       raise CheckpointError(f"checksum mismatch in {len(bad)} tensor(s), e.g. {bad[:3]}")
     return state, meta
 
+  def restore_verified(self, step: int, abstract_state) -> tuple[Any, dict]:
+    """``restore``, any failure a one-paragraph CheckpointError naming the step directory."""
+    try:
+      return self.restore(step, abstract_state)
+    except Exception as e:  # noqa: BLE001 — any failure to load means "not usable"
+      raise CheckpointError(
+        f"checkpoint {self.directory / str(step)} is unusable: {_first_line(e)}"
+      ) from e
+
+  def restore_newest(self, abstract_state, quarantine: bool = True) -> tuple[Any, dict, int]:
+    """(state, meta, step) of the newest checkpoint that loads and verifies; newer unusable
+    steps are logged and (if `quarantine`) moved aside. CheckpointError if none is usable."""
+    steps = self.all_steps()
+    failures = []
+    for step in reversed(steps):
+      try:
+        state, meta = self.restore_verified(step, abstract_state)
+      except CheckpointError as e:
+        log.error("%s", e)
+        failures.append(str(e))
+        continue
+      if failures:
+        log.warning("Fell back to checkpoint step %d after: %s", step, "; ".join(failures))
+        if quarantine:
+          self._quarantine([s for s in steps if s > step])
+      return state, meta, step
+    raise CheckpointError("no usable checkpoint: " + "; ".join(failures))
+
   def restore_latest(self, abstract_state) -> tuple[Any, dict, int] | None:
     """Restores the newest checkpoint that loads and verifies; None when there is none.
 
     Returns (state, this host's data-iterator state, step). Raises CheckpointError when
     checkpoints exist but none is usable.
     """
-    steps = self.all_steps()
-    if not steps:
+    if not self.all_steps():
       return None
-    failures = []
-    for step in reversed(steps):
-      try:
-        state, meta = self.restore(step, abstract_state)
-        data_state = meta["data"][str(jax.process_index())]
-        if failures:
-          log.warning("Fell back to checkpoint step %d after: %s", step, "; ".join(failures))
-          self._quarantine([s for s in steps if s > step])
-        return state, data_state, step
-      except Exception as e:  # noqa: BLE001 — any failure to load means "not usable"
-        message = f"checkpoint step {step} in {self.directory} is unusable: {e}"
-        log.error(message)
-        failures.append(message)
-    raise CheckpointError("no usable checkpoint:\n" + "\n".join(failures))
+    state, meta, step = self.restore_newest(abstract_state)
+    return state, meta["data"][str(jax.process_index())], step
 
   def _quarantine(self, steps: list[int]) -> None:
     """Moves unusable newer steps to <dir>/../quarantine/ (kept for inspection), so the
     resumed run can save those step numbers again."""
-    quarantine = os.path.join(os.path.dirname(self.directory.rstrip("/")), "quarantine_checkpoints")
+    quarantine = self.directory.parent / "quarantine_checkpoints"
     if jax.process_index() == 0:
-      os.makedirs(quarantine, exist_ok=True)
+      quarantine.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        target = os.path.join(quarantine, f"{step}.{int(time.time())}")
-        os.rename(os.path.join(self.directory, str(step)), target)
+        target = quarantine / f"{step}.{int(time.time())}"
+        (self.directory / str(step)).rename(target)
         log.warning("Moved unusable checkpoint step %d to %s", step, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("moejax_checkpoint_quarantine")
@@ -164,6 +181,12 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  """An exception as one short line (Orbax errors run to hundreds of lines)."""
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _mismatched_leaves(saved: dict[str, int], restored: dict[str, int]) -> list[str]:

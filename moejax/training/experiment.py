@@ -10,6 +10,7 @@ import jax
 import optax
 
 from moejax.config import ExperimentConfig, ModelConfig
+from moejax.errors import config_error
 from moejax.models import Transformer
 from moejax.parallel import batch_sharding, logical_axis_rules, make_mesh, validate_mesh_for_moe
 from moejax.training.optim import learning_rate_schedule, make_optimizer
@@ -32,6 +33,20 @@ class Experiment:
     return self.config.model
 
 
+def check_batch_divides(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> None:
+  """The batch rows are split over mesh axes ('data', 'expert') and over the processes;
+  ConfigError naming data.global_batch_size unless both divide it."""
+  rows = mesh.shape["data"] * mesh.shape["expert"]
+  batch = cfg.data.global_batch_size
+  if batch % rows or batch % jax.process_count():
+    raise config_error(
+      "data.global_batch_size",
+      batch,
+      f"must be divisible by the {rows} batch shards (mesh.data x mesh.expert = "
+      f"{mesh.shape['data']} x {mesh.shape['expert']}) and the {jax.process_count()} processes",
+    )
+
+
 def build_experiment(config, devices=None) -> Experiment:
   """Validates `config` (an ExperimentConfig, or a ConfigDict parsed here with
   ``ExperimentConfig.from_config``, raising ConfigError naming the field) and derives the
@@ -41,6 +56,7 @@ def build_experiment(config, devices=None) -> Experiment:
   validate_mesh_for_moe(mesh, cfg.model.moe)
   model = Transformer(cfg.model, mesh=mesh)
   tx = make_optimizer(cfg.train)
+  check_batch_divides(cfg, mesh)
   rules = logical_axis_rules(fsdp=cfg.train.fsdp)
   shardings, abstract = state_shardings(model, tx, cfg.data.seq_len, mesh, rules)
   return Experiment(

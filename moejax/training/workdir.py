@@ -12,37 +12,39 @@ import os
 
 import jax
 import ml_collections
+from etils import epath
 
 from moejax.config import ExperimentConfig, base_config
 from moejax.data import make_train_iterator
+from moejax.errors import ConfigError
 from moejax.models.layer_stack import stack_layers, unrolled_config, unstack_layers
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.experiment import Experiment, build_experiment
+from moejax.training.paths import as_path, write_text_atomic
 from moejax.training.state import TrainState
 
 CONFIG_FILE = "config.json"
 
 
-def checkpoint_dir(path: str) -> str:
+def checkpoint_dir(path) -> epath.Path:
   """Accepts a run workdir (holding checkpoints/) or a checkpoints directory."""
-  path = os.path.abspath(path)  # Orbax needs absolute paths
-  inner = os.path.join(path, "checkpoints")
-  return inner if os.path.isdir(inner) else path
+  path = as_path(path)
+  inner = path / "checkpoints"
+  return inner if inner.is_dir() else path
 
 
-def save_run_config(config, workdir: str) -> None:
+def save_run_config(config, workdir) -> None:
   """Writes `config` (an ExperimentConfig or a ConfigDict) as ``workdir/config.json``."""
   if isinstance(config, ExperimentConfig):
     config = config.to_config_dict()
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  write_text_atomic(as_path(workdir) / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file such as configs/tiny_cpu.py (as --config loads it)."""
+  """`get_config()` of a config file such as configs/tiny_cpu.py (as --config loads it), or
+  a run's ``config.json``."""
+  if os.fspath(path).endswith(".json"):
+    return load_config_json(path)
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   if spec is None or not os.path.exists(path):
     raise FileNotFoundError(f"config file {path} not found")
@@ -58,21 +60,36 @@ def _merge(base: dict, given: dict) -> dict:
   return out
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's ``config.json`` over ``base_config()``: fields added since the run was
-  written take their defaults, so older runs keep loading."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+def load_config_json(path) -> ml_collections.ConfigDict:
+  """A run's ``config.json`` over ``base_config()``: fields added since the run was written
+  take their defaults, so older runs keep loading. Errors name the file."""
+  path = as_path(path)
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: pass --config with the run's config file")
-  with open(path) as f:
-    stored = json.load(f)
-  return ml_collections.ConfigDict(_merge(base_config().to_dict(), stored))
+  try:
+    stored = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path} is not a valid config.json: {e}") from None
+  if not isinstance(stored, dict):
+    raise ConfigError(f"{path} is not a valid config.json: not a JSON object")
+  config = ml_collections.ConfigDict(_merge(base_config().to_dict(), stored))
+  try:
+    ExperimentConfig.from_config(config)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  return config
+
+
+def load_run_config(workdir) -> ml_collections.ConfigDict:
+  """``load_config_json`` of ``workdir/config.json``."""
+  return load_config_json(as_path(workdir) / CONFIG_FILE)
 
 
 def restore_state(
-  config, workdir: str, step: int | None = None, devices=None, unrolled: bool = True
+  config, workdir, step: int | None = None, devices=None, unrolled: bool = True
 ) -> tuple[TrainState, dict, int, Experiment]:
-  """Restores (state, meta, step, experiment) from the newest (or given) verified step.
+  """Restores (state, meta, step, experiment) from the newest verified step (or the given
+  one); an unusable checkpoint is a CheckpointError naming its directory.
 
   unrolled: a scanned run (model.scan_layers) comes back in the ``layers_{i}`` form with
   the experiment of its unrolled config (``moejax.models.layer_stack``).
@@ -83,17 +100,30 @@ def restore_state(
     steps = ckpt.all_steps()
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {workdir}")
-    if step is None:
-      step = steps[-1]
+    if step is None:  # the newest that loads and verifies, as the trainer resumes
+      state, meta, step = ckpt.restore_newest(exp.abstract_state, quarantine=False)
     elif step not in steps:
       raise FileNotFoundError(f"step {step} is not in {workdir}; available: {steps}")
-    state, meta = ckpt.restore(step, exp.abstract_state)
+    else:
+      state, meta = ckpt.restore_verified(step, exp.abstract_state)
   finally:
     ckpt.close()
   if unrolled and exp.model_cfg.scan_layers:
     exp = build_experiment(unrolled_config(config), devices=devices)
     state = jax.device_put(unstack_layers(state, exp.model_cfg), exp.state_shardings)
   return state, meta, step, exp
+
+
+def fresh_state(exp: Experiment, params, step: int = 0, opt_state=None) -> TrainState:
+  """A TrainState at `step` holding `params` (unrolled ``layers_{i}`` is fine for a scanned
+  config) on `exp`'s shardings, with a fresh optimizer state unless given."""
+  params, opt_state = stack_layers((params, opt_state), exp.model_cfg)
+  params = jax.device_put(params, exp.state_shardings.params)
+  if opt_state is None:
+    opt_state = jax.jit(exp.tx.init, out_shardings=exp.state_shardings.opt_state)(params)
+  return TrainState(
+    step=jax.numpy.asarray(step, jax.numpy.int32), params=params, opt_state=opt_state
+  )
 
 
 def write_run(
@@ -103,16 +133,10 @@ def write_run(
   given) and fresh input positions; returns the step. Refuses a workdir with checkpoints.
   params / opt_state may be unrolled (``layers_{i}``) for a scanned config."""
   exp = build_experiment(config)
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  ckpt_dir = as_path(workdir) / "checkpoints"
+  if ckpt_dir.is_dir() and list(ckpt_dir.iterdir()):
     raise FileExistsError(f"{workdir} already holds checkpoints; choose a fresh workdir")
-  params, opt_state = stack_layers((params, opt_state), exp.model_cfg)
-  params = jax.device_put(params, exp.state_shardings.params)
-  if opt_state is None:
-    opt_state = jax.jit(exp.tx.init, out_shardings=exp.state_shardings.opt_state)(params)
-  state = TrainState(
-    step=jax.numpy.asarray(step, jax.numpy.int32), params=params, opt_state=opt_state
-  )
+  state = fresh_state(exp, params, step, opt_state)
   if host_data_states is None:
     n = jax.process_count()
     host_data_states = {
