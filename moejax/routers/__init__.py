@@ -1,9 +1,18 @@
 """Routers: pure functions ``route(logits, cfg) -> Routing``, selected by name.
 
-Registered names: 'topk', 'expert_choice', 'null_experts', 'shared_experts', 'top_p'.
+Registered names: 'topk', 'expert_choice', 'null_experts', 'shared_experts', 'top_p',
+'multigate', 'pregate'.
 """
 
-from moejax.routers import expert_choice, null_experts, shared_experts, top_p, topk  # noqa: F401  (registration)
+from moejax.routers import (  # noqa: F401  (registration)
+  expert_choice,
+  multigate,
+  null_experts,
+  pregate,
+  shared_experts,
+  top_p,
+  topk,
+)
 from moejax.routers.base import (
   ROUTERS,
   Routing,
