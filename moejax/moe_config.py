@@ -220,11 +220,12 @@ def validate_moe_config(cfg: MoEConfig) -> None:
     f"compressed experts need a token-choice router in {COMPRESSED_ROUTERS}",
   )
   total = cfg.num_router_logits
+  plus = "num_compressed_experts + " if cfg.num_compressed_experts else ""
   _check(
     cfg,
     "top_k",
     _is_int(cfg.top_k) and 1 <= cfg.top_k <= total,
-    f"must be an int in [1, num_experts + num_compressed_experts + num_null_experts = {total}]",
+    f"must be an int in [1, num_experts + {plus}num_null_experts = {total}]",
   )
   validate_methods(cfg)
   _check(

@@ -53,14 +53,9 @@ def test_compressed_vectors_are_mean_outputs_and_other_tokens_are_unchanged():
   vectors = expected_outputs(model_cfg, params, batches)[1]  # [E, d]
   # reference: mean FFN_e(x_t) over the tokens whose top-2 holds e
   ffn = {k: np.asarray(v, np.float64) for k, v in params["layers_1"]["ffn"].items()}
-  xs = np.concatenate(
-    [
-      np.asarray(moe_layer_inputs(Transformer(model_cfg), params, b["inputs"])[1][1]).reshape(
-        -1, model_cfg.d_model
-      )
-      for b in batches
-    ]
-  ).astype(np.float64)
+  capture = jax.jit(lambda p, t: moe_layer_inputs(Transformer(model_cfg), p, t)[1][1])
+  xs = np.concatenate([np.asarray(capture(params, b["inputs"])) for b in batches])
+  xs = xs.reshape(-1, model_cfg.d_model).astype(np.float64)
   top2 = np.argsort(-(xs @ ffn["router"]), axis=-1, kind="stable")[:, :2]
   for e in range(4):
     chose = np.any(top2 == e, axis=-1)

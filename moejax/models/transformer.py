@@ -42,6 +42,9 @@ tensor names and layouts are in ``moejax.convert.hf_mixtral`` / ``hf_deepseek``)
   layers_{i}/ffn/{wi_gate, wi_up} [E, d, f] (expert, embed, expert_mlp)
   layers_{i}/ffn/wo          [E, f, d]     (expert, expert_mlp, embed)
   layers_{i}/ffn/shared/{wi_gate [d, s], wi_up [d, s], wo [s, d]}   DeepSeekMoE shared experts
+  layers_{i}/ffn/compressed  [J, d]        (None, embed)   compressed experts (He et al., 2025)
+  layers_{i}/ffn/router      [T, d, R]     router='multigate': one gate per task
+  pregate/{norm/scale [d], w1 [d, H], w2 [H, M, R]}   router='pregate' (Read-ME), no ffn/router
   layers_{i}/ffn/{wi_gate [d, f], wi_up [d, f], wo [f, d]}          dense layers (embed / mlp)
   final_norm/scale           [d]           (embed,)
   lm_head/kernel             [d, V]        (embed, vocab)
