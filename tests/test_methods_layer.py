@@ -14,6 +14,7 @@ from moejax.config import ModelConfig
 from moejax.errors import ConfigError
 from moejax.layers.moe import MoELayer
 from moejax.models import Transformer
+from moejax.models.transformer import pregate_choices
 from moejax.routers.multigate import task_expert_mask
 from moejax.routers.pregate import distinct_experts
 from tests.helpers import init_model_params, make_moe_cfg, random_like
@@ -50,7 +51,8 @@ def inputs(seed=1):
 
 
 def layer_params(cfg, seed=3, **call):
-  boxed = MoELayer(cfg).init(jax.random.key(0), jnp.zeros(X_SHAPE), **call)["params"]
+  init = jax.jit(lambda x, call: MoELayer(cfg).init(jax.random.key(0), x, **call))
+  boxed = init(jnp.zeros(X_SHAPE), call)["params"]
   return nn.meta.unbox(random_like(boxed, seed, router_scale=4.0))
 
 
@@ -223,6 +225,11 @@ def test_pregate_routes_every_layer_from_the_embeddings():
   normed = emb / np.sqrt(np.mean(emb**2, -1, keepdims=True) + 1e-6) * pre["norm"]["scale"]
   want = np.einsum("blh,hmr->blmr", silu(normed @ pre["w1"]), pre["w2"])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  idx, valid = jax.jit(pregate_choices, static_argnums=0)(
+    cfg, params, tokens
+  )  # the lookahead: top-2 of those logits
+  np.testing.assert_array_equal(idx, np.argsort(-got, axis=-1, kind="stable")[..., :2])
+  assert idx.shape == (2, 8, 1, 2) and np.all(valid)
   # the same token gets the same experts whatever its context
   other = np.asarray(pregate_logits(tokens.at[:, 1:].set((tokens[:, 1:] + 5) % 32)))
   np.testing.assert_array_equal(other[:, 0], got[:, 0])
@@ -239,6 +246,7 @@ def test_distinct_experts_counts_unions():
   np.testing.assert_allclose(out["per_token"], [(2 + 2 + 1 + 2) / 4])
 
 
+@pytest.mark.slow
 def test_multigate_transformer_uses_task_ids():
   cfg = tiny_model(**dict(HOME, group_size=None, num_experts=8))
   params = init_model_params(cfg, shape=(1, 8))

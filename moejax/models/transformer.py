@@ -268,6 +268,22 @@ class PreGate(nn.Module):
     return jnp.einsum("blh,hmr->blmr", z, w2.astype(jnp.float32))
 
 
+def pregate_choices(cfg: ModelConfig, params, tokens: jax.Array):
+  """Every MoE layer's experts for `tokens` i32[B, L] from the pre-gating network alone
+  (router='pregate'), before any block runs: (expert_index i32[B, L, M, K], valid
+  bool[B, L, M, K]) for the M = len(cfg.moe_layers) layers, as the layers route them
+  (group structure ignored: dropless token choice does not depend on it)."""
+  from moejax.routers import route
+
+  h = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(jnp.float32)
+  logits = PreGate(cfg.moe, len(cfg.moe_layers)).apply({"params": params["pregate"]}, h)
+  b, l, m, r = logits.shape
+  routing = route(jnp.moveaxis(logits, 2, 0).reshape(m * b, l, r), cfg.moe, slots=False)
+  k = routing.expert_index.shape[-1]
+  back = lambda a: jnp.moveaxis(a.reshape(m, b, l, k), 0, 2)
+  return back(routing.expert_index), back(routing.valid)
+
+
 class Embed(nn.Module):
   """The token embedding table ``embedding`` [V, d] ('vocab', 'embed'), N(0, stddev^2)."""
 
