@@ -289,6 +289,8 @@ class DataConfig:
     seed: document-order seed; shuffle: train only (eval always reads in document order).
     tokenizer: 'byte', a SentencePiece ``.model`` file, or a HF ``tokenizer.json`` (or its
       directory); see ``moejax.data.tokenizer.load_tokenizer``.
+    num_tasks: > 0 adds 'task_id' i32[B, L] to batches, each token's document pseudo-task
+      crc32(text) mod num_tasks (``moejax.data.pipeline.document_task``; multi-gate router).
   """
 
   name: str = "moejax_tiny_corpus"
@@ -301,6 +303,7 @@ class DataConfig:
   seed: int = 0
   shuffle: bool = True
   tokenizer: str = "byte"
+  num_tasks: int = 0
   config_path: str = dataclasses.field(default="data", compare=False, hash=False, repr=False)
 
   def __post_init__(self):
@@ -322,6 +325,7 @@ class DataConfig:
       )
     check(self, "seed", is_int(self.seed) and self.seed >= 0, "must be a non-negative int")
     check(self, "shuffle", is_bool(self.shuffle), "must be a bool")
+    check(self, "num_tasks", is_int(self.num_tasks) and self.num_tasks >= 0, "must be an int >= 0")
 
   @classmethod
   def from_config(cls, cd: Any, path: str = "data") -> DataConfig:
@@ -576,6 +580,15 @@ class ExperimentConfig:
           f"must divide the tokens of a batch, data.global_batch_size * "
           f"data.seq_len = {data.global_batch_size} * {data.seq_len} = "
           f"{tokens}",
+        )
+
+    if model.moe is not None and model.moe.router == "multigate":
+      if data.num_tasks != model.moe.num_tasks:
+        raise config_error(
+          "data.num_tasks",
+          data.num_tasks,
+          f"must equal model.moe.num_tasks={model.moe.num_tasks} (router='multigate' "
+          "selects each token's gate by the batch's task_id)",
         )
 
   def to_config_dict(self) -> ml_collections.ConfigDict:

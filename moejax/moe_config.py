@@ -18,6 +18,7 @@ ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 ACTIVATIONS = ("silu", "gelu")
 EXPERT_IMPLS = ("auto", "ragged_dot", "blocked", "capacity")
 EP_EXCHANGES = ("auto", "ragged_all_to_all", "padded_all_to_all")
+COMPRESSED_ROUTERS = ("topk", "shared_experts", "top_p", "multigate", "pregate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,18 @@ class MoEConfig:
       max(ragged_buffer_min_rows, ceil(factor * A / P)) capped at A, for A = local
       (token, expert) assignments and P expert-parallel devices. Assignments past the bound
       are dropped and counted in the 'dropped_fraction' metric (factor >= P never drops).
+    num_compressed_experts: Compressed Experts (He et al., 2025): router columns
+      [E, E + num_compressed_experts) stand for removed experts; a pick of one adds
+      g * c_j (its vector ``compressed[j]`` [d]) instead of an FFN output. Token-choice
+      routers except null_experts.
+    num_tasks: T gates of router='multigate' (MMoE, Ma et al., 2018): the gate of each
+      token's task (``task_id`` in the batch) scores the experts.
+    task_categories: HoME (Wang et al., 2024): the category of each of the T tasks (ints
+      in [0, K)); empty means one category.
+    num_category_experts, num_task_experts: HoME's expert hierarchy, per category / per
+      task, laid out after the experts shared by all tasks (``routers.multigate``).
+    pregate_d_hidden: hidden width of router='pregate''s separate router network
+      (Read-ME, Cai et al., 2024), which routes every MoE layer from the embeddings.
     config_path: dotted path used in error messages; not part of equality.
   """
 
@@ -89,9 +102,17 @@ class MoEConfig:
   ep_exchange: str = "auto"
   ragged_buffer_factor: float = 1.25
   ragged_buffer_min_rows: int = 128
+  num_compressed_experts: int = 0
+  num_tasks: int = 0
+  task_categories: tuple = ()
+  num_category_experts: int = 0
+  num_task_experts: int = 0
+  pregate_d_hidden: int = 64
   config_path: str = dataclasses.field(default="moe", compare=False, hash=False, repr=False)
 
   def __post_init__(self):
+    if isinstance(self.task_categories, list):  # config.json round trip
+      object.__setattr__(self, "task_categories", tuple(self.task_categories))
     validate_moe_config(self)
 
   @classmethod
@@ -101,8 +122,8 @@ class MoEConfig:
 
   @property
   def num_router_logits(self) -> int:
-    """Width of the gating projection: real experts plus null experts."""
-    return self.num_experts + self.num_null_experts
+    """Width of the gating projection: real, compressed and null experts."""
+    return self.num_experts + self.num_compressed_experts + self.num_null_experts
 
   @property
   def is_token_choice(self) -> bool:
@@ -186,13 +207,27 @@ def validate_moe_config(cfg: MoEConfig) -> None:
     cfg.router != "null_experts" or cfg.num_null_experts >= 1,
     "router='null_experts' needs num_null_experts >= 1",
   )
+  _check(
+    cfg,
+    "num_compressed_experts",
+    _is_int(cfg.num_compressed_experts) and cfg.num_compressed_experts >= 0,
+    "must be an int >= 0",
+  )
+  _check(
+    cfg,
+    "num_compressed_experts",
+    cfg.num_compressed_experts == 0 or cfg.router in COMPRESSED_ROUTERS,
+    f"compressed experts need a token-choice router in {COMPRESSED_ROUTERS}",
+  )
   total = cfg.num_router_logits
+  plus = "num_compressed_experts + " if cfg.num_compressed_experts else ""
   _check(
     cfg,
     "top_k",
     _is_int(cfg.top_k) and 1 <= cfg.top_k <= total,
-    f"must be an int in [1, num_experts + num_null_experts = {total}]",
+    f"must be an int in [1, num_experts + {plus}num_null_experts = {total}]",
   )
+  validate_methods(cfg)
   _check(
     cfg,
     "capacity_factor",
@@ -258,4 +293,52 @@ def validate_moe_config(cfg: MoEConfig) -> None:
     "dropless",
     not (cfg.dropless and cfg.router == "expert_choice"),
     "expert_choice never drops by construction of its capacity; set dropless=False",
+  )
+
+
+def validate_methods(cfg: MoEConfig) -> None:
+  """The fields of the multi-gate (MMoE / HoME) and pre-gating (Read-ME) routers."""
+  for name in ("num_tasks", "num_category_experts", "num_task_experts"):
+    v = getattr(cfg, name)
+    _check(cfg, name, _is_int(v) and v >= 0, "must be an int >= 0")
+  _check(
+    cfg,
+    "pregate_d_hidden",
+    _is_int(cfg.pregate_d_hidden) and cfg.pregate_d_hidden >= 1,
+    "must be an int >= 1",
+  )
+  multigate = cfg.router == "multigate"
+  _check(
+    cfg,
+    "num_tasks",
+    (cfg.num_tasks >= 1) == multigate,
+    "router='multigate' needs num_tasks >= 1; other routers need 0",
+  )
+  cats = cfg.task_categories
+  _check(
+    cfg,
+    "task_categories",
+    isinstance(cats, tuple)
+    and all(_is_int(c) and c >= 0 for c in cats)
+    and (not cats or len(cats) == cfg.num_tasks),
+    f"must be () or num_tasks={cfg.num_tasks} ints >= 0 (each task's category)",
+  )
+  if not multigate:
+    for name in ("num_category_experts", "num_task_experts"):
+      _check(cfg, name, getattr(cfg, name) == 0, "only router='multigate' uses it; set 0")
+    return
+  num_categories = max(cats) + 1 if cats else 1
+  specific = num_categories * cfg.num_category_experts + cfg.num_tasks * cfg.num_task_experts
+  _check(
+    cfg,
+    "num_experts",
+    cfg.num_experts >= specific,
+    f"must be >= the {specific} category and task experts of the HoME hierarchy",
+  )
+  per_task = cfg.num_experts - specific + cfg.num_category_experts + cfg.num_task_experts
+  _check(
+    cfg,
+    "top_k",
+    cfg.top_k <= per_task + cfg.num_compressed_experts,
+    f"must be <= the {per_task + cfg.num_compressed_experts} experts each task's gate may pick",
   )

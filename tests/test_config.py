@@ -76,8 +76,16 @@ def expected_param_count(m: ModelConfig) -> int:
     if m.is_moe_layer(i):
       e, f = m.moe.num_experts, m.moe.expert_d_ff
       n += d * m.moe.num_router_logits + 3 * e * d * f + 3 * d * m.moe.num_shared_experts * f
+      n += d * m.moe.num_compressed_experts  # compressed-expert vectors
+      if m.moe.router == "multigate":  # one gate per task
+        n += d * m.moe.num_router_logits * (m.moe.num_tasks - 1)
+      if m.moe.router == "pregate":  # no layer router
+        n -= d * m.moe.num_router_logits
     else:
       n += 3 * d * m.d_ff
+  if m.moe is not None and m.moe.router == "pregate":  # norm, w1 [d, H], w2 [H, M, R]
+    h = m.moe.pregate_d_hidden
+    n += d + d * h + h * len(m.moe_layers) * m.moe.num_router_logits
   return n
 
 

@@ -627,7 +627,18 @@ def invalid_value(field: str, base: MoEConfig) -> st.SearchStrategy:
       st.floats(max_value=0.0), st.sampled_from([math.inf, math.nan]), NON_NUMBERS
     ),
     "ragged_buffer_min_rows": st.one_of(st.integers(max_value=0), NON_INTS),
+    # the methods' fields (compressed experts, multi-gate, pre-gating); bases never use them
+    "num_compressed_experts": st.one_of(st.integers(max_value=-1), NON_INTS),
+    "num_tasks": st.one_of(st.integers(max_value=-1), st.integers(1, 4), NON_INTS),
+    "task_categories": st.one_of(
+      st.lists(st.integers(0, 3), min_size=1).map(tuple), st.integers(), st.text(max_size=3)
+    ),
+    "num_category_experts": st.one_of(st.integers(max_value=-1), st.integers(1, 4), NON_INTS),
+    "num_task_experts": st.one_of(st.integers(max_value=-1), st.integers(1, 4), NON_INTS),
+    "pregate_d_hidden": st.one_of(st.integers(max_value=0), NON_INTS),
   }
+  if field == "num_compressed_experts" and base.router in ("expert_choice", "null_experts"):
+    table[field] = st.one_of(table[field], st.integers(1, 3))
   if field == "routed_scaling_factor" and base.router != "shared_experts":
     # Any other value than 1 is invalid for routers that do not scale.
     table[field] = st.one_of(table[field], st.floats(0.01, 100).filter(lambda v: v != 1.0))

@@ -1,4 +1,4 @@
-"""moejax-experts: expert analysis and compression of MoE runs: stats, prune, merge.
+"""moejax-experts: expert analysis and compression of MoE runs: stats, prune, merge, compress.
 
 Every subcommand reads a run workdir written by ``moejax-train`` (its config.json and
 Orbax checkpoints) and runs the model over the first --batches batches of a data split.
@@ -10,6 +10,8 @@ Orbax checkpoints) and runs the model over the first --batches batches of a data
   merge  fewer experts per layer, each group merged weighted by selection frequency;
          --method mc_smoe (Li et al., 2024: groups by router-logit similarity around the
          most frequently selected experts) or contiguous (index ranges); new run
+  compress  the J least important experts per layer become vectors, their expected
+         outputs (Compressed Experts, He et al., 2025); new run, eval loss before/after
 
 Examples:
   moejax-experts stats --workdir runs/tiny --out reports/tiny --batches 8
@@ -17,6 +19,7 @@ Examples:
       --method easy_ep
   moejax-experts merge --workdir runs/tiny --out runs/tiny_m4 --num_experts 4 \\
       --method mc_smoe
+  moejax-experts compress --workdir runs/tiny --out runs/tiny_c2 --num_compressed 2
   moejax-train --workdir runs/tiny_r4 ...   # fine-tune the result
 """
 
@@ -99,6 +102,29 @@ def _report_eval(args, step: int) -> None:
     print(
       format_before_after(evaluate_before_after(args.workdir, step, args.out, args.eval_batches))
     )
+
+
+def cmd_compress(args) -> None:
+  from moejax.compress.compressed import compress_run
+
+  summary = compress_run(
+    args.workdir,
+    args.out,
+    args.num_compressed,
+    args.method,
+    args.split,
+    args.batches,
+    args.eval_split,
+    args.eval_batches,
+    args.step,
+    args.mesh,
+    progress=not args.quiet,
+  )
+  print(
+    f"compressed {args.num_compressed} experts per layer by {args.method}: kept "
+    f"{json.dumps(summary['kept_experts'])}; eval loss {summary['eval_loss_before']:.4f} -> "
+    f"{summary['eval_loss_after']:.4f}; new run {args.out}"
+  )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     "--top_k", type=int, default=None, help="top_k of the merged model (default min(top_k, E'))"
   )
   p.set_defaults(fn=cmd_merge)
+
+  p = sub.add_parser(
+    "compress",
+    help="replace the J least important experts per layer by vectors -> new run",
+    description="Scores experts (easy_ep or premoe, as prune) and replaces the J "
+    "lowest per MoE layer by their mean output over the tokens that chose them "
+    "(Compressed Experts); the router keeps all columns. Prints the eval loss "
+    "before and after.",
+  )
+  common(p, "train", 4, new_run=True)
+  p.add_argument("--num_compressed", type=int, required=True, help="experts J to compress")
+  p.add_argument("--method", choices=("easy_ep", "premoe"), default="easy_ep", help="expert score")
+  p.add_argument("--eval_split", default="validation", help="split of the eval loss")
+  p.add_argument("--eval_batches", type=int, default=4, help="batches of the eval loss")
+  p.set_defaults(fn=cmd_compress)
   return parser
 
 

@@ -1,4 +1,4 @@
-"""moejax-convert: reshard, export/import Hugging Face, upcycle.
+"""moejax-convert: reshard, export/import Hugging Face, upcycle, readme-split.
 
 Every subcommand reads a run workdir written by ``moejax-train`` (its config.json and
 Orbax checkpoints) and writes a new workdir or directory; outputs are never partially
@@ -8,6 +8,8 @@ written (a failure leaves no output behind).
   export-hf  write config.json + safetensors loadable by transformers.from_pretrained
   import-hf  turn an HF checkpoint directory into a moejax run (step-0 checkpoint)
   upcycle    dense run -> MoE run: the FFN copied into every expert, fresh router
+  readme-split  dense run -> smaller MoE run: each FFN's hidden units clustered by
+             activation pattern into experts, router from the clusters (Read-ME)
 
 (Merging experts is ``moejax-experts merge --method contiguous|mc_smoe``.)
 
@@ -18,6 +20,8 @@ Examples:
   moejax-convert import-hf --hf_dir hf/a --out runs/b
   moejax-convert upcycle --workdir runs/dense --out runs/moe \\
       --num_experts 8 --top_k 2
+  moejax-convert readme-split --workdir runs/dense --out runs/readme \\
+      --num_experts 4 --top_k 2
 """
 
 from __future__ import annotations
@@ -98,6 +102,28 @@ def cmd_upcycle(args) -> None:
     print(format_before_after(report))
 
 
+def cmd_readme_split(args) -> None:
+  from moejax.compress.readme_split import readme_split_run
+
+  summary = readme_split_run(
+    args.workdir,
+    args.out,
+    args.num_experts,
+    args.top_k,
+    args.split,
+    args.batches,
+    args.eval_batches,
+    args.router_scale,
+    args.seed,
+    args.step,
+  )
+  print(
+    f"split step {summary['step']} of {args.workdir} into {args.num_experts} experts "
+    f"(top-{args.top_k}); eval loss {summary['eval_loss_before']:.4f} -> "
+    f"{summary['eval_loss_after']:.4f}: {args.out}"
+  )
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0],
@@ -172,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     "loss before -> after (moejax.evaluate; default 0: skip)",
   )
   p.set_defaults(fn=cmd_upcycle)
+
+  p = sub.add_parser("readme-split", help="dense run -> MoE run by activation clustering (Read-ME)")
+  p.add_argument("--workdir", required=True, help="source (dense) run directory")
+  p.add_argument("--step", type=int, default=None, help="step (default: newest)")
+  p.add_argument("--out", required=True, help="new run directory (must hold no checkpoints)")
+  p.add_argument("--num_experts", type=int, required=True, help="experts E (must divide d_ff)")
+  p.add_argument("--top_k", type=int, default=2)
+  p.add_argument("--split", default="train", help="calibration split (default train)")
+  p.add_argument("--batches", type=int, default=2, help="calibration batches (default 2)")
+  p.add_argument("--eval_batches", type=int, default=4, help="validation batches for the loss")
+  p.add_argument(
+    "--router_scale", type=float, default=1.0, help="router = scale x cluster gate centroids"
+  )
+  p.add_argument("--seed", type=int, default=0, help="seed of the k-means start")
+  p.set_defaults(fn=cmd_readme_split)
 
   return parser
 

@@ -202,6 +202,8 @@ def require_exportable(model_cfg) -> None:
       problems.append(f"model.moe.activation={moe.activation!r} must be 'silu'")
     if moe.num_null_experts:
       problems.append("DeepSeek-V2 has no null experts (model.moe.num_null_experts)")
+    if moe.num_compressed_experts:
+      problems.append("DeepSeek-V2 has no compressed experts (model.moe.num_compressed_experts)")
   if problems:
     raise ConversionError("this model cannot be exported as HF DeepSeek-V2: " + "; ".join(problems))
   if not moe.dropless:

@@ -82,6 +82,8 @@ def require_exportable(model_cfg) -> None:
       problems.append(f"model.moe.activation={moe.activation!r} must be 'silu'")
     if moe.num_shared_experts or moe.num_null_experts:
       problems.append("Mixtral has no shared or null experts")
+    if moe.num_compressed_experts:
+      problems.append("Mixtral has no compressed experts (model.moe.num_compressed_experts)")
   if problems:
     raise ConversionError("this model cannot be exported as HF Mixtral: " + "; ".join(problems))
 

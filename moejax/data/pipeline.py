@@ -18,6 +18,7 @@ JSON dict. Every host saves and restores its own state.
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -149,6 +150,15 @@ def host_document_order(
 # ----------------------------------------------------------------------------- iterator
 
 
+def document_task(text: str | bytes, num_tasks: int) -> int:
+  """A document's pseudo-task, crc32(utf-8 bytes) mod num_tasks (0 when num_tasks is 0):
+  a pure function of the example, so it survives shuffling, sharding and resuming."""
+  if not num_tasks:
+    return 0
+  raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+  return zlib.crc32(raw) % num_tasks
+
+
 class LMBatchIterator(Iterator[Batch]):
   """Packed next-token-prediction batches of one host, resumable to the exact batch.
 
@@ -181,6 +191,7 @@ class LMBatchIterator(Iterator[Batch]):
     repeat: bool = True,
     text_key: str = "text",
     tokenizer: Tokenizer | None = None,
+    num_tasks: int = 0,
   ):
     if isinstance(process_count, bool) or not isinstance(process_count, int) or process_count < 1:
       raise ValueError(f"process_count must be a positive int, got {process_count!r}")
@@ -196,6 +207,8 @@ class LMBatchIterator(Iterator[Batch]):
     self.process_count = process_count
     self.repeat = repeat
     self.text_key = text_key
+    self.num_tasks = num_tasks  # > 0: batches carry 'task_id' (``document_task``)
+    self._task_pieces: list[np.ndarray] = []
     self._source = source
     self._num_docs = len(source)
     if self._num_docs <= process_index:
@@ -235,6 +248,7 @@ class LMBatchIterator(Iterator[Batch]):
         return None
       example = self._source[int(order[self._cursor])]
       self._doc_cache = self._tokenizer.encode_document(example[self.text_key])
+      self._doc_task = document_task(example[self.text_key], self.num_tasks)
     return self._doc_cache
 
   def _next_document(self) -> None:
@@ -255,6 +269,8 @@ class LMBatchIterator(Iterator[Batch]):
         break
       piece = doc[self._offset : self._offset + n]
       pieces.append(piece)
+      if self.num_tasks:
+        self._task_pieces.append(np.full(len(piece), self._doc_task, np.int32))
       self._offset += len(piece)
       n -= len(piece)
       if self._offset == len(doc):
@@ -281,11 +297,17 @@ class LMBatchIterator(Iterator[Batch]):
       )
     rows = tokens.reshape(self.batch_size, row_len)  # [B, L + 1]
     real = (np.arange(num_tokens) < num_real).reshape(self.batch_size, row_len)
-    return {
+    batch = {
       "inputs": np.ascontiguousarray(rows[:, :-1]),  # int32[B, L]
       "targets": np.ascontiguousarray(rows[:, 1:]),  # int32[B, L]
       "mask": real[:, 1:].astype(np.float32),  # float32[B, L]
     }
+    if self.num_tasks:  # each input token's document task; padding: task 0
+      tasks = np.zeros(num_tokens, np.int32)
+      tasks[:num_real] = np.concatenate(self._task_pieces)
+      self._task_pieces = []
+      batch["task_id"] = np.ascontiguousarray(tasks.reshape(self.batch_size, row_len)[:, :-1])
+    return batch
 
   # -- checkpointing -------------------------------------------------------------
 
@@ -380,6 +402,7 @@ def make_train_iterator(
     repeat=True,
     text_key=cfg.text_key,
     tokenizer=load_tokenizer(cfg.tokenizer),
+    num_tasks=cfg.num_tasks,
   )
 
 
@@ -405,4 +428,5 @@ def make_eval_iterator(
     repeat=False,
     text_key=cfg.text_key,
     tokenizer=load_tokenizer(cfg.tokenizer),
+    num_tasks=cfg.num_tasks,
   )

@@ -94,7 +94,12 @@ from jax.sharding import PartitionSpec as P
 from moejax.errors import config_error
 from moejax.layers.ffn import expert_ffn
 from moejax.layers.grouped import grouped_ffn, permute_rows, rank_in_group
-from moejax.layers.routed import combine_assignments, router_logits, slot_experts
+from moejax.layers.routed import (
+  combine_assignments,
+  compressed_output,
+  router_logits,
+  slot_experts,
+)
 from moejax.moe_config import MoEConfig
 from moejax.parallel.mesh import MESH_AXES, TOKEN_AXES, validate_mesh_for_moe
 from moejax.routers import Routing, assignment_metrics, route
@@ -349,8 +354,13 @@ def expert_parallel_forward(
   cfg: MoEConfig,
   mesh: Mesh,
   batch_shape: Sequence[int] | None = None,
+  logits: jax.Array | None = None,
+  compressed: jax.Array | None = None,
 ):
   """``moe_forward`` with groups split over ('data', 'expert') and experts exchanged.
+
+  `logits` (f32[G, S, R], split like x) replace the router kernel; `compressed` [J, d]
+  compressed-expert vectors are replicated (see ``moe_forward``).
 
   Same arguments and results as ``moejax.layers.routed.moe_forward`` (x [G, S, d], all E
   experts' weights as global arrays; y [G, S, d], aux_losses, metrics), plus the `mesh`.
@@ -360,8 +370,8 @@ def expert_parallel_forward(
   """
   check_expert_parallel(mesh, cfg, x.shape[0], batch_shape)
 
-  def per_device(x, router_kernel, w_gate, w_up, w_down):
-    logits = router_logits(x, router_kernel)
+  def per_device(x, router_kernel, w_gate, w_up, w_down, given_logits=None, compressed=None):
+    logits = router_logits(x, router_kernel) if given_logits is None else given_logits
     if cfg.sorted_dropless:
       routing = route(logits, cfg, slots=False)
       probs = jax.nn.softmax(logits, axis=-1)
@@ -374,15 +384,30 @@ def expert_parallel_forward(
       routing = route(logits, cfg)
       y = slot_experts(x, routing, w_gate, w_up, w_down, cfg, all_to_all_experts(cfg))
       metrics = routing.metrics
+    if compressed is not None:
+      y = y + compressed_output(routing, compressed, cfg.num_experts).astype(y.dtype)
     mean = lambda t: jax.tree.map(lambda v: jax.lax.pmean(v, TOKEN_AXES), t)
     return y, mean(routing.aux_losses), mean(metrics)
 
+  # Optional inputs (precomputed logits, compressed vectors) travel only when present.
+  args = [x, router_kernel, w_gate, w_up, w_down, logits, compressed]
+  specs = [GROUP_SPEC, ROUTER_SPEC, W_IN_SPEC, W_IN_SPEC, W_OUT_SPEC, GROUP_SPEC, P()]
+  if router_kernel is None:
+    args[1] = jnp.zeros((), jnp.float32)  # unused placeholder (logits are given)
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def per_device_present(*values):
+    full = [None] * len(args)
+    for i, v in zip(present, values):
+      full[i] = v
+    return per_device(*full)
+
   return jax.shard_map(
-    per_device,
+    per_device_present,
     mesh=mesh,
-    in_specs=(GROUP_SPEC, ROUTER_SPEC, W_IN_SPEC, W_IN_SPEC, W_OUT_SPEC),
+    in_specs=tuple(specs[i] for i in present),
     out_specs=(GROUP_SPEC, P(), P()),
-  )(x, router_kernel, w_gate, w_up, w_down)
+  )(*(args[i] for i in present))
 
 
 __all__ = [

@@ -21,6 +21,7 @@ from moejax.layers import expert_parallel as ep
 from moejax.layers.ffn import DenseFFN, expert_init
 from moejax.layers.routed import moe_forward
 from moejax.moe_config import MoEConfig
+from moejax.routers.multigate import multigate_logits
 
 
 def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
@@ -52,17 +53,47 @@ class MoELayer(nn.Module):
   mesh: jax.sharding.Mesh | None = None  # expert-parallel path when set
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+  def __call__(
+    self, x: jax.Array, task_id: jax.Array | None = None, router_logits: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
+    """task_id i32[B, L]: router='multigate' only; router_logits f32[B, L, R]: the
+    pre-gating network's logits of this layer (router='pregate' only)."""
     if x.ndim != 3:
       raise ValueError(f"MoELayer expects [batch, length, d_model], got shape {x.shape}")
     cfg = self.cfg
     d, e, f = x.shape[-1], cfg.num_experts, cfg.expert_d_ff
-    router_kernel = self.param(
-      "router",
-      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "router")),
-      (d, cfg.num_router_logits),
-      self.param_dtype,
-    )
+    router_kernel, logits = None, None
+    if cfg.router == "pregate":
+      if router_logits is None:
+        raise ValueError("router='pregate' needs the pre-gating network's router_logits")
+      logits = to_groups(router_logits.astype(jnp.float32), cfg.group_size)
+    elif cfg.router == "multigate":
+      if task_id is None:
+        raise ValueError("router='multigate' needs a task_id [batch, length] (data.num_tasks)")
+      gates = self.param(
+        "router",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed", "router")),
+        (cfg.num_tasks, d, cfg.num_router_logits),
+        self.param_dtype,
+      )
+      task = to_groups(task_id[..., None], cfg.group_size)[..., 0]
+      logits = multigate_logits(to_groups(x, cfg.group_size), gates, task, cfg)
+    else:
+      router_kernel = self.param(
+        "router",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "router")),
+        (d, cfg.num_router_logits),
+        self.param_dtype,
+      )
+    compressed = None
+    if cfg.num_compressed_experts:
+      compressed = self.param(
+        "compressed",
+        nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+        (cfg.num_compressed_experts, d),
+        self.param_dtype,
+      )
+    extra = {"logits": logits, "compressed": compressed}
     w_gate = self.param(
       "wi_gate",
       nn.with_logical_partitioning(expert_init, ("expert", "embed", "expert_mlp")),
@@ -85,16 +116,16 @@ class MoELayer(nn.Module):
     groups = to_groups(cast(x), cfg.group_size)
     weights = (router_kernel, cast(w_gate), cast(w_up), cast(w_down))
     if self.mesh is None:
-      y, aux_losses, metrics = moe_forward(groups, *weights, cfg)
+      y, aux_losses, metrics = moe_forward(groups, *weights, cfg, **extra)
     else:
       if self.is_initializing():
         # Init only needs shapes and often sees a dummy [1, L] batch that need not split
         # over the mesh; the unsharded math creates exactly the same parameters.
         ep.check_expert_parallel(self.mesh, cfg)
-        y, aux_losses, metrics = moe_forward(groups, *weights, cfg)
+        y, aux_losses, metrics = moe_forward(groups, *weights, cfg, **extra)
       else:
         y, aux_losses, metrics = ep.expert_parallel_forward(
-          groups, *weights, cfg, self.mesh, batch_shape=x.shape[:2]
+          groups, *weights, cfg, self.mesh, batch_shape=x.shape[:2], **extra
         )
     y = y.reshape(x.shape)
     if cfg.num_shared_experts:

@@ -83,13 +83,26 @@ def slot_experts(
   return combine(y_slots, routing.dispatch_index, routing.combine_weight, x.shape[1])
 
 
+def compressed_output(routing: Routing, vectors: jax.Array, num_experts: int) -> jax.Array:
+  """Compressed Experts (He et al., 2025): a pick of column E + j adds g * c_j,
+  y_s = sum_{k: selected, E <= i_k < E + J} w[s, k] c_{i_k - E}; vectors c [J, d] ->
+  [G, S, d]."""
+  j = routing.expert_index - num_experts  # [G, S, K]
+  hit = routing.selected & (j >= 0) & (j < vectors.shape[0])
+  w = jnp.where(hit, routing.weight, 0.0)
+  onehot = jax.nn.one_hot(jnp.where(hit, j, 0), vectors.shape[0], dtype=jnp.float32)
+  return jnp.einsum("gsk,gskj,jd->gsd", w, onehot, vectors.astype(jnp.float32))
+
+
 def moe_forward(
   x: jax.Array,
-  router_kernel: jax.Array,
+  router_kernel: jax.Array | None,
   w_gate: jax.Array,
   w_up: jax.Array,
   w_down: jax.Array,
   cfg: MoEConfig,
+  logits: jax.Array | None = None,
+  compressed: jax.Array | None = None,
 ):
   """Routes, runs and combines one batch of token groups on one device.
 
@@ -97,14 +110,20 @@ def moe_forward(
     x: [G, S, d] tokens in compute dtype.
     router_kernel: [d, E + N] gating weights (logits computed in float32).
     w_gate, w_up: [E, d, f]; w_down: [E, f, d].
+    logits: f32[G, S, R] router logits computed elsewhere (multi-gate, pre-gating
+      routers); router_kernel is then unused.
+    compressed: [J, d] compressed-expert vectors (``cfg.num_compressed_experts`` = J).
   Returns:
     (y [G, S, d], aux_losses dict, metrics dict).
   """
-  logits = router_logits(x, router_kernel)
+  if logits is None:
+    logits = router_logits(x, router_kernel)
   if cfg.sorted_dropless:
     routing = route(logits, cfg, slots=False)
     y = sorted_experts(x, routing, w_gate, w_up, w_down, cfg)
   else:
     routing = route(logits, cfg)
     y = slot_experts(x, routing, w_gate, w_up, w_down, cfg)
+  if compressed is not None:
+    y = y + compressed_output(routing, compressed, cfg.num_experts).astype(y.dtype)
   return y, routing.aux_losses, routing.metrics

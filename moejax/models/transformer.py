@@ -42,6 +42,9 @@ tensor names and layouts are in ``moejax.convert.hf_mixtral`` / ``hf_deepseek``)
   layers_{i}/ffn/{wi_gate, wi_up} [E, d, f] (expert, embed, expert_mlp)
   layers_{i}/ffn/wo          [E, f, d]     (expert, expert_mlp, embed)
   layers_{i}/ffn/shared/{wi_gate [d, s], wi_up [d, s], wo [s, d]}   DeepSeekMoE shared experts
+  layers_{i}/ffn/compressed  [J, d]        (None, embed)   compressed experts (He et al., 2025)
+  layers_{i}/ffn/router      [T, d, R]     router='multigate': one gate per task
+  pregate/{norm/scale [d], w1 [d, H], w2 [H, M, R]}   router='pregate' (Read-ME), no ffn/router
   layers_{i}/ffn/{wi_gate [d, f], wi_up [d, f], wo [f, d]}          dense layers (embed / mlp)
   final_norm/scale           [d]           (embed,)
   lm_head/kernel             [d, V]        (embed, vocab)
@@ -63,6 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import ModelConfig
+from moejax.errors import config_error
 from moejax.layers import DenseFFN, MoELayer
 from moejax.models.attention import Attention, fan_in_init
 from moejax.models.kv_cache import DecodeStep
@@ -87,7 +91,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(
-    self, h: jax.Array, cos: jax.Array, sin: jax.Array, decode: DecodeStep | None = None
+    self,
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    decode: DecodeStep | None = None,
+    task_id=None,
+    router_logits=None,
   ):
     cfg = self.cfg
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
@@ -118,7 +128,9 @@ class Block(nn.Module):
     h = h + y.astype(h.dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ffn_norm")(h)
     if cfg.is_moe_layer(self.layer):
-      y, aux = MoELayer(cfg.moe, dtype, param_dtype, mesh=self.mesh, name="ffn")(x)
+      y, aux = MoELayer(cfg.moe, dtype, param_dtype, mesh=self.mesh, name="ffn")(
+        x, task_id, router_logits
+      )
     else:
       y, aux = DenseFFN(
         cfg.d_ff, activation="silu", dtype=dtype, param_dtype=param_dtype, name="ffn"
@@ -144,10 +156,11 @@ class Transformer(nn.Module):
     tokens: jax.Array,
     positions: jax.Array | None = None,
     decode: DecodeStep | None = None,
+    task_id: jax.Array | None = None,
   ) -> tuple[jax.Array, dict]:
     """tokens [B, L]; positions int [L] or [B, L] (RoPE; default 0..L-1); decode: a cached
     forward (``moejax.models.kv_cache``; needs unrolled layers and the 'cache' collection
-    mutable)."""
+    mutable); task_id i32[B, L]: each token's task, for router='multigate' (else unused)."""
     cfg = self.cfg
     if tokens.ndim != 2:
       raise ValueError(f"Transformer expects tokens of shape [batch, length], got {tokens.shape}")
@@ -170,6 +183,13 @@ class Transformer(nn.Module):
     else:
       cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # [(B,) L, Dh]
 
+    pregate = cfg.moe is not None and cfg.moe.router == "pregate"
+    if pregate:
+      if cfg.scan_layers:
+        raise config_error("model.scan_layers", True, "router='pregate' runs unscanned layers")
+      pre_logits = PreGate(cfg.moe, len(cfg.moe_layers), param_dtype, name="pregate")(h)
+    if cfg.moe is not None and cfg.moe.router == "multigate" and task_id is None:
+      task_id = jnp.zeros(tokens.shape, jnp.int32)  # e.g. init with a dummy batch
     aux_losses: dict[str, jax.Array] = {}
     metrics: dict[str, dict] = {}
 
@@ -184,12 +204,17 @@ class Transformer(nn.Module):
     for i in range(cfg.num_layers):
       if i in scanned:
         if i == scanned.start:
-          h, unit_aux = ScannedUnits(cfg, self.mesh, name=SCAN_KEY)(h, cos, sin)
+          h, unit_aux = ScannedUnits(cfg, self.mesh, name=SCAN_KEY)(h, cos, sin, task_id)
           for j, aux in unit_aux.items():  # stacked over the U units
             for u in range(plan.num_units):
               add_aux(plan.layer(u, j), jax.tree.map(lambda x, u=u: x[u], aux))
         continue
-      h, aux = block_cls(cfg, i, self.mesh, name=f"layers_{i}")(h, cos, sin, decode)
+      logits_i = (
+        pre_logits[:, :, cfg.moe_layers.index(i)] if pregate and cfg.is_moe_layer(i) else None
+      )
+      h, aux = block_cls(cfg, i, self.mesh, name=f"layers_{i}")(
+        h, cos, sin, decode, task_id, logits_i
+      )
       if cfg.is_moe_layer(i):
         add_aux(i, aux)
 
@@ -212,13 +237,13 @@ class BlockUnit(nn.Module):
   mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
-  def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array):
+  def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, task_id=None):
     cfg, plan = self.cfg, scan_plan(self.cfg)
     block_cls = remat_module(Block, cfg.remat_mode, prevent_cse=False)
     unit_aux = {}
     for j in range(plan.unit):
       layer = plan.layer(0, j)
-      h, aux = block_cls(cfg, layer, self.mesh, name=f"block_{j}")(h, cos, sin)
+      h, aux = block_cls(cfg, layer, self.mesh, name=f"block_{j}")(h, cos, sin, None, task_id)
       if cfg.is_moe_layer(layer):
         unit_aux[j] = aux
     return h, unit_aux
@@ -231,11 +256,56 @@ def ScannedUnits(cfg: ModelConfig, mesh, name: str) -> nn.Module:
     BlockUnit,
     variable_axes={"params": 0},
     split_rngs={"params": True},
-    in_axes=(nn.broadcast, nn.broadcast),
+    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
     length=scan_plan(cfg).num_units,
     metadata_params={nn.PARTITION_NAME: "layers"},
   )
   return scan(cfg, mesh, name=name)
+
+
+class PreGate(nn.Module):
+  """Read-ME's router network decoupled from the backbone (``moejax.routers.pregate``):
+  embeddings h [B, L, d] -> every MoE layer's logits f32[B, L, M, R],
+  ``W_2 silu(W_1 RMSNorm(h))`` with ``w1`` [d, H] and ``w2`` [H, M, R]."""
+
+  cfg: object  # MoEConfig
+  num_moe_layers: int
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: jax.Array) -> jax.Array:
+    m, r, hid = self.num_moe_layers, self.cfg.num_router_logits, self.cfg.pregate_d_hidden
+    x = RMSNorm(1e-6, jnp.float32, self.param_dtype, name="norm")(h)
+    w1 = self.param(
+      "w1",
+      nn.with_logical_partitioning(fan_in_init((0,), (1,)), ("embed", None)),
+      (h.shape[-1], hid),
+      self.param_dtype,
+    )
+    w2 = self.param(
+      "w2",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "router")),
+      (hid, m, r),
+      self.param_dtype,
+    )
+    z = jax.nn.silu(jnp.einsum("bld,dh->blh", x.astype(jnp.float32), w1.astype(jnp.float32)))
+    return jnp.einsum("blh,hmr->blmr", z, w2.astype(jnp.float32))
+
+
+def pregate_choices(cfg: ModelConfig, params, tokens: jax.Array):
+  """Every MoE layer's experts for `tokens` i32[B, L] from the pre-gating network alone
+  (router='pregate'), before any block runs: (expert_index i32[B, L, M, K], valid
+  bool[B, L, M, K]) for the M = len(cfg.moe_layers) layers, as the layers route them
+  (group structure ignored: dropless token choice does not depend on it)."""
+  from moejax.routers import route
+
+  h = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(jnp.float32)
+  logits = PreGate(cfg.moe, len(cfg.moe_layers)).apply({"params": params["pregate"]}, h)
+  b, l, m, r = logits.shape
+  routing = route(jnp.moveaxis(logits, 2, 0).reshape(m * b, l, r), cfg.moe, slots=False)
+  k = routing.expert_index.shape[-1]
+  back = lambda a: jnp.moveaxis(a.reshape(m, b, l, k), 0, 2)
+  return back(routing.expert_index), back(routing.valid)
 
 
 class Embed(nn.Module):

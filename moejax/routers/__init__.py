@@ -1,12 +1,14 @@
 """Routers: pure functions ``route(logits, cfg) -> Routing``, selected by name.
 
 Registered names: 'topk', 'expert_choice', 'null_experts', 'shared_experts', 'top_p',
-'rank_k' (SCMoE's weak activation).
+'rank_k' (SCMoE's weak activation), 'multigate', 'pregate'.
 """
 
 from moejax.routers import (  # noqa: F401  (registration)
   expert_choice,
+  multigate,
   null_experts,
+  pregate,
   rank_k,
   shared_experts,
   top_p,

@@ -55,6 +55,7 @@ class Routing:
   expert_index: jax.Array | None = None  # i32[G, S, K] (token-choice routers)
   weight: jax.Array | None = None  # f32[G, S, K]
   valid: jax.Array | None = None  # bool[G, S, K]
+  selected: jax.Array | None = None  # bool[G, S, K] the router took choice k (any index)
 
 
 class RouterFn(Protocol):
@@ -284,11 +285,11 @@ def token_choice_routing(
   }
   if cfg.dropless:  # every valid assignment is kept; slots only if asked (``route``)
     metrics = assignment_metrics(expert_index, valid, valid, probs, cfg.num_experts)
-    return Routing(None, None, None, aux, metrics, expert_index, weight, valid)
+    return Routing(None, None, None, aux, metrics, expert_index, weight, valid, selected)
   dispatch_index, combine_weight, slot_valid, _ = assign_slots(
     expert_index, weight, selected, cfg.num_experts, cfg.capacity(s)
   )
   metrics = routing_metrics(slot_valid, probs, jnp.sum(valid, axis=(1, 2)))
   return Routing(
-    dispatch_index, combine_weight, slot_valid, aux, metrics, expert_index, weight, valid
+    dispatch_index, combine_weight, slot_valid, aux, metrics, expert_index, weight, valid, selected
   )
