@@ -61,7 +61,45 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer", default=None, help="Override the run's data.tokenizer.")
   p.add_argument("--one_device", action="store_true", help="Run on a single device.")
   p.add_argument("--json", action="store_true", help="Print one JSON object per prompt.")
+  p.add_argument(
+    "--report_experts",
+    action="store_true",
+    help="router='pregate' (Read-ME): print the distinct experts each MoE layer reads per "
+    "decode step and per batch, known from the tokens before the layers run.",
+  )
   return p
+
+
+def expert_lookahead_report(model_cfg, params, prompts, new, pad_id: int) -> dict:
+  """Read-ME's lookahead (Cai et al., 2024): with the pre-gating router every layer's
+  experts for a token follow from the token alone, so the expert weights of decode step t
+  are known when its input token is. Returns ``routers.pregate.distinct_experts`` of the
+  generated tokens' choices [T, B, M, K] (steps past a sequence's end do not count), as
+  lists: per_step [T][M], per_batch [M], per_token [M]."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from moejax.models.transformer import pregate_choices
+  from moejax.routers.pregate import distinct_experts
+
+  steps = max((len(n) for n in new), default=0)
+  if steps == 0:
+    return {"per_step": [], "per_batch": [], "per_token": []}
+  length = max(len(p) for p in prompts) + steps
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  real = np.zeros((len(prompts), steps), bool)
+  for i, (p, n) in enumerate(zip(prompts, new)):
+    tokens[i, : len(p) + len(n)] = list(p) + list(n)
+  index, valid = pregate_choices(model_cfg, params, jnp.asarray(tokens))  # [B, L, M, K]
+  pos = np.stack([len(p) + np.arange(steps) for p in prompts])  # [B, T] new tokens
+  for i, n in enumerate(new):
+    real[i, : len(n)] = True
+  rows = np.arange(len(prompts))[:, None]
+  step_index = jnp.swapaxes(index[rows, np.minimum(pos, length - 1)], 0, 1)  # [T, B, M, K]
+  step_valid = jnp.swapaxes(valid[rows, np.minimum(pos, length - 1)], 0, 1)
+  step_valid = step_valid & jnp.asarray(real.T)[:, :, None, None]
+  out = distinct_experts(step_index, step_valid, model_cfg.moe.num_experts)
+  return {k: np.asarray(v).tolist() for k, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +142,23 @@ def main(argv: list[str] | None = None) -> int:
       seed=args.seed,
       contrast=contrast,
     )
+    if args.report_experts:
+      moe = exp.model_cfg.moe
+      if moe is None or moe.router != "pregate":
+        raise ValueError("--report_experts needs a run with model.moe.router='pregate'")
+      report = expert_lookahead_report(exp.model_cfg, params, prompts, new, tok.pad_id)
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.report_experts:
+    per_step = report["per_step"]
+    mean_step = [sum(col) / len(per_step) for col in zip(*per_step)] if per_step else []
+    print(
+      "experts read per MoE layer (known before the layers run): per decode step "
+      f"{[round(v, 2) for v in mean_step]} (mean over steps), per batch "
+      f"{report['per_batch']}, per token {[round(v, 2) for v in report['per_token']]}",
+      file=sys.stderr,
+    )
   for i, ids in enumerate(new):
     if args.json:
       record = {"step": step, "prompt_ids": prompts[i], "new_ids": ids}

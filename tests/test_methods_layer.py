@@ -258,3 +258,26 @@ def test_multigate_transformer_uses_task_ids():
   assert not np.allclose(a, b)
   np.testing.assert_allclose(mixed[0], a[0], rtol=1e-6)  # each row follows its own task
   np.testing.assert_allclose(mixed[1], b[1], rtol=1e-6)
+
+
+def test_generation_lookahead_report_counts_the_generated_tokens_experts():
+  """moejax.generate --report_experts: the experts of each generated token (from the
+  pre-gate alone) united over the batch per decode step and over the whole batch; steps
+  past a sequence's end count nothing."""
+  from moejax.generate import expert_lookahead_report
+
+  cfg = tiny_model(router="pregate", num_experts=4, top_k=2, pregate_d_hidden=8)
+  params = init_model_params(cfg, shape=(1, 8))
+  prompts, new = [[3, 4, 5], [7]], [[9, 1, 2], [11, 12]]
+  report = expert_lookahead_report(cfg, params, prompts, new, pad_id=0)
+  sets = []  # sets[t][b]: experts of sequence b's generated token t (layer 0)
+  for t in range(3):
+    row = []
+    for p, n in zip(prompts, new):
+      if t < len(n):
+        idx, _ = pregate_choices(cfg, params, jnp.asarray([[n[t]]], jnp.int32))
+        row.append(set(np.asarray(idx)[0, 0, 0].tolist()))
+    sets.append(row)
+  assert report["per_step"] == [[len(set().union(*row))] for row in sets]
+  assert report["per_batch"] == [len(set().union(*[s for row in sets for s in row]))]
+  np.testing.assert_allclose(report["per_token"], [2.0 * 5 / 6])  # 5 real of 6 (step, seq)
