@@ -278,6 +278,8 @@ def test_upcycle_run_cli_writes_a_run_equal_to_the_dense_model(tmp_path, data_di
     main(
       [
         "upcycle",
+        "--eval_batches",
+        "0",
         "--workdir",
         str(tmp_path / "dense"),
         "--out",

@@ -445,6 +445,8 @@ def test_merge_cli_writes_a_loadable_run(run, tmp_path):
     main(
       [
         "merge",
+        "--eval_batches",
+        "0",
         "--workdir",
         run,
         "--out",
@@ -472,6 +474,8 @@ def test_merge_cli_writes_a_loadable_run(run, tmp_path):
     main(
       [
         "merge",
+        "--eval_batches",
+        "0",
         "--workdir",
         run,
         "--out",
@@ -497,6 +501,8 @@ def test_contiguous_merge_without_batches_is_the_uniform_mean_of_index_ranges(
     main(
       [
         "merge",
+        "--eval_batches",
+        "0",
         "--workdir",
         run,
         "--out",
@@ -533,6 +539,8 @@ def test_contiguous_merge_without_batches_is_the_uniform_mean_of_index_ranges(
     main(
       [
         "merge",
+        "--eval_batches",
+        "0",
         "--workdir",
         run,
         "--out",
@@ -551,6 +559,8 @@ def test_contiguous_merge_without_batches_is_the_uniform_mean_of_index_ranges(
     main(
       [
         "merge",
+        "--eval_batches",
+        "0",
         "--workdir",
         run,
         "--out",

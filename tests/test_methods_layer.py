@@ -273,7 +273,7 @@ def test_generation_lookahead_report_counts_the_generated_tokens_experts():
   sets = []  # sets[t][b]: experts of sequence b's generated token t (layer 0)
   for t in range(3):
     row = []
-    for p, n in zip(prompts, new):
+    for n in new:
       if t < len(n):
         idx, _ = pregate_choices(cfg, params, jnp.asarray([[n[t]]], jnp.int32))
         row.append(set(np.asarray(idx)[0, 0, 0].tolist()))

@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument(
         "--eval_batches",
         type=int,
-        default=0,
+        default=4,
         help="evaluate the source and the new run on this many eval batches and print "
-        "loss / bits per byte before -> after (moejax.evaluate; default 0: skip)",
+        "loss / bits per byte before -> after (moejax.evaluate; default 4; 0: skip)",
       )
       p.add_argument(
         "--mesh",
@@ -234,7 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num_compressed", type=int, required=True, help="experts J to compress")
   p.add_argument("--method", choices=("easy_ep", "premoe"), default="easy_ep", help="expert score")
   p.add_argument("--eval_split", default="validation", help="split of the eval loss")
-  p.add_argument("--eval_batches", type=int, default=4, help="batches of the eval loss")
   p.set_defaults(fn=cmd_compress)
   return parser
 

@@ -193,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--eval_batches",
     type=int,
-    default=0,
+    default=4,
     help="evaluate the dense and the upcycled run on this many eval batches and print "
-    "loss before -> after (moejax.evaluate; default 0: skip)",
+    "loss before -> after (moejax.evaluate; default 4; 0: skip)",
   )
   p.set_defaults(fn=cmd_upcycle)
 
