@@ -1,83 +1,23 @@
-"""Expert parallelism: the MoE layer inside ``jax.shard_map`` with an ``all_to_all`` exchange.
+"""Expert parallelism: the MoE layer inside ``jax.shard_map`` with an ``all_to_all`` exchange
+(GShard, Lepikhin et al., 2020; Switch, Fedus et al., 2021). README "Expert parallelism"
+tells the design; the shapes:
 
-Mesh ('data', 'expert', 'model') of sizes (D, P, M) (``moejax.parallel.mesh``). Routing
-is per group of S tokens with capacity C per group (GShard), so splitting *whole groups*
-over devices reproduces the unsharded math exactly; only the expert FFNs need other
-devices' weights, and the slot buffers travel to them (GShard, Lepikhin et al., 2020;
-Switch, Fedus et al., 2021, sec. 2.2 / fig. 9).
+  groups x [G, S, d] P(('data','expert'), None, None); router [d, E+N] replicated;
+  w_gate, w_up [E, d, f] P('expert', None, 'model'); w_down [E, f, d] P('expert', 'model', None)
+  -> per device G_loc groups, E_loc = E / P experts (expert e on position e // E_loc), f / M.
 
-Placement (``shard_map`` in_specs / out_specs, ``T = ('data', 'expert')`` the token axes):
+Capacity (slots): x_slots [G_loc, P_dst, E_loc, C, d] --all_to_all('expert')--> [G_loc, P_src,
+E_loc, C, d]; 'etd,edf->etf' experts; psum over 'model'; all_to_all back; combine. Whole groups
+per device, so sharded == unsharded exactly; aux losses / metrics are pmean'd over the token axes.
 
-  groups         x [G, S, d]                P(T, None, None)   G_loc = G / (D * P) per device
-  router kernel  [d, E + N]                 P()                replicated
-  w_gate, w_up   [E, d, f]                  P('expert', None, 'model')  -> [E_loc, d, f_loc]
-  w_down         [E, f, d]                  P('expert', 'model', None)  -> [E_loc, f_loc, d]
-  y              [G, S, d]                  P(T, None, None)
-  aux losses, metrics                       P()  (``pmean`` over T)
+Dropless (``cfg.sorted_dropless``): rows, not slots. Assignment (t, k) to expert e goes to
+position e // E_loc in a [P_dst, R, d] send buffer, R = min(A, max(ragged_buffer_min_rows,
+ceil(ragged_buffer_factor * A / P))); rows ranked >= R are dropped and counted in
+'dropped_fraction'. 'padded_all_to_all' (CPU) moves the whole buffer; 'ragged_all_to_all'
+(gpu/tpu) only the used rows, sizes exchanged first (checked on one GPU by
+``benchmarks/accelerator_check.py``; a multi-device ragged exchange has not run yet).
 
-with E_loc = E / P experts and f_loc = f / M hidden units per device. Expert e lives on
-expert-axis position e // E_loc (block layout, the order of the 'expert' weight shards).
-
-Per device (every step is local except the three named collectives):
-
-  logits = x @ router                    'gsd,dr->gsr'        [G_loc, S, E+N]  (f32)
-  route -> dispatch_index, combine_weight, slot_valid           [G_loc, E, C]
-  x_slots = gather(x, dispatch_index)                           [G_loc, E, C, d]
-  reshape                                                       [G_loc, P_dst, E_loc, C, d]
-  all_to_all over 'expert' (split P_dst, concat P_src)          [G_loc, P_src, E_loc, C, d]
-    device p now holds, for each of its E_loc experts, the C slots of every group of
-    every device on its expert row (G_loc * P groups' worth of slots per expert).
-  h = act(x W_gate) * (x W_up)           'etd,edf->etf'       T = G_loc * P_src * C slots
-  y_part = h W_down                      'etf,efd->etd'       partial sum over f_loc
-  psum over 'model'                                             [G_loc, P_src, E_loc, C, d]
-  all_to_all over 'expert' (back: split P_src, concat P_dst)    [G_loc, P_dst, E_loc, C, d]
-  reshape, scatter-add with combine weights                     [G_loc, S, d]
-  aux losses / metrics: pmean over ('data', 'expert') -- each is a mean over groups (or
-  over tokens, equally many per device), so the mean of device means is the global value.
-
-The 'model' devices of one (data, expert) position hold the same tokens and route them
-identically (redundant, cheap); each computes its f_loc slice of every local expert, and
-the down projection's partial sums are summed over 'model' (Megatron-style tensor
-parallelism, Shoeybi et al., 2019). Null experts (AdaMoE) have no slots, so nothing is
-sent for them. DeepSeekMoE shared experts are a dense FFN applied outside the exchange
-(``moejax.layers.moe``), data-parallel with their 'mlp' width on 'model' via GSPMD.
-
-Communication per device and layer, with X = G_loc * E * C * d slot elements
-(E * C ~= capacity_factor * k * S for token choice, so X ~= cf * k * tokens_loc * d):
-
-  forward   2 all_to_alls over P devices, each sending (P - 1) / P * X elements
-            1 all-reduce over M devices of X elements (~2 (M - 1) / M * X sent, ring)
-  backward  the same again (the transpose of all_to_all is an all_to_all; the input
-            cotangent of the model-sharded FFN is all-reduced over 'model').
-
-e.g. top-2 with cf = 1.25 on P = 8: each all_to_all sends ~2.2x the local activations.
-With P = 1 the all_to_all is the identity and XLA may drop it.
-
-Dropless token choice (``cfg.sorted_dropless``) exchanges *rows*, not slots. Each device
-has A = G_loc * S * K assignments; assignment (t, k) to expert e goes to expert-axis
-position p = e // E_loc, ranked r among this device's assignments to p:
-
-  send  [P_dst, R, d]    row r of block p = the token of the r-th assignment to p
-  all_to_all over 'expert'                       -> [P_src, R, d] (+ local expert ids)
-  grouped FFN of the received rows (``moejax.layers.grouped``), psum over 'model'
-  all_to_all back                                -> [P_dst, R, d]; gather, weight, sum
-
-R = min(A, max(ragged_buffer_min_rows, ceil(ragged_buffer_factor * A / P))) is the static
-bound; with balanced routing each device sends ~A/P rows to each other, so the exchange
-moves ~factor x the minimum bytes (A * d each way). Assignments ranked r >= R are dropped
-and counted in the 'dropped_fraction' metric (never silently). On gpu/tpu
-(ep_exchange='ragged_all_to_all') the same layout is filled by ``jax.lax.ragged_all_to_all``,
-which moves only the routed rows (their sizes exchanged first with a small all_to_all).
-THAT PATH IS UNTESTED: XLA:CPU rejects the op and no accelerator was available when it was
-written; the tests exercise the padded CPU exchange, which fills the identical layout.
-
-Checkpoint names: the dispatch all_to_all result is tagged 'moe_dispatch_a2a' and the
-combine all_to_all result 'moe_combine_a2a' (``dispatch_a2a`` / ``combine_a2a`` below,
-used by every exchange), so a remat policy can save or recompute them by name.
-
-The layer uses this module through ``MoELayer(cfg, mesh=mesh)``: the single-device pieces
-of ``moejax.layers.routed`` run per device under ``jax.shard_map`` with an exchange
-around the expert FFNs.
+The exchanges are tagged 'moe_dispatch_a2a' / 'moe_combine_a2a' for remat policies.
 """
 
 from __future__ import annotations
