@@ -10,6 +10,7 @@ Placement (``shard_map`` in_specs / out_specs, ``T = ('data', 'expert')`` the to
 
   groups         x [G, S, d]                P(T, None, None)   G_loc = G / (D * P) per device
   router kernel  [d, E + N]                 P()                replicated
+  router bias    [E] (DeepSeek-V3) or None  P()                replicated
   w_gate, w_up   [E, d, f]                  P('expert', None, 'model')  -> [E_loc, d, f_loc]
   w_down         [E, f, d]                  P('expert', 'model', None)  -> [E_loc, f_loc, d]
   y              [G, S, d]                  P(T, None, None)
@@ -349,6 +350,7 @@ def expert_parallel_forward(
   cfg: MoEConfig,
   mesh: Mesh,
   batch_shape: Sequence[int] | None = None,
+  router_bias: jax.Array | None = None,
 ):
   """``moe_forward`` with groups split over ('data', 'expert') and experts exchanged.
 
@@ -360,10 +362,10 @@ def expert_parallel_forward(
   """
   check_expert_parallel(mesh, cfg, x.shape[0], batch_shape)
 
-  def per_device(x, router_kernel, w_gate, w_up, w_down):
+  def per_device(x, router_kernel, router_bias, w_gate, w_up, w_down):
     logits = router_logits(x, router_kernel)
     if cfg.sorted_dropless:
-      routing = route(logits, cfg, slots=False)
+      routing = route(logits, cfg, slots=False, bias=router_bias)
       probs = jax.nn.softmax(logits, axis=-1)
       y, kept_metrics = dropless_expert_parallel(x, routing, probs, w_gate, w_up, w_down, cfg)
       metrics = dict(
@@ -371,7 +373,7 @@ def expert_parallel_forward(
         **{n: kept_metrics[n] for n in ("expert_load", "dropped_fraction", "experts_per_token")},
       )
     else:
-      routing = route(logits, cfg)
+      routing = route(logits, cfg, bias=router_bias)
       y = slot_experts(x, routing, w_gate, w_up, w_down, cfg, all_to_all_experts(cfg))
       metrics = routing.metrics
     mean = lambda t: jax.tree.map(lambda v: jax.lax.pmean(v, TOKEN_AXES), t)
@@ -380,9 +382,9 @@ def expert_parallel_forward(
   return jax.shard_map(
     per_device,
     mesh=mesh,
-    in_specs=(GROUP_SPEC, ROUTER_SPEC, W_IN_SPEC, W_IN_SPEC, W_OUT_SPEC),
+    in_specs=(GROUP_SPEC, ROUTER_SPEC, ROUTER_SPEC, W_IN_SPEC, W_IN_SPEC, W_OUT_SPEC),
     out_specs=(GROUP_SPEC, P(), P()),
-  )(x, router_kernel, w_gate, w_up, w_down)
+  )(x, router_kernel, router_bias, w_gate, w_up, w_down)
 
 
 __all__ = [

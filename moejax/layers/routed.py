@@ -90,6 +90,7 @@ def moe_forward(
   w_up: jax.Array,
   w_down: jax.Array,
   cfg: MoEConfig,
+  router_bias: jax.Array | None = None,
 ):
   """Routes, runs and combines one batch of token groups on one device.
 
@@ -97,14 +98,15 @@ def moe_forward(
     x: [G, S, d] tokens in compute dtype.
     router_kernel: [d, E + N] gating weights (logits computed in float32).
     w_gate, w_up: [E, d, f]; w_down: [E, f, d].
+    router_bias: f32[E] selection bias of a ``uses_bias`` router (DeepSeek-V3), or None.
   Returns:
     (y [G, S, d], aux_losses dict, metrics dict).
   """
   logits = router_logits(x, router_kernel)
   if cfg.sorted_dropless:
-    routing = route(logits, cfg, slots=False)
+    routing = route(logits, cfg, slots=False, bias=router_bias)
     y = sorted_experts(x, routing, w_gate, w_up, w_down, cfg)
   else:
-    routing = route(logits, cfg)
+    routing = route(logits, cfg, bias=router_bias)
     y = slot_experts(x, routing, w_gate, w_up, w_down, cfg)
   return y, routing.aux_losses, routing.metrics

@@ -1,10 +1,19 @@
 """Routers: pure functions ``route(logits, cfg) -> Routing``, selected by name.
 
-Registered names: 'topk', 'expert_choice', 'null_experts', 'shared_experts', 'top_p'.
+Registered names: 'topk', 'expert_choice', 'null_experts', 'shared_experts', 'top_p',
+'deepseek_v3'.
 """
 
-from moejax.routers import expert_choice, null_experts, shared_experts, top_p, topk  # noqa: F401  (registration)
+from moejax.routers import (  # noqa: F401  (registration)
+  deepseek_v3,
+  expert_choice,
+  null_experts,
+  shared_experts,
+  top_p,
+  topk,
+)
 from moejax.routers.base import (
+  BIASED_ROUTERS,
   ROUTERS,
   Routing,
   assign_slots,
@@ -16,3 +25,4 @@ from moejax.routers.base import (
   select_top_k,
   z_loss,
 )
+from moejax.routers.deepseek_v3 import update_router_bias
