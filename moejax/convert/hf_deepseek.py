@@ -60,17 +60,14 @@ at least one shared expert and one MoE layer.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-import re
-from typing import Any, Callable
+from typing import Any
 
-import flax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
+from moejax.convert import hf_mapping as mapping
+from moejax.convert.hf_mapping import LINEAR_IN, LINEAR_OUT, TRANSPOSE, Row, TensorMap, expand
 from moejax.convert.safetensors_io import ConversionError
 
 ARCHITECTURE = "DeepseekV2ForCausalLM"
@@ -81,99 +78,72 @@ Array = np.ndarray
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- layouts
+# ----------------------------------------------------------------------------- table
 
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """How one moejax leaf of shape `shape` is stored in HF: to_hf(x), from_hf(t, shape),
-  hf_shape(shape) (the expected HF shape, computed without touching data)."""
-
-  to_hf: Callable[[Array], Array]
-  from_hf: Callable[[Array, tuple], Array]
-  hf_shape: Callable[[tuple], tuple]
-
-
-SAME = Layout(lambda x: x, lambda t, shape: t, tuple)
-TRANSPOSE = Layout(np.transpose, lambda t, shape: t.T, lambda s: tuple(s[::-1]))
-# kernel [in, *out] <-> Linear weight [prod(out), in]
-LINEAR_IN = Layout(
-  lambda x: x.reshape(x.shape[0], -1).T,
-  lambda t, shape: t.T.reshape(shape),
-  lambda s: (math.prod(s[1:]), s[0]),
-)
-# kernel [*in, out] <-> Linear weight [out, prod(in)]
-LINEAR_OUT = Layout(
-  lambda x: x.reshape(-1, x.shape[-1]).T,
-  lambda t, shape: t.T.reshape(shape),
-  lambda s: (s[-1], math.prod(s[:-1])),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-  """moejax param `path` <-> HF tensor `name`. `expert` = j: the HF tensor is expert j's
-  [out, in] slice of the stacked moejax [E, in, out] leaf."""
-
-  path: str
-  name: str
-  layout: Layout = SAME
-  expert: int | None = None
-
-
-def _attention_maps(cfg, ml: str, hf: str) -> list[TensorMap]:
-  a, s = f"{ml}/attn", f"{hf}.self_attn"
-  if cfg.q_lora_rank:
-    maps = [
-      TensorMap(f"{a}/q_a/kernel", f"{s}.q_a_proj.weight", TRANSPOSE),
-      TensorMap(f"{a}/q_norm/scale", f"{s}.q_a_layernorm.weight"),
-      TensorMap(f"{a}/q_b/kernel", f"{s}.q_b_proj.weight", LINEAR_IN),
-    ]
-  else:
-    maps = [TensorMap(f"{a}/q/kernel", f"{s}.q_proj.weight", LINEAR_IN)]
-  return maps + [
-    TensorMap(f"{a}/kv_a/kernel", f"{s}.kv_a_proj_with_mqa.weight", TRANSPOSE),
-    TensorMap(f"{a}/kv_norm/scale", f"{s}.kv_a_layernorm.weight"),
-    TensorMap(f"{a}/kv_b/kernel", f"{s}.kv_b_proj.weight", LINEAR_IN),
-    TensorMap(f"{a}/o/kernel", f"{s}.o_proj.weight", LINEAR_OUT),
-  ]
-
-
+_MLA = "layers_{i}/attn"
+_SA = "model.layers.{i}.self_attn"
 _FFN = (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj"))
+_q_lora = lambda cfg: bool(cfg.q_lora_rank)
 
-
-def _ffn_maps(cfg, i: int, ml: str, hf: str) -> list[TensorMap]:
-  f, m = f"{ml}/ffn", f"{hf}.mlp"
-  if not cfg.is_moe_layer(i):
-    return [TensorMap(f"{f}/{p}", f"{m}.{w}.weight", TRANSPOSE) for p, w in _FFN]
-  maps = [TensorMap(f"{f}/router", f"{m}.gate.weight", TRANSPOSE)]
-  maps += [
-    TensorMap(f"{f}/shared/{p}", f"{m}.shared_experts.{w}.weight", TRANSPOSE) for p, w in _FFN
-  ]
-  for j in range(cfg.moe.num_experts):
-    maps += [
-      TensorMap(f"{f}/{p}", f"{m}.experts.{j}.{w}.weight", TRANSPOSE, expert=j) for p, w in _FFN
-    ]
-  return maps
+TABLE = (
+  Row("embed/embedding", "model.embed_tokens.weight", scope="global"),
+  Row("final_norm/scale", "model.norm.weight", scope="global"),
+  Row(
+    "lm_head/kernel",
+    "lm_head.weight",
+    TRANSPOSE,
+    scope="global",
+    when=lambda cfg: not cfg.tie_embeddings,
+  ),
+  Row("layers_{i}/attn_norm/scale", "model.layers.{i}.input_layernorm.weight"),
+  Row("layers_{i}/ffn_norm/scale", "model.layers.{i}.post_attention_layernorm.weight"),
+  Row(f"{_MLA}/q_a/kernel", f"{_SA}.q_a_proj.weight", TRANSPOSE, when=_q_lora),
+  Row(f"{_MLA}/q_norm/scale", f"{_SA}.q_a_layernorm.weight", when=_q_lora),
+  Row(f"{_MLA}/q_b/kernel", f"{_SA}.q_b_proj.weight", LINEAR_IN, when=_q_lora),
+  Row(f"{_MLA}/q/kernel", f"{_SA}.q_proj.weight", LINEAR_IN, when=lambda c: not _q_lora(c)),
+  Row(f"{_MLA}/kv_a/kernel", f"{_SA}.kv_a_proj_with_mqa.weight", TRANSPOSE),
+  Row(f"{_MLA}/kv_norm/scale", f"{_SA}.kv_a_layernorm.weight"),
+  Row(f"{_MLA}/kv_b/kernel", f"{_SA}.kv_b_proj.weight", LINEAR_IN),
+  Row(f"{_MLA}/o/kernel", f"{_SA}.o_proj.weight", LINEAR_OUT),
+  *(
+    Row(f"layers_{{i}}/ffn/{p}", f"model.layers.{{i}}.mlp.{w}.weight", TRANSPOSE, "dense")
+    for p, w in _FFN
+  ),
+  Row("layers_{i}/ffn/router", "model.layers.{i}.mlp.gate.weight", TRANSPOSE, "moe"),
+  Row(
+    "layers_{i}/ffn/router_bias",
+    "model.layers.{i}.mlp.gate.e_score_correction_bias",
+    scope="moe",
+    when=lambda cfg: cfg.moe.router == "deepseek_v3",
+  ),
+  *(
+    Row(
+      f"layers_{{i}}/ffn/shared/{p}",
+      f"model.layers.{{i}}.mlp.shared_experts.{w}.weight",
+      TRANSPOSE,
+      "moe",
+    )
+    for p, w in _FFN
+  ),
+  *(
+    Row(
+      f"layers_{{i}}/ffn/{p}",
+      f"model.layers.{{i}}.mlp.experts.{{j}}.{w}.weight",
+      TRANSPOSE,
+      "expert",
+    )
+    for p, w in _FFN
+  ),
+)
 
 
 def tensor_maps(cfg) -> list[TensorMap]:
   """Every (moejax param, HF tensor) pair of a model config, in a fixed order."""
-  maps = [
-    TensorMap("embed/embedding", "model.embed_tokens.weight"),
-    TensorMap("final_norm/scale", "model.norm.weight"),
-  ]
-  if not cfg.tie_embeddings:
-    maps.append(TensorMap("lm_head/kernel", "lm_head.weight", TRANSPOSE))
-  for i in range(cfg.num_layers):
-    ml, hf = f"layers_{i}", f"model.layers.{i}"
-    maps += [
-      TensorMap(f"{ml}/attn_norm/scale", f"{hf}.input_layernorm.weight"),
-      TensorMap(f"{ml}/ffn_norm/scale", f"{hf}.post_attention_layernorm.weight"),
-    ]
-    maps += _attention_maps(cfg, ml, hf)
-    maps += _ffn_maps(cfg, i, ml, hf)
-  return maps
+  return expand(TABLE, cfg)
+
+
+def _expert_names(i: int, j: int) -> tuple[str, str, str]:
+  return tuple(f"model.layers.{i}.mlp.experts.{j}.{w}.weight" for _, w in _FFN)
 
 
 # ----------------------------------------------------------------------------- config
@@ -359,97 +329,14 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- tensors
 
 
-def _flatten(params) -> dict[str, Any]:
-  """{'layers_0/attn/q/kernel': leaf} for a nested dict (or FrozenDict) of leaves."""
-  return traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-
-
 def to_hf_tensors(params: dict, model_cfg) -> dict[str, Array]:
   """moejax params (nested dict of arrays) -> {HF tensor name: numpy array}."""
   require_exportable(model_cfg)
-  flat = _flatten(params)
-  maps = tensor_maps(model_cfg)
-  tensors = {}
-  for m in maps:
-    if m.path not in flat:
-      raise ConversionError(f"moejax parameter {m.path} is missing from the checkpoint")
-    value = np.asarray(flat[m.path])
-    value = value[m.expert] if m.expert is not None else value
-    tensors[m.name] = np.ascontiguousarray(m.layout.to_hf(value))
-  unused = set(flat) - {m.path for m in maps}
-  if unused:
-    raise ConversionError(f"moejax parameters with no DeepSeek-V2 counterpart: {sorted(unused)}")
-  return tensors
-
-
-_FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
-
-
-def _defuse(tensors: dict[str, Array]) -> dict[str, Array]:
-  """transformers >= 5 in-memory expert layout (``mlp.experts.gate_up_proj`` [E, 2f, d],
-  ``mlp.experts.down_proj`` [E, d, f]) -> the per-expert names of the file format."""
-  out = {}
-  for name, t in tensors.items():
-    m = _FUSED.fullmatch(name)
-    if not m:
-      out[name] = t
-      continue
-    prefix, kind = m.groups()
-    for j in range(t.shape[0]):
-      if kind == "gate_up_proj":
-        f = t.shape[1] // 2
-        out[f"{prefix}.{j}.gate_proj.weight"] = t[j, :f]
-        out[f"{prefix}.{j}.up_proj.weight"] = t[j, f:]
-      else:
-        out[f"{prefix}.{j}.down_proj.weight"] = t[j]
-  return out
-
-
-def _check_shape(name: str, got: tuple, expected: tuple) -> None:
-  if tuple(got) != tuple(expected):
-    raise ConversionError(
-      f"tensor {name} has shape {tuple(got)} but the moejax config expects {tuple(expected)}"
-    )
+  return mapping.to_hf_tensors(params, tensor_maps(model_cfg), "DeepSeek")
 
 
 def from_hf_tensors(tensors: dict[str, Array], abstract_params: dict, model_cfg) -> dict:
-  """{HF tensor name: array} -> moejax params shaped like `abstract_params`.
-
-  `abstract_params`: a tree of arrays or ShapeDtypeStructs giving every expected shape
-  (e.g. ``jax.eval_shape(model.init, ...)``). Raises ConversionError naming a missing
-  tensor, a tensor and both shapes on a mismatch, or HF tensors nothing maps to.
-  """
-  tensors = _defuse(tensors)
-  like = _flatten(abstract_params)
-  maps = tensor_maps(model_cfg)
-  flat: dict[str, Array] = {}
-  experts: dict[str, list[Array]] = {}
-  for m in maps:
-    if m.name not in tensors:
-      raise ConversionError(
-        f"tensor {m.name} (for moejax {m.path}) is missing from the HF checkpoint"
-      )
-    if m.path not in like:
-      raise ConversionError(
-        f"moejax parameter {m.path} (for HF {m.name}) is not in the model built from config.json"
-      )
-    t, shape = tensors[m.name], tuple(like[m.path].shape)
-    if m.expert is not None:
-      _check_shape(m.name, t.shape, m.layout.hf_shape(shape[1:]))
-      experts.setdefault(m.path, []).append(m.layout.from_hf(t, shape[1:]))
-    else:
-      _check_shape(m.name, t.shape, m.layout.hf_shape(shape))
-      flat[m.path] = m.layout.from_hf(t, shape)
-  for path, parts in experts.items():
-    flat[path] = np.stack(parts)
-  unused = sorted(set(tensors) - {m.name for m in maps})
-  if unused:
-    raise ConversionError(
-      f"HF tensors with no moejax counterpart (does config.json match "
-      f"the weights?): {unused[:5]}{' ...' if len(unused) > 5 else ''}"
-    )
-  for path, target in like.items():
-    if path not in flat:
-      raise ConversionError(f"no HF tensor maps to moejax parameter {path}")
-    flat[path] = np.asarray(flat[path]).astype(target.dtype, copy=False)
-  return traverse_util.unflatten_dict(flat, sep="/")
+  """{HF tensor name: array} -> moejax params shaped like `abstract_params`
+  (``moejax.convert.hf_mapping.from_hf_tensors``); the fused expert layout is accepted."""
+  tensors = mapping.defuse(tensors, _expert_names)
+  return mapping.from_hf_tensors(tensors, abstract_params, tensor_maps(model_cfg))
