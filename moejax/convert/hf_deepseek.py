@@ -174,11 +174,6 @@ def require_exportable(model_cfg) -> None:
       problems.append("DeepSeek-V2 has no null experts (model.moe.num_null_experts)")
   if problems:
     raise ConversionError("this model cannot be exported as HF DeepSeek-V2: " + "; ".join(problems))
-  if not moe.dropless:
-    log.warning(
-      "model.moe.dropless=False: HF DeepSeek-V2 never drops tokens, so the export "
-      "matches this model only where no expert exceeds its capacity"
-    )
 
 
 def hf_config(model_cfg) -> dict[str, Any]:
