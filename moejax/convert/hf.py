@@ -3,7 +3,8 @@
 A directory holds ``config.json`` + safetensors (sharded with an index above
 `max_shard_bytes`), loadable with ``transformers.AutoModelForCausalLM.from_pretrained``.
 Families (one module each, same interface), keyed by config.json ``model_type``:
-'mixtral' (``moejax.convert.hf_mixtral``), 'deepseek_v2' (``moejax.convert.hf_deepseek``).
+'mixtral' (``moejax.convert.hf_mixtral``), 'deepseek_v2' (``moejax.convert.hf_deepseek``),
+'deepseek_v3' (``moejax.convert.hf_deepseek_v3``); tensor tables in ``hf_mapping`` form.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import ModelConfig
-from moejax.convert import hf_deepseek, hf_mixtral
+from moejax.convert import hf_deepseek, hf_deepseek_v3, hf_mixtral
 from moejax.convert.safetensors_io import (
   ConversionError,
   atomic_directory,
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 FAMILIES: dict[str, ModuleType] = {
   hf_mixtral.MODEL_TYPE: hf_mixtral,
   hf_deepseek.MODEL_TYPE: hf_deepseek,
+  hf_deepseek_v3.MODEL_TYPE: hf_deepseek_v3,
 }
 
 
