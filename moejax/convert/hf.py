@@ -4,7 +4,8 @@ A directory holds ``config.json`` + safetensors (sharded with an index above
 `max_shard_bytes`), loadable with ``transformers.AutoModelForCausalLM.from_pretrained``.
 Families (one module each, same interface), keyed by config.json ``model_type``:
 'mixtral' (``moejax.convert.hf_mixtral``), 'deepseek_v2' (``moejax.convert.hf_deepseek``),
-'deepseek_v3' (``moejax.convert.hf_deepseek_v3``); tensor tables in ``hf_mapping`` form.
+'deepseek_v3' (``moejax.convert.hf_deepseek_v3``), 'qwen3_moe' (``hf_qwen3_moe``), 'olmoe'
+(``hf_olmoe``); tensor tables in ``hf_mapping`` form.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import ModelConfig
-from moejax.convert import hf_deepseek, hf_deepseek_v3, hf_mixtral
+from moejax.convert import hf_deepseek, hf_deepseek_v3, hf_mixtral, hf_olmoe, hf_qwen3_moe
 from moejax.convert.safetensors_io import (
   ConversionError,
   atomic_directory,
@@ -35,6 +36,8 @@ FAMILIES: dict[str, ModuleType] = {
   hf_mixtral.MODEL_TYPE: hf_mixtral,
   hf_deepseek.MODEL_TYPE: hf_deepseek,
   hf_deepseek_v3.MODEL_TYPE: hf_deepseek_v3,
+  hf_qwen3_moe.MODEL_TYPE: hf_qwen3_moe,
+  hf_olmoe.MODEL_TYPE: hf_olmoe,
 }
 
 

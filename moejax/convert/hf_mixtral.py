@@ -123,9 +123,8 @@ def require_exportable(model_cfg) -> None:
     problems.append(f"model.attention={model_cfg.attention!r} must be 'gqa'")
   if moe is None or model_cfg.moe_every != 1 or model_cfg.first_moe_layer != 0:
     problems.append("every layer must be MoE (model.moe_every=1, model.first_moe_layer=0)")
-  for name in ("qk_norm", "clip_qkv"):
-    if getattr(model_cfg, name, None):
-      problems.append(f"model.{name} must be off (Mixtral has no q/k norm or clipping)")
+  if model_cfg.qk_norm != "none" or model_cfg.clip_qkv is not None:
+    problems.append("model.qk_norm must be 'none' and model.clip_qkv None (Mixtral has neither)")
   if moe is not None:
     if moe.router != "topk":
       problems.append(f"model.moe.router={moe.router!r} must be 'topk'")

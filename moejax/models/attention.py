@@ -8,6 +8,10 @@ h = j * G + r (G = H / H_kv, r < G) reads kv head j, exactly HF's ``repeat_kv`` 
   A[b, h, l, m] = softmax_m( q_{b,l,h} . k_{b,m,j(h)} / sqrt(D_h) + causal(l, m) )   (float32)
   out = (A v) W_o               [B, L, d]
 
+Options (Qwen3 / OLMoE): ``qk_norm='head'`` applies RMSNorm to each q and k head over D_h,
+``'projection'`` over the whole projection width (H*D_h, H_kv*D_h), both before RoPE;
+``clip_qkv`` = c then clamps q, k, v to [-c, c] (OLMoE's order: norm, then clamp).
+
 The kernel computing A v (materialised, blockwise, cuDNN flash) is chosen by ``impl``
 (``moejax.models.attention_impl``).
 
@@ -27,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.models.attention_impl import attend, causal_mask, gqa_attention  # noqa: F401
+from moejax.models.norms import rms_norm
 from moejax.models.rope import apply_rope
 
 
@@ -73,6 +78,9 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   impl: str = "reference"  # the kernel, ``moejax.models.attention_impl.attend``
+  qk_norm: str = "none"  # 'none' | 'head' | 'projection' (module docstring)
+  clip_qkv: float | None = None
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -84,6 +92,23 @@ class Attention(nn.Module):
     q = proj((d, h, dh), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "q")(x)
     k = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "k")(x)
     v = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "v")(x)
+    if self.qk_norm != "none":
+      q, k = self._norm(q, "q_norm"), self._norm(k, "k_norm")
+    if self.clip_qkv is not None:
+      q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = attend(q, k, v, None, self.impl)
     return proj((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o", (0, 1))(out)
+
+  def _norm(self, x: jax.Array, name: str) -> jax.Array:
+    """RMSNorm of x [B, L, heads, D_h] over D_h ('head') or heads * D_h ('projection')."""
+    b, l, heads, dh = x.shape
+    width, names = (dh, ("head_dim",)) if self.qk_norm == "head" else (heads * dh, (None,))
+    scale = self.param(
+      name + "_scale",
+      nn.with_logical_partitioning(nn.initializers.ones, names),
+      (width,),
+      self.param_dtype,
+    )
+    flat = x if self.qk_norm == "head" else x.reshape(b, l, 1, heads * dh)
+    return rms_norm(flat, scale, self.norm_eps).reshape(x.shape).astype(x.dtype)

@@ -110,6 +110,9 @@ class Block(nn.Module):
         dtype,
         param_dtype,
         cfg.attention_impl,
+        cfg.qk_norm,
+        cfg.clip_qkv,
+        cfg.rms_norm_eps,
         name="attn",
       )(x, cos, sin)
     h = h + y.astype(h.dtype)
