@@ -99,6 +99,7 @@ class ModelConfig:
       H_kv*D_h; OLMoE). Scales ``attn/{q,k}_norm/scale``.
     clip_qkv: GQA only. None, or c > 0: q, k, v clamped to [-c, c] after the q/k norm
       (OLMoE, OLMo's ``clip_qkv``).
+    attention_bias: GQA only. Biases on the q, k, v projections (Qwen2 / Qwen2-MoE).
     moe: the MoE layer config; None for a dense model. ``from_config`` drops a given
       ``moe`` section to None when ``moe_every == 0`` (after validating it), so a dense
       model never constrains the mesh through it.
@@ -132,6 +133,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   qk_norm: str = "none"
   clip_qkv: float | None = None
+  attention_bias: bool = False
   moe: MoEConfig | None = None
   config_path: str = dataclasses.field(default="model", compare=False, hash=False, repr=False)
 
@@ -286,11 +288,12 @@ def validate_model_config(cfg: ModelConfig) -> None:
     cfg.clip_qkv is None or (_is_number(cfg.clip_qkv) and cfg.clip_qkv > 0),
     "must be None or a finite number > 0",
   )
-  for name in ("qk_norm", "clip_qkv"):
+  _check(cfg, "attention_bias", is_bool(cfg.attention_bias), "must be a bool")
+  for name in ("qk_norm", "clip_qkv", "attention_bias"):
     _check(
       cfg,
       name,
-      cfg.attention == "gqa" or getattr(cfg, name) in ("none", None),
+      cfg.attention == "gqa" or getattr(cfg, name) in ("none", None, False),
       f"only attention='gqa' implements it; {p}.attention={cfg.attention!r}",
     )
   for name in ("dtype", "param_dtype"):

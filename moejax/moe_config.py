@@ -49,6 +49,10 @@ class MoEConfig:
     routed_scaling_factor: router='shared_experts' or 'deepseek_v3' only; multiplies the
       routed experts' combine weights (DeepSeek's ``routed_scaling_factor``; 1.0 for
       V2-Lite, 16.0 for V2, 2.5 for V3). Must be a finite number > 0, and 1.0 otherwise.
+    shared_expert_d_ff: width of the shared FFN; None: num_shared_experts * expert_d_ff
+      (DeepSeekMoE). Qwen2-MoE's ``shared_expert_intermediate_size``.
+    shared_expert_gate: scale the shared FFN's output by sigmoid(x . w), a learned
+      ``shared_gate`` [d, 1] (Qwen2-MoE's ``shared_expert_gate``).
     n_group, topk_group: group-limited routing (router 'shared_experts': DeepSeek-V2
       ``group_limited_greedy``; 'deepseek_v3'): the E experts form n_group groups and a
       token picks its top_k among its topk_group best groups. n_group = 1: no limit.
@@ -90,6 +94,8 @@ class MoEConfig:
   z_loss_weight: float = 0.001
   dynamic_loss_weight: float = 0.0
   routed_scaling_factor: float = 1.0
+  shared_expert_d_ff: int | None = None
+  shared_expert_gate: bool = False
   n_group: int = 1
   topk_group: int = 1
   norm_topk_prob: bool = False
@@ -273,7 +279,23 @@ def validate_moe_config(cfg: MoEConfig) -> None:
 
 
 def _validate_deepseek_fields(cfg: MoEConfig) -> None:
-  """n_group, topk_group, norm_topk_prob, bias_update_rate (DeepSeek-V2/V3 routing)."""
+  """n_group, topk_group, norm_topk_prob, bias_update_rate (DeepSeek-V2/V3 routing) and
+  the shared-expert shape (shared_expert_d_ff, shared_expert_gate)."""
+  _check(
+    cfg,
+    "shared_expert_d_ff",
+    cfg.shared_expert_d_ff is None
+    or (_is_int(cfg.shared_expert_d_ff) and cfg.shared_expert_d_ff >= 1),
+    "must be None (num_shared_experts * expert_d_ff) or an int >= 1",
+  )
+  for name in ("shared_expert_d_ff", "shared_expert_gate"):
+    _check(
+      cfg,
+      name,
+      cfg.num_shared_experts >= 1 or getattr(cfg, name) in (None, False),
+      "needs num_shared_experts >= 1",
+    )
+  _check(cfg, "shared_expert_gate", _is_bool(cfg.shared_expert_gate), "must be a bool")
   grouped = ("shared_experts", "deepseek_v3")
   _check(cfg, "n_group", _is_int(cfg.n_group) and cfg.n_group >= 1, "must be an int >= 1")
   _check(

@@ -1,4 +1,4 @@
-"""The HF Qwen3-MoE and OLMoE families against transformers: a random tiny transformers
+"""The HF Qwen3-MoE, OLMoE and Qwen2-MoE families against transformers: a random tiny transformers
 model imports with equal logits and exports back bit-identically; a moejax model of the
 family exports to equal logits in transformers. Needs the `interop` extra."""
 
@@ -36,6 +36,17 @@ FAMILIES = {
     dict(head_dim=8, moe_intermediate_size=16, norm_topk_prob=True, decoder_sparse_step=1),
   ),
   "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(norm_topk_prob=False, clip_qkv=0.4)),
+  "qwen2_moe": (
+    "Qwen2MoeConfig",
+    "Qwen2MoeForCausalLM",
+    dict(
+      moe_intermediate_size=16,
+      shared_expert_intermediate_size=40,
+      decoder_sparse_step=2,
+      num_hidden_layers=4,
+      norm_topk_prob=False,
+    ),
+  ),
 }
 
 
@@ -64,12 +75,19 @@ def tokens_for(seed: int = 0) -> np.ndarray:
 
 
 # OLMoE (q/k norm over the projection width, clip_qkv) stays in the default suite.
-@pytest.mark.parametrize("family", [pytest.param("qwen3_moe", marks=pytest.mark.slow), "olmoe"])
+@pytest.mark.parametrize(
+  "family",
+  [
+    pytest.param("qwen3_moe", marks=pytest.mark.slow),
+    "olmoe",
+    pytest.param("qwen2_moe", marks=pytest.mark.slow),
+  ],
+)
 def test_transformers_model_imports_with_equal_logits_and_exports_bit_identically(tmp_path, family):
   save_random_hf(family, str(tmp_path / "hf"))
   section, params = hf.import_hf(str(tmp_path / "hf"))
   cfg = ModelConfig.from_config(section)
-  assert cfg.qk_norm == ("head" if family == "qwen3_moe" else "projection")
+  assert cfg.qk_norm == {"qwen3_moe": "head", "olmoe": "projection", "qwen2_moe": "none"}[family]
   tokens = tokens_for(1)
   np.testing.assert_allclose(
     logits_of(cfg, params, tokens), hf_logits(str(tmp_path / "hf"), tokens), rtol=1e-4, atol=1e-4

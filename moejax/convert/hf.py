@@ -5,7 +5,7 @@ A directory holds ``config.json`` + safetensors (sharded with an index above
 Families (one module each, same interface), keyed by config.json ``model_type``:
 'mixtral' (``moejax.convert.hf_mixtral``), 'deepseek_v2' (``moejax.convert.hf_deepseek``),
 'deepseek_v3' (``moejax.convert.hf_deepseek_v3``), 'qwen3_moe' (``hf_qwen3_moe``), 'olmoe'
-(``hf_olmoe``); tensor tables in ``hf_mapping`` form.
+(``hf_olmoe``), 'qwen2_moe' (``hf_qwen2_moe``); tensor tables in ``hf_mapping`` form.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import ModelConfig
-from moejax.convert import hf_deepseek, hf_deepseek_v3, hf_mixtral, hf_olmoe, hf_qwen3_moe
+from moejax.convert import (
+  hf_deepseek,
+  hf_deepseek_v3,
+  hf_mixtral,
+  hf_olmoe,
+  hf_qwen2_moe,
+  hf_qwen3_moe,
+)
 from moejax.convert.safetensors_io import (
   ConversionError,
   atomic_directory,
@@ -38,6 +45,7 @@ FAMILIES: dict[str, ModuleType] = {
   hf_deepseek_v3.MODEL_TYPE: hf_deepseek_v3,
   hf_qwen3_moe.MODEL_TYPE: hf_qwen3_moe,
   hf_olmoe.MODEL_TYPE: hf_olmoe,
+  hf_qwen2_moe.MODEL_TYPE: hf_qwen2_moe,
 }
 
 

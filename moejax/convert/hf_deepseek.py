@@ -172,6 +172,11 @@ def require_exportable(model_cfg) -> None:
       problems.append(f"model.moe.activation={moe.activation!r} must be 'silu'")
     if moe.num_null_experts:
       problems.append("DeepSeek-V2 has no null experts (model.moe.num_null_experts)")
+    if moe.shared_expert_d_ff is not None or moe.shared_expert_gate:
+      problems.append(
+        "model.moe.shared_expert_d_ff must be None and shared_expert_gate False (DeepSeek's "
+        "shared experts are num_shared_experts * expert_d_ff wide, ungated)"
+      )
   if problems:
     raise ConversionError("this model cannot be exported as HF DeepSeek-V2: " + "; ".join(problems))
 

@@ -92,6 +92,8 @@ def require_exportable(model_cfg) -> None:
       problems.append(f"model.moe.activation={moe.activation!r} must be 'silu'")
     if moe.num_shared_experts < 1:
       problems.append("model.moe.num_shared_experts must be >= 1")
+    if moe.shared_expert_d_ff is not None or moe.shared_expert_gate:
+      problems.append("model.moe.shared_expert_d_ff must be None and shared_expert_gate False")
   if problems:
     raise ConversionError("this model cannot be exported as HF DeepSeek-V3: " + "; ".join(problems))
 

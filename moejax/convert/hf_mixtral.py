@@ -123,8 +123,11 @@ def require_exportable(model_cfg) -> None:
     problems.append(f"model.attention={model_cfg.attention!r} must be 'gqa'")
   if moe is None or model_cfg.moe_every != 1 or model_cfg.first_moe_layer != 0:
     problems.append("every layer must be MoE (model.moe_every=1, model.first_moe_layer=0)")
-  if model_cfg.qk_norm != "none" or model_cfg.clip_qkv is not None:
-    problems.append("model.qk_norm must be 'none' and model.clip_qkv None (Mixtral has neither)")
+  if model_cfg.qk_norm != "none" or model_cfg.clip_qkv is not None or model_cfg.attention_bias:
+    problems.append(
+      "model.qk_norm must be 'none', model.clip_qkv None and model.attention_bias False "
+      "(Mixtral has none of them)"
+    )
   if moe is not None:
     if moe.router != "topk":
       problems.append(f"model.moe.router={moe.router!r} must be 'topk'")

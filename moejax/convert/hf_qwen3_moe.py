@@ -34,11 +34,22 @@ _L = "model.layers.{i}"
 _FFN = (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj"))
 
 
-def gqa_table(qk_norm: bool) -> tuple[Row, ...]:
-  """The table of a Llama-style GQA model with softmax-routed experts (Qwen3-MoE, OLMoE)."""
+def gqa_table(qk_norm: bool, qkv_bias: bool = False, shared: bool = False) -> tuple[Row, ...]:
+  """The table of a Llama-style GQA model with softmax-routed experts (Qwen3-MoE, OLMoE;
+  Qwen2-MoE adds q/k/v biases and a sigmoid-gated shared expert)."""
   norm = (
     Row("layers_{i}/attn/q_norm_scale", f"{_L}.self_attn.q_norm.weight", FLAT),
     Row("layers_{i}/attn/k_norm_scale", f"{_L}.self_attn.k_norm.weight", FLAT),
+  )
+  bias = tuple(
+    Row(f"layers_{{i}}/attn/{n}/bias", f"{_L}.self_attn.{n}_proj.bias", FLAT) for n in "qkv"
+  )
+  shared_rows = (
+    *(
+      Row(f"layers_{{i}}/ffn/shared/{p}", f"{_L}.mlp.shared_expert.{w}.weight", TRANSPOSE, "moe")
+      for p, w in _FFN
+    ),
+    Row("layers_{i}/ffn/shared_gate", f"{_L}.mlp.shared_expert_gate.weight", TRANSPOSE, "moe"),
   )
   return (
     Row("embed/embedding", "model.embed_tokens.weight", scope="global"),
@@ -58,6 +69,8 @@ def gqa_table(qk_norm: bool) -> tuple[Row, ...]:
     ),
     Row("layers_{i}/attn/o/kernel", f"{_L}.self_attn.o_proj.weight", LINEAR_OUT),
     *(norm if qk_norm else ()),
+    *(bias if qkv_bias else ()),
+    *(shared_rows if shared else ()),
     *(Row(f"layers_{{i}}/ffn/{p}", f"{_L}.mlp.{w}.weight", TRANSPOSE, "dense") for p, w in _FFN),
     Row("layers_{i}/ffn/router", f"{_L}.mlp.gate.weight", TRANSPOSE, "moe"),
     *(
@@ -178,6 +191,8 @@ def check_gqa_moe(model_cfg, family: str, qk_norm: str, clip: bool) -> None:
     problems.append(f"model.qk_norm={model_cfg.qk_norm!r} must be {qk_norm!r}")
   if model_cfg.clip_qkv is not None and not clip:
     problems.append(f"model.clip_qkv={model_cfg.clip_qkv!r} must be None")
+  if model_cfg.attention_bias:
+    problems.append("model.attention_bias must be False")
   if moe is None:
     problems.append("model.moe must be set")
   else:

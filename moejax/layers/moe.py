@@ -107,8 +107,16 @@ class MoELayer(nn.Module):
         )
     y = y.reshape(x.shape)
     if cfg.num_shared_experts:
-      shared, _ = DenseFFN(
-        cfg.num_shared_experts * f, cfg.activation, self.dtype, self.param_dtype, name="shared"
-      )(x)
+      width = cfg.shared_expert_d_ff or cfg.num_shared_experts * f
+      shared, _ = DenseFFN(width, cfg.activation, self.dtype, self.param_dtype, name="shared")(x)
+      if cfg.shared_expert_gate:  # Qwen2-MoE: sigmoid(x . w_g) * FFN_shared(x)
+        w_g = self.param(
+          "shared_gate",
+          nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
+          (d, 1),
+          self.param_dtype,
+        )
+        gate = jnp.einsum("bld,do->blo", x.astype(jnp.float32), w_g.astype(jnp.float32))
+        shared = jax.nn.sigmoid(gate).astype(shared.dtype) * shared
       y = y + shared
     return y, {"aux_losses": aux_losses, "metrics": metrics}

@@ -10,7 +10,8 @@ h = j * G + r (G = H / H_kv, r < G) reads kv head j, exactly HF's ``repeat_kv`` 
 
 Options (Qwen3 / OLMoE): ``qk_norm='head'`` applies RMSNorm to each q and k head over D_h,
 ``'projection'`` over the whole projection width (H*D_h, H_kv*D_h), both before RoPE;
-``clip_qkv`` = c then clamps q, k, v to [-c, c] (OLMoE's order: norm, then clamp).
+``clip_qkv`` = c then clamps q, k, v to [-c, c] (OLMoE's order: norm, then clamp);
+``qkv_bias`` adds biases ``{q,k,v}/bias`` [H(_kv), D_h] to the projections (Qwen2).
 
 The kernel computing A v (materialised, blockwise, cuDNN flash) is chosen by ``impl``
 (``moejax.models.attention_impl``).
@@ -56,6 +57,7 @@ class Projection(nn.Module):
   in_axes: tuple[int, ...] = (0,)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  use_bias: bool = False  # + bias over the output axes (Qwen2's q/k/v biases), init 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -66,7 +68,17 @@ class Projection(nn.Module):
       self.shape,
       self.param_dtype,
     )
-    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      out_shape = tuple(self.shape[i] for i in out_axes)
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.names[i] for i in out_axes)),
+        out_shape,
+        self.param_dtype,
+      )
+      y = y + bias.astype(y.dtype)
+    return y
 
 
 class Attention(nn.Module):
@@ -81,17 +93,19 @@ class Attention(nn.Module):
   qk_norm: str = "none"  # 'none' | 'head' | 'projection' (module docstring)
   clip_qkv: float | None = None
   norm_eps: float = 1e-6
+  qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
 
   @nn.compact
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     d = x.shape[-1]
     h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
-    proj = lambda shape, names, eq, name, in_axes=(0,): Projection(
-      shape, names, eq, in_axes, self.dtype, self.param_dtype, name=name
+    proj = lambda shape, names, eq, name, in_axes=(0,), bias=False: Projection(
+      shape, names, eq, in_axes, self.dtype, self.param_dtype, bias, name=name
     )
-    q = proj((d, h, dh), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "q")(x)
-    k = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "k")(x)
-    v = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "v")(x)
+    b = self.qkv_bias
+    q = proj((d, h, dh), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "q", bias=b)(x)
+    k = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "k", bias=b)(x)
+    v = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "v", bias=b)(x)
     if self.qk_norm != "none":
       q, k = self._norm(q, "q_norm"), self._norm(k, "k_norm")
     if self.clip_qkv is not None:

@@ -113,6 +113,7 @@ class Block(nn.Module):
         cfg.qk_norm,
         cfg.clip_qkv,
         cfg.rms_norm_eps,
+        cfg.attention_bias,
         name="attn",
       )(x, cos, sin)
     h = h + y.astype(h.dtype)
