@@ -251,8 +251,8 @@ def _edit_config(path: str, **changes) -> None:
       r"rope_type='yarn'",
     ),  # the transformers 4.x spelling
     (
-      dict(topk_method="group_limited_greedy", n_group=2, topk_group=1),
-      r"topk_method='group_limited_greedy' is not supported .* 'greedy'",
+      dict(topk_method="noaux_tc", n_group=2, topk_group=1),
+      r"topk_method='noaux_tc' is not supported .* 'group_limited_greedy'",
     ),
     (dict(norm_topk_prob=True), r"norm_topk_prob=True is not supported"),
     (dict(moe_layer_freq=2), r"moe_layer_freq=2 is not supported"),

@@ -110,3 +110,39 @@ def test_unsupported_v3_options_are_rejected_by_name(tmp_path, changes, match):
   save_random_hf(str(tmp_path / "hf"), **changes)
   with pytest.raises(ConversionError, match=match):
     hf.import_hf(str(tmp_path / "hf"))
+
+
+@pytest.mark.slow
+def test_transformers_v2_group_limited_greedy_imports_with_equal_logits(tmp_path):
+  """DeepSeek-V2 ``topk_method='group_limited_greedy'`` -> moejax shared_experts + n_group."""
+  torch.manual_seed(3)
+  keys = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size")
+  keys += ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "kv_lora_rank")
+  keys += ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
+  keys += ("n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "rms_norm_eps")
+  config = transformers.DeepseekV2Config(
+    **{k: HF_CONFIG[k] for k in keys},
+    q_lora_rank=None,
+    topk_method="group_limited_greedy",
+    n_group=4,
+    topk_group=1,
+    max_position_embeddings=64,
+  )
+  model = transformers.DeepseekV2ForCausalLM(config)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(torch.randn_like(p) * (0.3 if "gate.weight" in name else 0.1))
+  model.save_pretrained(str(tmp_path / "hf"))
+  section, params = hf.import_hf(str(tmp_path / "hf"))
+  cfg = ModelConfig.from_config(section)
+  assert (cfg.moe.router, cfg.moe.n_group, cfg.moe.topk_group) == ("shared_experts", 4, 1)
+  tokens = tokens_for(3)
+  got = logits_of(cfg, params, tokens)
+  np.testing.assert_allclose(got, hf_logits_any(str(tmp_path / "hf"), tokens), rtol=1e-4, atol=1e-4)
+
+
+def hf_logits_any(model_dir: str, tokens: np.ndarray) -> np.ndarray:
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  model.eval()
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()

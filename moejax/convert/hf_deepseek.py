@@ -53,7 +53,8 @@ bit-exact.
 Limits (clear ConversionError otherwise): default RoPE only (YaRN, given by
 ``rope_parameters.rope_type`` or 4.x ``rope_scaling``, is not implemented; the released
 DeepSeek-V2(-Lite) checkpoints use it for their 128k/32k context, so they are rejected),
-topk_method='greedy' (no group-limited routing), norm_topk_prob=false,
+topk_method 'greedy' or 'group_limited_greedy' (moejax n_group / topk_group),
+norm_topk_prob=false,
 moe_layer_freq=1, no attention/MLP biases, SiLU, num_key_value_heads = num_attention_heads,
 at least one shared expert and one MoE layer.
 """
@@ -206,9 +207,9 @@ def hf_config(model_cfg) -> dict[str, Any]:
     "first_k_dense_replace": m.first_moe_layer,
     "moe_layer_freq": 1,
     "routed_scaling_factor": float(moe.routed_scaling_factor),
-    "topk_method": "greedy",
-    "n_group": None,
-    "topk_group": None,
+    "topk_method": "group_limited_greedy" if moe.n_group > 1 else "greedy",
+    "n_group": moe.n_group if moe.n_group > 1 else None,
+    "topk_group": moe.topk_group if moe.n_group > 1 else None,
     "norm_topk_prob": False,
     "aux_loss_alpha": moe.load_balance_weight,
     "hidden_act": "silu",
@@ -260,7 +261,6 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       "only 'default' RoPE (YaRN and other scaled RoPE are not implemented)",
     )
   checks = [
-    ("topk_method", "greedy", "only 'greedy' top-k routing"),
     ("norm_topk_prob", False, "the top-k weights must not be renormalised"),
     ("moe_layer_freq", 1, "every layer from first_k_dense_replace on must be MoE"),
     ("attention_bias", False, "no attention biases"),
@@ -271,6 +271,10 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
     value = hf.get(field, allowed)
     if value != allowed:
       _reject(field, value, f"{why} ({allowed!r})")
+  topk_method = hf.get("topk_method", "greedy")
+  if topk_method not in ("greedy", "group_limited_greedy"):
+    _reject("topk_method", topk_method, "'greedy' or 'group_limited_greedy'")
+  grouped = topk_method == "group_limited_greedy"
   heads = hf["num_attention_heads"]
   if hf.get("num_key_value_heads") not in (None, heads):
     _reject(
@@ -321,6 +325,8 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       activation="silu",
       routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
       load_balance_weight=float(hf.get("aux_loss_alpha", DEFAULT_AUX_LOSS_ALPHA)),
+      n_group=(hf.get("n_group") or 1) if grouped else 1,
+      topk_group=(hf.get("topk_group") or 1) if grouped else 1,
     )
   )
   return model
