@@ -246,7 +246,7 @@ def validate_moe_config(cfg: MoEConfig) -> None:
     cfg,
     "routed_scaling_factor",
     cfg.router in ("shared_experts", "deepseek_v3") or cfg.routed_scaling_factor == 1.0,
-    "only routers 'shared_experts' and 'deepseek_v3' scale their routed weights; set it to 1.0",
+    "only router='shared_experts' or router='deepseek_v3' scales its routed weights; set it to 1.0",
   )
   _validate_deepseek_fields(cfg)
   _check(cfg, "expert_impl", cfg.expert_impl in EXPERT_IMPLS, f"allowed: {EXPERT_IMPLS}")

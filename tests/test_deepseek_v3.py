@@ -217,3 +217,43 @@ def test_config_errors_name_fields():
     make_moe_cfg("topk", bias_update_rate=0.1)
   with pytest.raises(ConfigError, match="top_k"):
     make_moe_cfg("deepseek_v3", num_experts=8, n_group=4, topk_group=1, top_k=3)
+
+
+@pytest.mark.slow
+def test_v3_dropless_sorted_and_expert_parallel_equal_the_capacity_path():
+  """Dropless deepseek_v3 (random selection bias): sorted grouped-matmul path and the
+  expert-parallel row exchange on a 2x2x2 mesh == the C = S slot path (values, grads)."""
+  import flax.linen as nn
+
+  from moejax.layers.moe import MoELayer
+  from moejax.moe_config import MoEConfig
+  from moejax.parallel import shard_params
+  from tests import test_dropless as td
+  from tests.helpers import random_like
+
+  cfg = MoEConfig(
+    router="deepseek_v3",
+    num_experts=8,
+    expert_d_ff=32,
+    top_k=3,
+    n_group=4,
+    topk_group=2,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    num_shared_experts=1,
+    dropless=True,
+    group_size=8,
+    config_path="model.moe",
+  )
+  init = MoELayer(cfg).init(jax.random.key(0), jnp.zeros(td.X_SHAPE))["params"]
+  boxed = random_like(init, seed=3, router_scale=4.0)
+  params = nn.meta.unbox(boxed)
+  x, ct = td.inputs()
+  want = td.loss_and_grads(MoELayer(dataclasses.replace(cfg, expert_impl="capacity")))(
+    params, x, ct
+  )
+  sorted_cfg = dataclasses.replace(cfg, expert_impl="blocked")
+  td.assert_close(td.loss_and_grads(MoELayer(sorted_cfg))(params, x, ct), want)
+  mesh = td.mesh_of((2, 2, 2))
+  sharded = nn.meta.unbox(shard_params(boxed, mesh))
+  td.assert_close(td.loss_and_grads(MoELayer(sorted_cfg, mesh=mesh))(sharded, x, ct), want)

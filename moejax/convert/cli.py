@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--family",
     default=None,
-    help="HF family: mixtral or deepseek_v2 (default: inferred from the config)",
+    help="HF family: mixtral, deepseek_v2, deepseek_v3, qwen3_moe, qwen2_moe or olmoe "
+    "(default: inferred from the config)",
   )
   p.add_argument(
     "--max_shard_size",

@@ -9,8 +9,8 @@ greedy top-k, gates not renormalised, times ``routed_scaling_factor``, plus
 
 moejax equivalent: attention='mla', moe_every=1, first_moe_layer=first_k_dense_replace,
 router='shared_experts', router_order='softmax_topk', activation='silu', dropless=True
-(HF never drops tokens; a capacity-limited moejax model exports, but agrees with HF only
-where no expert overflows).
+(HF never drops tokens; a capacity-limited moejax model exports only with
+``allow_inexact``, see ``moejax.convert.hf.export_hf``).
 
 Tensor correspondence (torch ``nn.Linear`` stores ``weight`` [out, in]; moejax kernels are
 [in, ..., out]). Per-layer HF names are relative to ``model.layers.{i}.``; i = layer,
@@ -61,7 +61,6 @@ at least one shared expert and one MoE layer.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import ml_collections
@@ -76,7 +75,6 @@ MODEL_TYPE = "deepseek_v2"
 DEFAULT_AUX_LOSS_ALPHA = 0.001  # DeepSeek-V2-Lite's expert-level balance factor
 
 Array = np.ndarray
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- table
