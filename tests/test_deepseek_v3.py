@@ -182,7 +182,8 @@ def _tiny_v3_model(**moe):
   )
 
 
-@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a full train-step compile; the rule itself is tested fast above
+@pytest.mark.parametrize("scan", [False, True])
 def test_train_step_applies_bias_rule_not_optimizer(scan):
   """With AdamW (weight decay on) the bias leaves take exactly the sign rule on the step's
   selection load; every other parameter moves by the optimizer."""
@@ -257,3 +258,38 @@ def test_v3_dropless_sorted_and_expert_parallel_equal_the_capacity_path():
   mesh = td.mesh_of((2, 2, 2))
   sharded = nn.meta.unbox(shard_params(boxed, mesh))
   td.assert_close(td.loss_and_grads(MoELayer(sorted_cfg, mesh=mesh))(sharded, x, ct), want)
+
+
+V3_MOE = dict(
+  router="deepseek_v3",
+  num_shared_experts=1,
+  norm_topk_prob=True,
+  dropless=True,
+  load_balance_weight=0.0,
+  bias_update_rate=0.01,
+)
+
+
+@pytest.mark.slow
+def test_v3_training_resumes_exactly_with_its_router_bias(tmp_path, data_dir):
+  """The Trainer checkpoints router_bias with the params: 4 + 4 resumed steps give the same
+  losses and biases as 8 uninterrupted ones, and the bias has moved off zero."""
+  from moejax.training.trainer import train
+  from moejax.training.workdir import restore_state
+  from tests.helpers import tiny_config
+
+  cfg = tiny_config(data_dir, steps=8, checkpoint_every=4, **V3_MOE)
+  one = jax.devices()[:1]
+  full = train(cfg, str(tmp_path / "full"), show_progress=False, devices=one)
+  train(cfg, str(tmp_path / "split"), show_progress=False, max_steps=4, devices=one)
+  second = train(cfg, str(tmp_path / "split"), show_progress=False, devices=one)
+  for s in range(5, 9):
+    assert second.losses[s] == full.losses[s]
+  split, whole = (
+    np.asarray(
+      restore_state(cfg, str(tmp_path / r), devices=one)[0].params["layers_1"]["ffn"]["router_bias"]
+    )
+    for r in ("split", "full")
+  )
+  np.testing.assert_array_equal(split, whole)
+  assert np.any(whole != 0)
