@@ -66,7 +66,7 @@ def test_moejax_export_gives_the_same_logits_in_transformers(
   cfg = model_cfg(q_lora_rank, routed_scaling_factor=scaling, tie_embeddings=tie)
   params = init_params(cfg, seed=5)
   files = hf.export_hf(params, cfg, str(tmp_path / "hf"))
-  assert sorted(files) == ["config.json", "model.safetensors"]
+  assert sorted(files) == ["config.json", "generation_config.json", "model.safetensors"]
   tokens = tokens_for(cfg.vocab_size)
   ours = moejax_logits(cfg, params, tokens)
   assert np.abs(ours).max() > 0.1  # a model that says something
