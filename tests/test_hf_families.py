@@ -10,13 +10,24 @@ import logging
 import os
 
 import chex
+import jax
+import numpy as np
 import pytest
 
 from moejax.config import ModelConfig
 from moejax.convert import hf
 from moejax.convert.safetensors_io import ConversionError
+from moejax.training.state import abstract_params
 from tests.helpers import load_config
-from tests.test_convert import init_params, mixtral_model_cfg
+from tests.test_convert import mixtral_model_cfg
+
+
+def init_params(model_cfg, seed: int = 0):
+  """Random numpy params of the model's shapes (no init compile: these tests only convert)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda a: rng.standard_normal(a.shape).astype(a.dtype), abstract_params(model_cfg)
+  )
 
 
 def _export(tmp_path, model_cfg=None, **kw):
