@@ -153,7 +153,8 @@ def test_sharded_layer_equals_unsharded(name, shape):
 def test_cases_exercise_their_router_features():
   """Guards the test's own power: drops happen where capacity binds, not when dropless,
   null experts leave tokens with fewer real experts, and shared experts exist."""
-  metrics = {name: reference(name)[0][1][1]["metrics"] for name in ROUTERS}
+  # deepseek_v3's cases are all slow; its reference compile stays out of the default suite.
+  metrics = {name: reference(name)[0][1][1]["metrics"] for name in ROUTERS if name != "deepseek_v3"}
   assert metrics["topk_capacity"]["dropped_fraction"] > 0.05
   assert metrics["topk_dropless"]["dropped_fraction"] == 0.0
   assert metrics["null_experts"]["experts_per_token"] < 2.0
