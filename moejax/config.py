@@ -94,6 +94,12 @@ class ModelConfig:
       (materialises [B, H, L, L]), 'xla' / 'cudnn' (``jax.nn.dot_product_attention``),
       'blockwise' (online softmax over key blocks, O(L * block) memory); 'auto' picks
       cudnn on GPU and blockwise elsewhere for long sequences, reference for short ones.
+    qk_norm: GQA only. 'none'; 'head' (RMSNorm of each query/key head over D_h before
+      RoPE; Qwen3) or 'projection' (RMSNorm over the whole q / k projection width H*D_h /
+      H_kv*D_h; OLMoE). Scales ``attn/{q,k}_norm/scale``.
+    clip_qkv: GQA only. None, or c > 0: q, k, v clamped to [-c, c] after the q/k norm
+      (OLMoE, OLMo's ``clip_qkv``).
+    attention_bias: GQA only. Biases on the q, k, v projections (Qwen2 / Qwen2-MoE).
     moe: the MoE layer config; None for a dense model. ``from_config`` drops a given
       ``moe`` section to None when ``moe_every == 0`` (after validating it), so a dense
       model never constrains the mesh through it.
@@ -125,6 +131,9 @@ class ModelConfig:
   remat_policy: str = "auto"
   scan_layers: bool = False
   attention_impl: str = "auto"
+  qk_norm: str = "none"
+  clip_qkv: float | None = None
+  attention_bias: bool = False
   moe: MoEConfig | None = None
   config_path: str = dataclasses.field(default="model", compare=False, hash=False, repr=False)
 
@@ -176,6 +185,9 @@ class ModelConfig:
     if self.remat_policy == "auto":
       return "full" if self.remat else "none"
     return self.remat_policy
+
+
+QK_NORMS = ("none", "head", "projection")
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -269,6 +281,21 @@ def validate_model_config(cfg: ModelConfig) -> None:
   )
   for name in ("tie_embeddings", "remat", "scan_layers"):
     _check(cfg, name, is_bool(getattr(cfg, name)), "must be a bool")
+  _check(cfg, "qk_norm", cfg.qk_norm in QK_NORMS, f"allowed: {QK_NORMS}")
+  _check(
+    cfg,
+    "clip_qkv",
+    cfg.clip_qkv is None or (_is_number(cfg.clip_qkv) and cfg.clip_qkv > 0),
+    "must be None or a finite number > 0",
+  )
+  _check(cfg, "attention_bias", is_bool(cfg.attention_bias), "must be a bool")
+  for name in ("qk_norm", "clip_qkv", "attention_bias"):
+    _check(
+      cfg,
+      name,
+      cfg.attention == "gqa" or getattr(cfg, name) in ("none", None, False),
+      f"only attention='gqa' implements it; {p}.attention={cfg.attention!r}",
+    )
   for name in ("dtype", "param_dtype"):
     _check(cfg, name, getattr(cfg, name) in DTYPES, f"allowed: {DTYPES}")
 

@@ -12,7 +12,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
-from moejax.fields import check, is_int, is_number, section_from_config
+from moejax.fields import check, is_bool, is_int, is_number, section_from_config
 
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 ACTIVATIONS = ("silu", "gelu")
@@ -47,9 +47,19 @@ class MoEConfig:
     load_balance_weight: weight of the Switch load-balancing loss.
     z_loss_weight: weight of the ST-MoE router z-loss.
     dynamic_loss_weight: weight of the top-p router's entropy loss (Huang et al., 2024).
-    routed_scaling_factor: router='shared_experts' only; multiplies the routed experts'
-      combine weights (DeepSeek-V2's ``routed_scaling_factor``; 1.0 for V2-Lite, 16.0 for
-      V2). Must be a finite number > 0, and 1.0 for every other router.
+    routed_scaling_factor: router='shared_experts' or 'deepseek_v3' only; multiplies the
+      routed experts' combine weights (DeepSeek's ``routed_scaling_factor``; 1.0 for
+      V2-Lite, 16.0 for V2, 2.5 for V3). Must be a finite number > 0, and 1.0 otherwise.
+    shared_expert_d_ff: width of the shared FFN; None: num_shared_experts * expert_d_ff
+      (DeepSeekMoE). Qwen2-MoE's ``shared_expert_intermediate_size``.
+    shared_expert_gate: scale the shared FFN's output by sigmoid(x . w), a learned
+      ``shared_gate`` [d, 1] (Qwen2-MoE's ``shared_expert_gate``).
+    n_group, topk_group: group-limited routing (router 'shared_experts': DeepSeek-V2
+      ``group_limited_greedy``; 'deepseek_v3'): the E experts form n_group groups and a
+      token picks its top_k among its topk_group best groups. n_group = 1: no limit.
+    norm_topk_prob: router='deepseek_v3': divide the chosen sigmoid scores by their sum.
+    bias_update_rate: router='deepseek_v3': gamma of the aux-loss-free bias update
+      b_i += gamma * sign(mean load - load_i) after each train step (0: bias frozen).
     expert_impl: how a dropless token-choice layer runs its experts (capacity configs
       always use slot buffers). 'ragged_dot': assignments sorted by expert, one
       ``jax.lax.ragged_dot`` grouped matmul; 'blocked': sorted rows padded per expert to a
@@ -97,6 +107,12 @@ class MoEConfig:
   z_loss_weight: float = 0.001
   dynamic_loss_weight: float = 0.0
   routed_scaling_factor: float = 1.0
+  shared_expert_d_ff: int | None = None
+  shared_expert_gate: bool = False
+  n_group: int = 1
+  topk_group: int = 1
+  norm_topk_prob: bool = False
+  bias_update_rate: float = 0.0
   expert_impl: str = "auto"
   expert_block_size: int | None = None
   ep_exchange: str = "auto"
@@ -168,6 +184,7 @@ class MoEConfig:
 
 _check = check
 _is_int = is_int
+_is_bool = is_bool
 _is_finite_number = is_number
 
 
@@ -263,10 +280,11 @@ def validate_moe_config(cfg: MoEConfig) -> None:
   _check(
     cfg,
     "routed_scaling_factor",
-    cfg.router in ("shared_experts", "rank_k") or cfg.routed_scaling_factor == 1.0,
-    "only router='shared_experts' (and its rank_k weak routing) scales its routed weights; "
-    "set it to 1.0",
+    cfg.router in ("shared_experts", "rank_k", "deepseek_v3") or cfg.routed_scaling_factor == 1.0,
+    "only router='shared_experts' (and its rank_k weak routing) or router='deepseek_v3' "
+    "scales its routed weights; set it to 1.0",
   )
+  _validate_deepseek_fields(cfg)
   _check(cfg, "expert_impl", cfg.expert_impl in EXPERT_IMPLS, f"allowed: {EXPERT_IMPLS}")
   _check(
     cfg,
@@ -341,4 +359,75 @@ def validate_methods(cfg: MoEConfig) -> None:
     "top_k",
     cfg.top_k <= per_task + cfg.num_compressed_experts,
     f"must be <= the {per_task + cfg.num_compressed_experts} experts each task's gate may pick",
+  )
+
+
+def _validate_deepseek_fields(cfg: MoEConfig) -> None:
+  """n_group, topk_group, norm_topk_prob, bias_update_rate (DeepSeek-V2/V3 routing) and
+  the shared-expert shape (shared_expert_d_ff, shared_expert_gate)."""
+  _check(
+    cfg,
+    "shared_expert_d_ff",
+    cfg.shared_expert_d_ff is None
+    or (_is_int(cfg.shared_expert_d_ff) and cfg.shared_expert_d_ff >= 1),
+    "must be None (num_shared_experts * expert_d_ff) or an int >= 1",
+  )
+  for name in ("shared_expert_d_ff", "shared_expert_gate"):
+    _check(
+      cfg,
+      name,
+      cfg.num_shared_experts >= 1 or getattr(cfg, name) in (None, False),
+      "needs num_shared_experts >= 1",
+    )
+  _check(cfg, "shared_expert_gate", _is_bool(cfg.shared_expert_gate), "must be a bool")
+  grouped = ("shared_experts", "deepseek_v3")
+  _check(cfg, "n_group", _is_int(cfg.n_group) and cfg.n_group >= 1, "must be an int >= 1")
+  _check(
+    cfg,
+    "n_group",
+    cfg.n_group == 1 or cfg.router in grouped,
+    f"group-limited routing needs router in {grouped}; set it to 1",
+  )
+  _check(
+    cfg,
+    "n_group",
+    cfg.num_experts % cfg.n_group == 0,
+    f"must divide num_experts={cfg.num_experts}",
+  )
+  per_group = cfg.num_experts // cfg.n_group
+  _check(
+    cfg,
+    "n_group",
+    cfg.n_group == 1 or cfg.router != "deepseek_v3" or per_group >= 2,
+    "deepseek_v3 scores a group by its two best experts: needs num_experts / n_group >= 2",
+  )
+  _check(
+    cfg,
+    "topk_group",
+    _is_int(cfg.topk_group) and 1 <= cfg.topk_group <= cfg.n_group,
+    f"must be an int in [1, n_group={cfg.n_group}]",
+  )
+  _check(
+    cfg,
+    "top_k",
+    cfg.n_group == 1 or cfg.top_k <= cfg.topk_group * per_group,
+    f"must be <= topk_group * num_experts / n_group = {cfg.topk_group * per_group}",
+  )
+  _check(
+    cfg,
+    "norm_topk_prob",
+    _is_bool(cfg.norm_topk_prob) and (cfg.router == "deepseek_v3" or not cfg.norm_topk_prob),
+    "a bool, True only for router='deepseek_v3' (others: router_order='topk_softmax')",
+  )
+  _check(
+    cfg,
+    "bias_update_rate",
+    _is_finite_number(cfg.bias_update_rate) and cfg.bias_update_rate >= 0,
+    "must be a finite number >= 0",
+  )
+  _check(
+    cfg,
+    "bias_update_rate",
+    cfg.router == "deepseek_v3" or cfg.bias_update_rate == 0,
+    "only router='deepseek_v3' has a selection bias; set it to 0",
   )

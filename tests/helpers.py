@@ -35,7 +35,8 @@ def random_like(params, seed: int, router_scale: float = 1.0):
 
   def fill(path, leaf):
     scale = router_scale if "router" in jax.tree_util.keystr(path) else 1.0
-    value = rng.standard_normal(leaf.shape) * scale / np.sqrt(leaf.shape[-2])
+    fan_in = leaf.shape[-2] if leaf.ndim >= 2 else 1  # 1-D: DeepSeek-V3's router_bias [E]
+    value = rng.standard_normal(leaf.shape) * scale / np.sqrt(fan_in)
     return jnp.asarray(value, leaf.dtype)
 
   values = jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(params))

@@ -47,6 +47,17 @@ ROUTERS = {
   "top_p": dict(
     router="top_p", top_k=3, top_p=0.6, capacity_factor=1.0, group_size=8, dynamic_loss_weight=0.01
   ),
+  "deepseek_v3": dict(  # sigmoid + random selection bias + group-limited, capacity-limited
+    router="deepseek_v3",
+    num_shared_experts=1,
+    top_k=3,
+    capacity_factor=1.0,
+    group_size=8,
+    n_group=4,
+    topk_group=2,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+  ),
 }
 
 # (data, expert, model); (1, 1, 1) runs on jax.devices()[:1].
@@ -135,7 +146,8 @@ def test_sharded_layer_equals_unsharded(name, shape):
 def test_cases_exercise_their_router_features():
   """Guards the test's own power: drops happen where capacity binds, not when dropless,
   null experts leave tokens with fewer real experts, and shared experts exist."""
-  metrics = {name: reference(name)[0][1][1]["metrics"] for name in ROUTERS}
+  # deepseek_v3's cases are all slow; its reference compile stays out of the default suite.
+  metrics = {name: reference(name)[0][1][1]["metrics"] for name in ROUTERS if name != "deepseek_v3"}
   assert metrics["topk_capacity"]["dropped_fraction"] > 0.05
   assert metrics["topk_dropless"]["dropped_fraction"] == 0.0
   assert metrics["null_experts"]["experts_per_token"] < 2.0

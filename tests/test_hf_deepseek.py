@@ -66,7 +66,7 @@ def test_moejax_export_gives_the_same_logits_in_transformers(
   cfg = model_cfg(q_lora_rank, routed_scaling_factor=scaling, tie_embeddings=tie)
   params = init_params(cfg, seed=5)
   files = hf.export_hf(params, cfg, str(tmp_path / "hf"))
-  assert sorted(files) == ["config.json", "model.safetensors"]
+  assert sorted(files) == ["config.json", "generation_config.json", "model.safetensors"]
   tokens = tokens_for(cfg.vocab_size)
   ours = moejax_logits(cfg, params, tokens)
   assert np.abs(ours).max() > 0.1  # a model that says something
@@ -251,8 +251,8 @@ def _edit_config(path: str, **changes) -> None:
       r"rope_type='yarn'",
     ),  # the transformers 4.x spelling
     (
-      dict(topk_method="group_limited_greedy", n_group=2, topk_group=1),
-      r"topk_method='group_limited_greedy' is not supported .* 'greedy'",
+      dict(topk_method="noaux_tc", n_group=2, topk_group=1),
+      r"topk_method='noaux_tc' is not supported .* 'group_limited_greedy'",
     ),
     (dict(norm_topk_prob=True), r"norm_topk_prob=True is not supported"),
     (dict(moe_layer_freq=2), r"moe_layer_freq=2 is not supported"),

@@ -654,3 +654,22 @@ def test_from_config_unknown_field_and_path():
   assert cfg.config_path == "model.moe"
   assert cfg == MoEConfig(num_experts=4, top_k=1, router="top_p")  # path not in equality
   assert hash(cfg) == hash(MoEConfig(num_experts=4, top_k=1, router="top_p"))
+
+
+def test_expert_choice_ranks_confident_tokens_by_log_probability():
+  """Logit gaps > 16: float32 probabilities of expert 0 all round to 1.0, yet each expert
+  must still take the tokens with the highest float64 score (not the earliest ones)."""
+  gaps = np.array([17.0, 18.0, 30.0, 19.0, 40.0, 25.0, 16.5, 35.0])
+  logits = np.stack([gaps, np.zeros(8)], axis=-1)[None]  # [1, 8, 2]
+  cfg = make_cfg("expert_choice", num_experts=2, capacity_factor=0.5)  # C = 2
+  routing = jax.jit(lambda x: route(x, cfg))(jnp.asarray(logits, jnp.float32))
+  log_p = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))  # float64
+  for e in range(2):
+    ref = np.argsort(-log_p[0, :, e], kind="stable")[:2]
+    assert sorted(np.asarray(routing.dispatch_index[0, e])) == sorted(ref), e
+    np.testing.assert_allclose(
+      np.sort(np.asarray(routing.combine_weight[0, e], np.float64)),
+      np.sort(np.exp(log_p[0, ref, e])),
+      rtol=1e-6,
+      atol=1e-30,
+    )

@@ -68,6 +68,8 @@ def cmd_export_hf(args) -> None:
     max_shard_bytes=args.max_shard_size,
     dtype=args.dtype,
     overwrite=args.overwrite,
+    allow_inexact=args.allow_inexact,
+    tokenizer_dir=args.tokenizer_dir,
   )
   print(f"exported step {step} to {args.out}: {', '.join(files)}")
 
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--family",
     default=None,
-    help="HF family: mixtral or deepseek_v2 (default: inferred from the config)",
+    help="HF family: mixtral, deepseek_v2, deepseek_v3, qwen3_moe, qwen2_moe or olmoe "
+    "(default: inferred from the config)",
   )
   p.add_argument(
     "--max_shard_size",
@@ -168,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     help="cast tensors (default: keep the param dtype)",
   )
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument(
+    "--allow_inexact",
+    action="store_true",
+    help="export a model transformers cannot reproduce exactly (e.g. capacity dropping); "
+    "a warning says what differs",
+  )
+  p.add_argument("--tokenizer_dir", default=None, help="copy tokenizer files from this directory")
   p.set_defaults(fn=cmd_export_hf)
 
   p = sub.add_parser("import-hf", help="HF checkpoint directory -> moejax run")

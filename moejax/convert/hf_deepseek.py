@@ -9,8 +9,8 @@ greedy top-k, gates not renormalised, times ``routed_scaling_factor``, plus
 
 moejax equivalent: attention='mla', moe_every=1, first_moe_layer=first_k_dense_replace,
 router='shared_experts', router_order='softmax_topk', activation='silu', dropless=True
-(HF never drops tokens; a capacity-limited moejax model exports, but agrees with HF only
-where no expert overflows).
+(HF never drops tokens; a capacity-limited moejax model exports only with
+``allow_inexact``, see ``moejax.convert.hf.export_hf``).
 
 Tensor correspondence (torch ``nn.Linear`` stores ``weight`` [out, in]; moejax kernels are
 [in, ..., out]). Per-layer HF names are relative to ``model.layers.{i}.``; i = layer,
@@ -53,24 +53,21 @@ bit-exact.
 Limits (clear ConversionError otherwise): default RoPE only (YaRN, given by
 ``rope_parameters.rope_type`` or 4.x ``rope_scaling``, is not implemented; the released
 DeepSeek-V2(-Lite) checkpoints use it for their 128k/32k context, so they are rejected),
-topk_method='greedy' (no group-limited routing), norm_topk_prob=false,
+topk_method 'greedy' or 'group_limited_greedy' (moejax n_group / topk_group),
+norm_topk_prob=false,
 moe_layer_freq=1, no attention/MLP biases, SiLU, num_key_value_heads = num_attention_heads,
 at least one shared expert and one MoE layer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import math
-import re
-from typing import Any, Callable
+from typing import Any
 
-import flax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
+from moejax.convert import hf_mapping as mapping
+from moejax.convert.hf_mapping import LINEAR_IN, LINEAR_OUT, TRANSPOSE, Row, TensorMap, expand
 from moejax.convert.safetensors_io import ConversionError
 
 ARCHITECTURE = "DeepseekV2ForCausalLM"
@@ -78,102 +75,74 @@ MODEL_TYPE = "deepseek_v2"
 DEFAULT_AUX_LOSS_ALPHA = 0.001  # DeepSeek-V2-Lite's expert-level balance factor
 
 Array = np.ndarray
-log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- layouts
+# ----------------------------------------------------------------------------- table
 
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """How one moejax leaf of shape `shape` is stored in HF: to_hf(x), from_hf(t, shape),
-  hf_shape(shape) (the expected HF shape, computed without touching data)."""
-
-  to_hf: Callable[[Array], Array]
-  from_hf: Callable[[Array, tuple], Array]
-  hf_shape: Callable[[tuple], tuple]
-
-
-SAME = Layout(lambda x: x, lambda t, shape: t, tuple)
-TRANSPOSE = Layout(np.transpose, lambda t, shape: t.T, lambda s: tuple(s[::-1]))
-# kernel [in, *out] <-> Linear weight [prod(out), in]
-LINEAR_IN = Layout(
-  lambda x: x.reshape(x.shape[0], -1).T,
-  lambda t, shape: t.T.reshape(shape),
-  lambda s: (math.prod(s[1:]), s[0]),
-)
-# kernel [*in, out] <-> Linear weight [out, prod(in)]
-LINEAR_OUT = Layout(
-  lambda x: x.reshape(-1, x.shape[-1]).T,
-  lambda t, shape: t.T.reshape(shape),
-  lambda s: (s[-1], math.prod(s[:-1])),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-  """moejax param `path` <-> HF tensor `name`. `expert` = j: the HF tensor is expert j's
-  [out, in] slice of the stacked moejax [E, in, out] leaf."""
-
-  path: str
-  name: str
-  layout: Layout = SAME
-  expert: int | None = None
-
-
-def _attention_maps(cfg, ml: str, hf: str) -> list[TensorMap]:
-  a, s = f"{ml}/attn", f"{hf}.self_attn"
-  if cfg.q_lora_rank:
-    maps = [
-      TensorMap(f"{a}/q_a/kernel", f"{s}.q_a_proj.weight", TRANSPOSE),
-      TensorMap(f"{a}/q_norm/scale", f"{s}.q_a_layernorm.weight"),
-      TensorMap(f"{a}/q_b/kernel", f"{s}.q_b_proj.weight", LINEAR_IN),
-    ]
-  else:
-    maps = [TensorMap(f"{a}/q/kernel", f"{s}.q_proj.weight", LINEAR_IN)]
-  return maps + [
-    TensorMap(f"{a}/kv_a/kernel", f"{s}.kv_a_proj_with_mqa.weight", TRANSPOSE),
-    TensorMap(f"{a}/kv_norm/scale", f"{s}.kv_a_layernorm.weight"),
-    TensorMap(f"{a}/kv_b/kernel", f"{s}.kv_b_proj.weight", LINEAR_IN),
-    TensorMap(f"{a}/o/kernel", f"{s}.o_proj.weight", LINEAR_OUT),
-  ]
-
-
+_MLA = "layers_{i}/attn"
+_SA = "model.layers.{i}.self_attn"
 _FFN = (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj"))
+_q_lora = lambda cfg: bool(cfg.q_lora_rank)
 
-
-def _ffn_maps(cfg, i: int, ml: str, hf: str) -> list[TensorMap]:
-  f, m = f"{ml}/ffn", f"{hf}.mlp"
-  if not cfg.is_moe_layer(i):
-    return [TensorMap(f"{f}/{p}", f"{m}.{w}.weight", TRANSPOSE) for p, w in _FFN]
-  maps = [TensorMap(f"{f}/router", f"{m}.gate.weight", TRANSPOSE)]
-  maps += [
-    TensorMap(f"{f}/shared/{p}", f"{m}.shared_experts.{w}.weight", TRANSPOSE) for p, w in _FFN
-  ]
-  for j in range(cfg.moe.num_experts):
-    maps += [
-      TensorMap(f"{f}/{p}", f"{m}.experts.{j}.{w}.weight", TRANSPOSE, expert=j) for p, w in _FFN
-    ]
-  return maps
+TABLE = (
+  Row("embed/embedding", "model.embed_tokens.weight", scope="global"),
+  Row("final_norm/scale", "model.norm.weight", scope="global"),
+  Row(
+    "lm_head/kernel",
+    "lm_head.weight",
+    TRANSPOSE,
+    scope="global",
+    when=lambda cfg: not cfg.tie_embeddings,
+  ),
+  Row("layers_{i}/attn_norm/scale", "model.layers.{i}.input_layernorm.weight"),
+  Row("layers_{i}/ffn_norm/scale", "model.layers.{i}.post_attention_layernorm.weight"),
+  Row(f"{_MLA}/q_a/kernel", f"{_SA}.q_a_proj.weight", TRANSPOSE, when=_q_lora),
+  Row(f"{_MLA}/q_norm/scale", f"{_SA}.q_a_layernorm.weight", when=_q_lora),
+  Row(f"{_MLA}/q_b/kernel", f"{_SA}.q_b_proj.weight", LINEAR_IN, when=_q_lora),
+  Row(f"{_MLA}/q/kernel", f"{_SA}.q_proj.weight", LINEAR_IN, when=lambda c: not _q_lora(c)),
+  Row(f"{_MLA}/kv_a/kernel", f"{_SA}.kv_a_proj_with_mqa.weight", TRANSPOSE),
+  Row(f"{_MLA}/kv_norm/scale", f"{_SA}.kv_a_layernorm.weight"),
+  Row(f"{_MLA}/kv_b/kernel", f"{_SA}.kv_b_proj.weight", LINEAR_IN),
+  Row(f"{_MLA}/o/kernel", f"{_SA}.o_proj.weight", LINEAR_OUT),
+  *(
+    Row(f"layers_{{i}}/ffn/{p}", f"model.layers.{{i}}.mlp.{w}.weight", TRANSPOSE, "dense")
+    for p, w in _FFN
+  ),
+  Row("layers_{i}/ffn/router", "model.layers.{i}.mlp.gate.weight", TRANSPOSE, "moe"),
+  Row(
+    "layers_{i}/ffn/router_bias",
+    "model.layers.{i}.mlp.gate.e_score_correction_bias",
+    scope="moe",
+    when=lambda cfg: cfg.moe.router == "deepseek_v3",
+  ),
+  *(
+    Row(
+      f"layers_{{i}}/ffn/shared/{p}",
+      f"model.layers.{{i}}.mlp.shared_experts.{w}.weight",
+      TRANSPOSE,
+      "moe",
+    )
+    for p, w in _FFN
+  ),
+  *(
+    Row(
+      f"layers_{{i}}/ffn/{p}",
+      f"model.layers.{{i}}.mlp.experts.{{j}}.{w}.weight",
+      TRANSPOSE,
+      "expert",
+    )
+    for p, w in _FFN
+  ),
+)
 
 
 def tensor_maps(cfg) -> list[TensorMap]:
   """Every (moejax param, HF tensor) pair of a model config, in a fixed order."""
-  maps = [
-    TensorMap("embed/embedding", "model.embed_tokens.weight"),
-    TensorMap("final_norm/scale", "model.norm.weight"),
-  ]
-  if not cfg.tie_embeddings:
-    maps.append(TensorMap("lm_head/kernel", "lm_head.weight", TRANSPOSE))
-  for i in range(cfg.num_layers):
-    ml, hf = f"layers_{i}", f"model.layers.{i}"
-    maps += [
-      TensorMap(f"{ml}/attn_norm/scale", f"{hf}.input_layernorm.weight"),
-      TensorMap(f"{ml}/ffn_norm/scale", f"{hf}.post_attention_layernorm.weight"),
-    ]
-    maps += _attention_maps(cfg, ml, hf)
-    maps += _ffn_maps(cfg, i, ml, hf)
-  return maps
+  return expand(TABLE, cfg)
+
+
+def _expert_names(i: int, j: int) -> tuple[str, str, str]:
+  return tuple(f"model.layers.{i}.mlp.experts.{j}.{w}.weight" for _, w in _FFN)
 
 
 # ----------------------------------------------------------------------------- config
@@ -204,13 +173,13 @@ def require_exportable(model_cfg) -> None:
       problems.append("DeepSeek-V2 has no null experts (model.moe.num_null_experts)")
     if moe.num_compressed_experts:
       problems.append("DeepSeek-V2 has no compressed experts (model.moe.num_compressed_experts)")
+    if moe.shared_expert_d_ff is not None or moe.shared_expert_gate:
+      problems.append(
+        "model.moe.shared_expert_d_ff must be None and shared_expert_gate False (DeepSeek's "
+        "shared experts are num_shared_experts * expert_d_ff wide, ungated)"
+      )
   if problems:
     raise ConversionError("this model cannot be exported as HF DeepSeek-V2: " + "; ".join(problems))
-  if not moe.dropless:
-    log.warning(
-      "model.moe.dropless=False: HF DeepSeek-V2 never drops tokens, so the export "
-      "matches this model only where no expert exceeds its capacity"
-    )
 
 
 def hf_config(model_cfg) -> dict[str, Any]:
@@ -238,9 +207,9 @@ def hf_config(model_cfg) -> dict[str, Any]:
     "first_k_dense_replace": m.first_moe_layer,
     "moe_layer_freq": 1,
     "routed_scaling_factor": float(moe.routed_scaling_factor),
-    "topk_method": "greedy",
-    "n_group": None,
-    "topk_group": None,
+    "topk_method": "group_limited_greedy" if moe.n_group > 1 else "greedy",
+    "n_group": moe.n_group if moe.n_group > 1 else None,
+    "topk_group": moe.topk_group if moe.n_group > 1 else None,
     "norm_topk_prob": False,
     "aux_loss_alpha": moe.load_balance_weight,
     "hidden_act": "silu",
@@ -292,7 +261,6 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       "only 'default' RoPE (YaRN and other scaled RoPE are not implemented)",
     )
   checks = [
-    ("topk_method", "greedy", "only 'greedy' top-k routing"),
     ("norm_topk_prob", False, "the top-k weights must not be renormalised"),
     ("moe_layer_freq", 1, "every layer from first_k_dense_replace on must be MoE"),
     ("attention_bias", False, "no attention biases"),
@@ -303,6 +271,10 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
     value = hf.get(field, allowed)
     if value != allowed:
       _reject(field, value, f"{why} ({allowed!r})")
+  topk_method = hf.get("topk_method", "greedy")
+  if topk_method not in ("greedy", "group_limited_greedy"):
+    _reject("topk_method", topk_method, "'greedy' or 'group_limited_greedy'")
+  grouped = topk_method == "group_limited_greedy"
   heads = hf["num_attention_heads"]
   if hf.get("num_key_value_heads") not in (None, heads):
     _reject(
@@ -353,6 +325,8 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       activation="silu",
       routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
       load_balance_weight=float(hf.get("aux_loss_alpha", DEFAULT_AUX_LOSS_ALPHA)),
+      n_group=(hf.get("n_group") or 1) if grouped else 1,
+      topk_group=(hf.get("topk_group") or 1) if grouped else 1,
     )
   )
   return model
@@ -361,97 +335,14 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- tensors
 
 
-def _flatten(params) -> dict[str, Any]:
-  """{'layers_0/attn/q/kernel': leaf} for a nested dict (or FrozenDict) of leaves."""
-  return traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-
-
 def to_hf_tensors(params: dict, model_cfg) -> dict[str, Array]:
   """moejax params (nested dict of arrays) -> {HF tensor name: numpy array}."""
   require_exportable(model_cfg)
-  flat = _flatten(params)
-  maps = tensor_maps(model_cfg)
-  tensors = {}
-  for m in maps:
-    if m.path not in flat:
-      raise ConversionError(f"moejax parameter {m.path} is missing from the checkpoint")
-    value = np.asarray(flat[m.path])
-    value = value[m.expert] if m.expert is not None else value
-    tensors[m.name] = np.ascontiguousarray(m.layout.to_hf(value))
-  unused = set(flat) - {m.path for m in maps}
-  if unused:
-    raise ConversionError(f"moejax parameters with no DeepSeek-V2 counterpart: {sorted(unused)}")
-  return tensors
-
-
-_FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
-
-
-def _defuse(tensors: dict[str, Array]) -> dict[str, Array]:
-  """transformers >= 5 in-memory expert layout (``mlp.experts.gate_up_proj`` [E, 2f, d],
-  ``mlp.experts.down_proj`` [E, d, f]) -> the per-expert names of the file format."""
-  out = {}
-  for name, t in tensors.items():
-    m = _FUSED.fullmatch(name)
-    if not m:
-      out[name] = t
-      continue
-    prefix, kind = m.groups()
-    for j in range(t.shape[0]):
-      if kind == "gate_up_proj":
-        f = t.shape[1] // 2
-        out[f"{prefix}.{j}.gate_proj.weight"] = t[j, :f]
-        out[f"{prefix}.{j}.up_proj.weight"] = t[j, f:]
-      else:
-        out[f"{prefix}.{j}.down_proj.weight"] = t[j]
-  return out
-
-
-def _check_shape(name: str, got: tuple, expected: tuple) -> None:
-  if tuple(got) != tuple(expected):
-    raise ConversionError(
-      f"tensor {name} has shape {tuple(got)} but the moejax config expects {tuple(expected)}"
-    )
+  return mapping.to_hf_tensors(params, tensor_maps(model_cfg), "DeepSeek")
 
 
 def from_hf_tensors(tensors: dict[str, Array], abstract_params: dict, model_cfg) -> dict:
-  """{HF tensor name: array} -> moejax params shaped like `abstract_params`.
-
-  `abstract_params`: a tree of arrays or ShapeDtypeStructs giving every expected shape
-  (e.g. ``jax.eval_shape(model.init, ...)``). Raises ConversionError naming a missing
-  tensor, a tensor and both shapes on a mismatch, or HF tensors nothing maps to.
-  """
-  tensors = _defuse(tensors)
-  like = _flatten(abstract_params)
-  maps = tensor_maps(model_cfg)
-  flat: dict[str, Array] = {}
-  experts: dict[str, list[Array]] = {}
-  for m in maps:
-    if m.name not in tensors:
-      raise ConversionError(
-        f"tensor {m.name} (for moejax {m.path}) is missing from the HF checkpoint"
-      )
-    if m.path not in like:
-      raise ConversionError(
-        f"moejax parameter {m.path} (for HF {m.name}) is not in the model built from config.json"
-      )
-    t, shape = tensors[m.name], tuple(like[m.path].shape)
-    if m.expert is not None:
-      _check_shape(m.name, t.shape, m.layout.hf_shape(shape[1:]))
-      experts.setdefault(m.path, []).append(m.layout.from_hf(t, shape[1:]))
-    else:
-      _check_shape(m.name, t.shape, m.layout.hf_shape(shape))
-      flat[m.path] = m.layout.from_hf(t, shape)
-  for path, parts in experts.items():
-    flat[path] = np.stack(parts)
-  unused = sorted(set(tensors) - {m.name for m in maps})
-  if unused:
-    raise ConversionError(
-      f"HF tensors with no moejax counterpart (does config.json match "
-      f"the weights?): {unused[:5]}{' ...' if len(unused) > 5 else ''}"
-    )
-  for path, target in like.items():
-    if path not in flat:
-      raise ConversionError(f"no HF tensor maps to moejax parameter {path}")
-    flat[path] = np.asarray(flat[path]).astype(target.dtype, copy=False)
-  return traverse_util.unflatten_dict(flat, sep="/")
+  """{HF tensor name: array} -> moejax params shaped like `abstract_params`
+  (``moejax.convert.hf_mapping.from_hf_tensors``); the fused expert layout is accepted."""
+  tensors = mapping.defuse(tensors, _expert_names)
+  return mapping.from_hf_tensors(tensors, abstract_params, tensor_maps(model_cfg))

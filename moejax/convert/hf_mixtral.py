@@ -37,29 +37,82 @@ renormalise), dropless=True and activation='silu' computes the function HF Mixtr
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any
 
-import flax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
+from moejax.convert import hf_mapping as mapping
+from moejax.convert.hf_mapping import LINEAR_IN, LINEAR_OUT, TRANSPOSE, Row, TensorMap, expand
+from moejax.convert.hf_options import check_options
 from moejax.convert.safetensors_io import ConversionError
 
 ARCHITECTURE = "MixtralForCausalLM"
 MODEL_TYPE = "mixtral"
 
 Array = np.ndarray
+_L = "model.layers.{i}"
+_W = (("wi_gate", "w1"), ("wi_up", "w3"), ("wo", "w2"))
+
+TABLE = (
+  Row("embed/embedding", "model.embed_tokens.weight", scope="global"),
+  Row("final_norm/scale", "model.norm.weight", scope="global"),
+  Row(
+    "lm_head/kernel",
+    "lm_head.weight",
+    TRANSPOSE,
+    scope="global",
+    when=lambda cfg: not cfg.tie_embeddings,
+  ),
+  Row("layers_{i}/attn_norm/scale", f"{_L}.input_layernorm.weight"),
+  Row("layers_{i}/ffn_norm/scale", f"{_L}.post_attention_layernorm.weight"),
+  Row("layers_{i}/attn/q/kernel", f"{_L}.self_attn.q_proj.weight", LINEAR_IN),
+  Row("layers_{i}/attn/k/kernel", f"{_L}.self_attn.k_proj.weight", LINEAR_IN),
+  Row("layers_{i}/attn/v/kernel", f"{_L}.self_attn.v_proj.weight", LINEAR_IN),
+  Row("layers_{i}/attn/o/kernel", f"{_L}.self_attn.o_proj.weight", LINEAR_OUT),
+  Row("layers_{i}/ffn/router", f"{_L}.block_sparse_moe.gate.weight", TRANSPOSE, "moe"),
+  *(
+    Row(
+      f"layers_{{i}}/ffn/{p}",
+      f"{_L}.block_sparse_moe.experts.{{j}}.{w}.weight",
+      TRANSPOSE,
+      "expert",
+    )
+    for p, w in _W
+  ),
+)
+
+# config.json keys mapped onto the moejax config (the others are rejected or metadata).
+IMPLEMENTED = frozenset(
+  {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_parameters",
+    "rope_scaling",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+  }
+)
+RULES = {
+  "hidden_act": (lambda v: v == "silu", "'silu' (SwiGLU experts) only"),
+  "sliding_window": (lambda v: v is None, "null (full causal attention) only"),
+  "attention_dropout": (lambda v: not v, "0.0 (no attention dropout)"),
+  "router_jitter_noise": (lambda v: not v, "0.0 (no router jitter)"),
+  "attention_bias": (lambda v: not v, "false (no attention biases)"),
+}
 
 
-def _linear(kernel: Array) -> Array:
-  """moejax kernel [in, *out] -> torch Linear weight [prod(out), in]."""
-  return kernel.reshape(kernel.shape[0], -1).T
-
-
-def _out_linear(kernel: Array) -> Array:
-  """moejax kernel [*in, out] -> torch Linear weight [out, prod(in)]."""
-  return kernel.reshape(-1, kernel.shape[-1]).T
+def tensor_maps(cfg) -> list[TensorMap]:
+  return expand(TABLE, cfg)
 
 
 def require_exportable(model_cfg) -> None:
@@ -70,6 +123,11 @@ def require_exportable(model_cfg) -> None:
     problems.append(f"model.attention={model_cfg.attention!r} must be 'gqa'")
   if moe is None or model_cfg.moe_every != 1 or model_cfg.first_moe_layer != 0:
     problems.append("every layer must be MoE (model.moe_every=1, model.first_moe_layer=0)")
+  if model_cfg.qk_norm != "none" or model_cfg.clip_qkv is not None or model_cfg.attention_bias:
+    problems.append(
+      "model.qk_norm must be 'none', model.clip_qkv None and model.attention_bias False "
+      "(Mixtral has none of them)"
+    )
   if moe is not None:
     if moe.router != "topk":
       problems.append(f"model.moe.router={moe.router!r} must be 'topk'")
@@ -122,12 +180,14 @@ def hf_config(model_cfg) -> dict[str, Any]:
 
 
 def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
-  """The ``model`` config section (ConfigDict) equivalent to an HF Mixtral config.json."""
+  """The ``model`` config section (ConfigDict) equivalent to an HF Mixtral config.json;
+  every other option is rejected by name (``moejax.convert.hf_options``)."""
   if hf.get("model_type") != MODEL_TYPE:
     raise ConversionError(
       f"config.json model_type={hf.get('model_type')!r} is not supported "
       f"by the Mixtral converter (expected {MODEL_TYPE!r})"
     )
+  check_options(hf, "Mixtral", IMPLEMENTED, RULES)
   rope = hf.get("rope_parameters") or {}
   heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
@@ -160,155 +220,22 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   return model
 
 
-def _layer_maps(i: int, num_experts: int):
-  """(moejax path, HF name, to_hf, from_hf(tensor, like)) for layer i's tensors."""
-  hf = f"model.layers.{i}"
-  ml = f"layers_{i}"
-  maps = [
-    (f"{ml}/attn_norm/scale", f"{hf}.input_layernorm.weight", None, None),
-    (f"{ml}/ffn_norm/scale", f"{hf}.post_attention_layernorm.weight", None, None),
-    (f"{ml}/ffn/router", f"{hf}.block_sparse_moe.gate.weight", np.transpose, None),
-  ]
-  for name in ("q", "k", "v"):
-    maps.append(
-      (
-        f"{ml}/attn/{name}/kernel",
-        f"{hf}.self_attn.{name}_proj.weight",
-        _linear,
-        lambda t, like: t.T.reshape(like.shape),
-      )
-    )
-  maps.append(
-    (
-      f"{ml}/attn/o/kernel",
-      f"{hf}.self_attn.o_proj.weight",
-      _out_linear,
-      lambda t, like: t.T.reshape(like.shape),
-    )
-  )
-  for j in range(num_experts):
-    for param, w in (("wi_gate", "w1"), ("wi_up", "w3"), ("wo", "w2")):
-      maps.append(
-        (
-          f"{ml}/ffn/{param}",
-          f"{hf}.block_sparse_moe.experts.{j}.{w}.weight",
-          _expert_to_hf(j),
-          None,
-        )
-      )
-  return maps
-
-
-def _expert_to_hf(j: int) -> Callable[[Array], Array]:
-  return lambda stacked: stacked[j].T
-
-
-def _flatten(params) -> dict[str, Any]:
-  """{'layers_0/attn/q/kernel': leaf} for a nested dict (or FrozenDict) of leaves."""
-  return traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-
-
-def _global_maps(model_cfg):
-  maps = [
-    ("embed/embedding", "model.embed_tokens.weight", None, None),
-    ("final_norm/scale", "model.norm.weight", None, None),
-  ]
-  if not model_cfg.tie_embeddings:
-    maps.append(("lm_head/kernel", "lm_head.weight", np.transpose, None))
-  return maps
-
-
 def to_hf_tensors(params: dict, model_cfg) -> dict[str, Array]:
   """moejax params (nested dict of arrays) -> {HF tensor name: numpy array}."""
   require_exportable(model_cfg)
-  flat = _flatten(params)
-  tensors = {}
-  maps = _global_maps(model_cfg)
-  for i in range(model_cfg.num_layers):
-    maps += _layer_maps(i, model_cfg.moe.num_experts)
-  for path, name, to_hf, _ in maps:
-    if path not in flat:
-      raise ConversionError(f"moejax parameter {path} is missing from the checkpoint")
-    value = flat[path]
-    value = np.asarray(value)
-    tensors[name] = np.ascontiguousarray(to_hf(value) if to_hf else value)
-  unused = set(flat) - {m[0] for m in maps}
-  if unused:
-    raise ConversionError(f"moejax parameters with no Mixtral counterpart: {sorted(unused)}")
-  return tensors
+  return mapping.to_hf_tensors(params, tensor_maps(model_cfg), "Mixtral")
 
 
-def _defuse(tensors: dict[str, Array]) -> dict[str, Array]:
-  """transformers>=5 in-memory layout (mlp.experts.gate_up_proj [E, 2f, d], down_proj
-  [E, d, f], mlp.gate.weight) -> the per-expert names of the file format."""
-  out = {}
-  for name, t in tensors.items():
-    m = re.fullmatch(r"(model\.layers\.\d+)\.mlp\.(.*)", name)
-    if not m:
-      out[name] = t
-      continue
-    layer, rest = m.groups()
-    if rest == "experts.gate_up_proj":
-      f = t.shape[1] // 2
-      for j in range(t.shape[0]):
-        out[f"{layer}.block_sparse_moe.experts.{j}.w1.weight"] = t[j, :f]
-        out[f"{layer}.block_sparse_moe.experts.{j}.w3.weight"] = t[j, f:]
-    elif rest == "experts.down_proj":
-      for j in range(t.shape[0]):
-        out[f"{layer}.block_sparse_moe.experts.{j}.w2.weight"] = t[j]
-    else:
-      out[f"{layer}.block_sparse_moe.{rest}"] = t
-  return out
+def _expert_names(i: int, j: int) -> tuple[str, str, str]:
+  return tuple(f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight" for _, w in _W)
+
+
+_GATE_5X = re.compile(r"(model\.layers\.\d+)\.mlp\.gate\.weight")
 
 
 def from_hf_tensors(tensors: dict[str, Array], abstract_params: dict, model_cfg) -> dict:
-  """{HF tensor name: array} -> moejax params shaped like `abstract_params`.
-
-  `abstract_params`: a tree of arrays or ShapeDtypeStructs giving every expected shape
-  (e.g. ``jax.eval_shape(model.init, ...)``). Raises ConversionError naming a missing
-  tensor, or a tensor and both shapes on a mismatch.
-  """
-  tensors = _defuse(tensors)
-  like = _flatten(abstract_params)
-  maps = _global_maps(model_cfg)
-  for i in range(model_cfg.num_layers):
-    maps += _layer_maps(i, model_cfg.moe.num_experts)
-  flat: dict[str, Array] = {}
-  expert_parts: dict[str, list] = {}
-  for path, name, to_hf, from_hf in maps:
-    if name not in tensors:
-      raise ConversionError(f"tensor {name} (for moejax {path}) is missing from the HF checkpoint")
-    target = like[path]
-    t = tensors[name]
-    if path.endswith(("/wi_gate", "/wi_up", "/wo")):
-      expected = tuple(target.shape[1:][::-1])
-      _check_shape(name, t.shape, expected)
-      expert_parts.setdefault(path, []).append(t.T)
-      continue
-    expected = _hf_shape(path, target.shape, to_hf)
-    _check_shape(name, t.shape, expected)
-    flat[path] = from_hf(t, target) if from_hf else (t.T if to_hf is np.transpose else t)
-  for path, parts in expert_parts.items():
-    flat[path] = np.stack(parts)
-  for path, target in like.items():
-    if path not in flat:
-      raise ConversionError(f"no HF tensor maps to moejax parameter {path}")
-    flat[path] = flat[path].astype(target.dtype, copy=False)
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def _hf_shape(path: str, shape: tuple, to_hf) -> tuple:
-  if to_hf is None:
-    return tuple(shape)
-  if to_hf is np.transpose:
-    return tuple(shape[::-1])
-  if path.endswith("attn/o/kernel"):
-    return (shape[-1], int(np.prod(shape[:-1])))
-  return (int(np.prod(shape[1:])), shape[0])
-
-
-def _check_shape(name: str, got: tuple, expected: tuple) -> None:
-  if tuple(got) != tuple(expected):
-    raise ConversionError(
-      f"tensor {name} has shape {tuple(got)} but the moejax config expects {tuple(expected)}"
-    )
+  """{HF tensor name: array} -> moejax params shaped like `abstract_params`; also accepts
+  the transformers >= 5 in-memory names (``mlp.gate``, fused ``mlp.experts``)."""
+  tensors = mapping.defuse(tensors, _expert_names)
+  tensors = {_GATE_5X.sub(r"\1.block_sparse_moe.gate.weight", k): v for k, v in tensors.items()}
+  return mapping.from_hf_tensors(tensors, abstract_params, tensor_maps(model_cfg))

@@ -2,7 +2,8 @@
 (GShard, Lepikhin et al., 2020; Switch, Fedus et al., 2021). README "Expert parallelism"
 tells the design; the shapes:
 
-  groups x [G, S, d] P(('data','expert'), None, None); router [d, E+N] replicated;
+  groups x [G, S, d] P(('data','expert'), None, None); router [d, E+N] (and DeepSeek-V3's
+  selection bias [E]) replicated;
   w_gate, w_up [E, d, f] P('expert', None, 'model'); w_down [E, f, d] P('expert', 'model', None)
   -> per device G_loc groups, E_loc = E / P experts (expert e on position e // E_loc), f / M.
 
@@ -296,6 +297,7 @@ def expert_parallel_forward(
   batch_shape: Sequence[int] | None = None,
   logits: jax.Array | None = None,
   compressed: jax.Array | None = None,
+  router_bias: jax.Array | None = None,
 ):
   """``moe_forward`` with groups split over ('data', 'expert') and experts exchanged.
 
@@ -310,10 +312,12 @@ def expert_parallel_forward(
   """
   check_expert_parallel(mesh, cfg, x.shape[0], batch_shape)
 
-  def per_device(x, router_kernel, w_gate, w_up, w_down, given_logits=None, compressed=None):
+  def per_device(
+    x, router_kernel, w_gate, w_up, w_down, given_logits=None, compressed=None, router_bias=None
+  ):
     logits = router_logits(x, router_kernel) if given_logits is None else given_logits
     if cfg.sorted_dropless:
-      routing = route(logits, cfg, slots=False)
+      routing = route(logits, cfg, slots=False, bias=router_bias)
       probs = jax.nn.softmax(logits, axis=-1)
       y, kept_metrics = dropless_expert_parallel(x, routing, probs, w_gate, w_up, w_down, cfg)
       metrics = dict(
@@ -321,7 +325,7 @@ def expert_parallel_forward(
         **{n: kept_metrics[n] for n in ("expert_load", "dropped_fraction", "experts_per_token")},
       )
     else:
-      routing = route(logits, cfg)
+      routing = route(logits, cfg, bias=router_bias)
       y = slot_experts(x, routing, w_gate, w_up, w_down, cfg, all_to_all_experts(cfg))
       metrics = routing.metrics
     if compressed is not None:
@@ -329,9 +333,10 @@ def expert_parallel_forward(
     mean = lambda t: jax.tree.map(lambda v: jax.lax.pmean(v, TOKEN_AXES), t)
     return y, mean(routing.aux_losses), mean(metrics)
 
-  # Optional inputs (precomputed logits, compressed vectors) travel only when present.
-  args = [x, router_kernel, w_gate, w_up, w_down, logits, compressed]
-  specs = [GROUP_SPEC, ROUTER_SPEC, W_IN_SPEC, W_IN_SPEC, W_OUT_SPEC, GROUP_SPEC, P()]
+  # Optional inputs (precomputed logits, compressed vectors, selection bias) travel only
+  # when present.
+  args = [x, router_kernel, w_gate, w_up, w_down, logits, compressed, router_bias]
+  specs = [GROUP_SPEC, ROUTER_SPEC, W_IN_SPEC, W_IN_SPEC, W_OUT_SPEC, GROUP_SPEC, P(), P()]
   if router_kernel is None:
     args[1] = jnp.zeros((), jnp.float32)  # unused placeholder (logits are given)
   present = [i for i, a in enumerate(args) if a is not None]

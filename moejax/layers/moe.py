@@ -21,6 +21,7 @@ from moejax.layers import expert_parallel as ep
 from moejax.layers.ffn import DenseFFN, expert_init
 from moejax.layers.routed import moe_forward
 from moejax.moe_config import MoEConfig
+from moejax.routers import BIASED_ROUTERS
 from moejax.routers.multigate import multigate_logits
 
 
@@ -112,25 +113,49 @@ class MoELayer(nn.Module):
       (e, f, d),
       self.param_dtype,
     )
+    router_bias = None
+    if cfg.router in BIASED_ROUTERS:  # DeepSeek-V3 selection bias; the train step updates it
+      router_bias = self.param(
+        "router_bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("router",)),
+        (e,),
+        jnp.float32,
+      )
     cast = lambda a: jnp.asarray(a, self.dtype)
     groups = to_groups(cast(x), cfg.group_size)
     weights = (router_kernel, cast(w_gate), cast(w_up), cast(w_down))
     if self.mesh is None:
-      y, aux_losses, metrics = moe_forward(groups, *weights, cfg, **extra)
+      y, aux_losses, metrics = moe_forward(groups, *weights, cfg, router_bias=router_bias, **extra)
     else:
       if self.is_initializing():
         # Init only needs shapes and often sees a dummy [1, L] batch that need not split
         # over the mesh; the unsharded math creates exactly the same parameters.
         ep.check_expert_parallel(self.mesh, cfg)
-        y, aux_losses, metrics = moe_forward(groups, *weights, cfg, **extra)
+        y, aux_losses, metrics = moe_forward(
+          groups, *weights, cfg, router_bias=router_bias, **extra
+        )
       else:
         y, aux_losses, metrics = ep.expert_parallel_forward(
-          groups, *weights, cfg, self.mesh, batch_shape=x.shape[:2], **extra
+          groups,
+          *weights,
+          cfg,
+          self.mesh,
+          batch_shape=x.shape[:2],
+          router_bias=router_bias,
+          **extra,
         )
     y = y.reshape(x.shape)
     if cfg.num_shared_experts:
-      shared, _ = DenseFFN(
-        cfg.num_shared_experts * f, cfg.activation, self.dtype, self.param_dtype, name="shared"
-      )(x)
+      width = cfg.shared_expert_d_ff or cfg.num_shared_experts * f
+      shared, _ = DenseFFN(width, cfg.activation, self.dtype, self.param_dtype, name="shared")(x)
+      if cfg.shared_expert_gate:  # Qwen2-MoE: sigmoid(x . w_g) * FFN_shared(x)
+        w_g = self.param(
+          "shared_gate",
+          nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
+          (d, 1),
+          self.param_dtype,
+        )
+        gate = jnp.einsum("bld,do->blo", x.astype(jnp.float32), w_g.astype(jnp.float32))
+        shared = jax.nn.sigmoid(gate).astype(shared.dtype) * shared
       y = y + shared
     return y, {"aux_losses": aux_losses, "metrics": metrics}

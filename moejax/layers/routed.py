@@ -103,6 +103,7 @@ def moe_forward(
   cfg: MoEConfig,
   logits: jax.Array | None = None,
   compressed: jax.Array | None = None,
+  router_bias: jax.Array | None = None,
 ):
   """Routes, runs and combines one batch of token groups on one device.
 
@@ -113,16 +114,17 @@ def moe_forward(
     logits: f32[G, S, R] router logits computed elsewhere (multi-gate, pre-gating
       routers); router_kernel is then unused.
     compressed: [J, d] compressed-expert vectors (``cfg.num_compressed_experts`` = J).
+    router_bias: f32[E] selection bias of a ``uses_bias`` router (DeepSeek-V3), or None.
   Returns:
     (y [G, S, d], aux_losses dict, metrics dict).
   """
   if logits is None:
     logits = router_logits(x, router_kernel)
   if cfg.sorted_dropless:
-    routing = route(logits, cfg, slots=False)
+    routing = route(logits, cfg, slots=False, bias=router_bias)
     y = sorted_experts(x, routing, w_gate, w_up, w_down, cfg)
   else:
-    routing = route(logits, cfg)
+    routing = route(logits, cfg, bias=router_bias)
     y = slot_experts(x, routing, w_gate, w_up, w_down, cfg)
   if compressed is not None:
     y = y + compressed_output(routing, compressed, cfg.num_experts).astype(y.dtype)

@@ -8,6 +8,11 @@ h = j * G + r (G = H / H_kv, r < G) reads kv head j, exactly HF's ``repeat_kv`` 
   A[b, h, l, m] = softmax_m( q_{b,l,h} . k_{b,m,j(h)} / sqrt(D_h) + causal(l, m) )   (float32)
   out = (A v) W_o               [B, L, d]
 
+Options (Qwen3 / OLMoE): ``qk_norm='head'`` applies RMSNorm to each q and k head over D_h,
+``'projection'`` over the whole projection width (H*D_h, H_kv*D_h), both before RoPE;
+``clip_qkv`` = c then clamps q, k, v to [-c, c] (OLMoE's order: norm, then clamp);
+``qkv_bias`` adds biases ``{q,k,v}/bias`` [H(_kv), D_h] to the projections (Qwen2).
+
 The kernel computing A v (materialised, blockwise, cuDNN flash) is chosen by ``impl``
 (``moejax.models.attention_impl``).
 
@@ -28,6 +33,7 @@ import jax.numpy as jnp
 
 from moejax.models.attention_impl import attend, causal_mask, gqa_attention  # noqa: F401
 from moejax.models.kv_cache import DecodeStep, update_cache
+from moejax.models.norms import rms_norm
 from moejax.models.rope import apply_rope
 
 
@@ -52,6 +58,7 @@ class Projection(nn.Module):
   in_axes: tuple[int, ...] = (0,)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  use_bias: bool = False  # + bias over the output axes (Qwen2's q/k/v biases), init 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -62,7 +69,17 @@ class Projection(nn.Module):
       self.shape,
       self.param_dtype,
     )
-    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      out_shape = tuple(self.shape[i] for i in out_axes)
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.names[i] for i in out_axes)),
+        out_shape,
+        self.param_dtype,
+      )
+      y = y + bias.astype(y.dtype)
+    return y
 
 
 class Attention(nn.Module):
@@ -78,6 +95,10 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   impl: str = "reference"  # the kernel, ``moejax.models.attention_impl.attend``
+  qk_norm: str = "none"  # 'none' | 'head' | 'projection' (module docstring)
+  clip_qkv: float | None = None
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
 
   @nn.compact
   def __call__(
@@ -85,12 +106,17 @@ class Attention(nn.Module):
   ) -> jax.Array:
     d = x.shape[-1]
     h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
-    proj = lambda shape, names, eq, name, in_axes=(0,): Projection(
-      shape, names, eq, in_axes, self.dtype, self.param_dtype, name=name
+    proj = lambda shape, names, eq, name, in_axes=(0,), bias=False: Projection(
+      shape, names, eq, in_axes, self.dtype, self.param_dtype, bias, name=name
     )
-    q = proj((d, h, dh), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "q")(x)
-    k = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "k")(x)
-    v = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "v")(x)
+    b = self.qkv_bias
+    q = proj((d, h, dh), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "q", bias=b)(x)
+    k = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "k", bias=b)(x)
+    v = proj((d, hkv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "v", bias=b)(x)
+    if self.qk_norm != "none":
+      q, k = self._norm(q, "q_norm"), self._norm(k, "k_norm")
+    if self.clip_qkv is not None:
+      q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if decode is None:
       out = attend(q, k, v, None, self.impl)
@@ -98,3 +124,16 @@ class Attention(nn.Module):
       k, v = update_cache(self, "key", k, decode), update_cache(self, "value", v, decode)
       out = gqa_attention(q, k, v, decode.mask[:, None, None])
     return proj((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "o", (0, 1))(out)
+
+  def _norm(self, x: jax.Array, name: str) -> jax.Array:
+    """RMSNorm of x [B, L, heads, D_h] over D_h ('head') or heads * D_h ('projection')."""
+    b, l, heads, dh = x.shape
+    width, names = (dh, ("head_dim",)) if self.qk_norm == "head" else (heads * dh, (None,))
+    scale = self.param(
+      name + "_scale",
+      nn.with_logical_partitioning(nn.initializers.ones, names),
+      (width,),
+      self.param_dtype,
+    )
+    flat = x if self.qk_norm == "head" else x.reshape(b, l, 1, heads * dh)
+    return rms_norm(flat, scale, self.norm_eps).reshape(x.shape).astype(x.dtype)

@@ -123,6 +123,10 @@ class Block(nn.Module):
         dtype,
         param_dtype,
         cfg.attention_impl,
+        cfg.qk_norm,
+        cfg.clip_qkv,
+        cfg.rms_norm_eps,
+        cfg.attention_bias,
         name="attn",
       )(x, cos, sin, decode)
     h = h + y.astype(h.dtype)

@@ -29,6 +29,11 @@ the assignments by expert instead of building [G, E, S] slot buffers (``moejax.l
 ``route(logits, cfg, slots=False)`` skips the slot form of dropless token-choice routers;
 the default builds it (C = S, the same values). Aux losses and metrics do not depend on
 the form. Null experts never get slots or valid assignments.
+
+Routers registered with ``uses_bias=True`` (DeepSeek-V3's auxiliary-loss-free balancing)
+also take ``bias`` f32[E], a per-expert offset that changes which experts are *selected*
+but not the weights; ``route(..., bias=None)`` passes zeros. It is a parameter leaf named
+``router_bias`` that the train step updates by its own rule (``moejax.training.step``).
 """
 
 from __future__ import annotations
@@ -63,9 +68,10 @@ class RouterFn(Protocol):
 
 
 ROUTERS: dict[str, RouterFn] = {}
+BIASED_ROUTERS: set[str] = set()  # routers that take a selection bias f32[E]
 
 
-def register_router(name: str) -> Callable[[RouterFn], RouterFn]:
+def register_router(name: str, uses_bias: bool = False) -> Callable[[RouterFn], RouterFn]:
   """Registers `fn` under `name` so configs can select it with ``moe.router=name``.
 
   The registered (and returned) router casts its logits to float32 first: routing in
@@ -79,10 +85,17 @@ def register_router(name: str) -> Callable[[RouterFn], RouterFn]:
       raise ValueError(f"router {name!r} registered twice")
 
     @functools.wraps(fn)
-    def router(logits: jax.Array, cfg) -> Routing:
-      return fn(jnp.asarray(logits, jnp.float32), cfg)
+    def router(logits: jax.Array, cfg, bias: jax.Array | None = None) -> Routing:
+      logits = jnp.asarray(logits, jnp.float32)
+      if not uses_bias:
+        return fn(logits, cfg)
+      if bias is None:
+        bias = jnp.zeros((cfg.num_experts,), jnp.float32)
+      return fn(logits, cfg, jax.lax.stop_gradient(jnp.asarray(bias, jnp.float32)))
 
     ROUTERS[name] = router
+    if uses_bias:
+      BIASED_ROUTERS.add(name)
     return router
 
   return wrap
@@ -94,13 +107,14 @@ def get_router(name: str) -> RouterFn:
   return ROUTERS[name]
 
 
-def route(logits: jax.Array, cfg, slots: bool = True) -> Routing:
+def route(logits: jax.Array, cfg, slots: bool = True, bias: jax.Array | None = None) -> Routing:
   """Dispatches to the router named by ``cfg.router``.
 
   slots=False lets dropless token-choice routers return the assignment form only (no
-  [G, E, S] buffers); otherwise the slot form is always present.
+  [G, E, S] buffers); otherwise the slot form is always present. `bias` f32[E]: the
+  selection bias of a ``uses_bias`` router (ignored by the others).
   """
-  routing = get_router(cfg.router)(logits, cfg)
+  routing = get_router(cfg.router)(logits, cfg, bias)
   if slots and routing.dispatch_index is None:
     s = logits.shape[1]
     dispatch_index, combine_weight, slot_valid, _ = assign_slots(
@@ -117,7 +131,9 @@ def route(logits: jax.Array, cfg, slots: bool = True) -> Routing:
 # ----------------------------------------------------------------------------------------
 
 
-def select_top_k(logits: jax.Array, k: int, order: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+def select_top_k(
+  logits: jax.Array, k: int, order: str, allowed: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Top-k expert choice per token.
 
   Args:
@@ -125,12 +141,15 @@ def select_top_k(logits: jax.Array, k: int, order: str) -> tuple[jax.Array, jax.
     k: experts per token.
     order: 'softmax_topk': w = softmax(logits)[top-k] (weights sum to <= 1);
       'topk_softmax': w = softmax(logits[top-k]) (weights sum to 1).
+    allowed: optional bool[G, S, R]; the top-k is taken over the allowed experts only
+      (group-limited routing), the probabilities stay softmax over all R.
   Returns:
     (probs f32[G, S, R] = softmax(logits), expert_index i32[G, S, k], weight f32[G, S, k]).
     Ties break towards the lower expert index (``lax.top_k``).
   """
   probs = jax.nn.softmax(logits, axis=-1)
-  top_logits, expert_index = jax.lax.top_k(logits, k)
+  choice = logits if allowed is None else jnp.where(allowed, logits, -jnp.inf)
+  top_logits, expert_index = jax.lax.top_k(choice, k)
   if order == "topk_softmax":
     weight = jax.nn.softmax(top_logits, axis=-1)
   else:

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax.parallel.mesh import TOKEN_AXES
+from moejax.training.router_bias import updated_router_biases
 from moejax.training.state import TrainState
 
 Batch = dict  # inputs i32[B, L], targets i32[B, L], mask f32[B, L] (+ task_id i32[B, L])
@@ -122,8 +123,11 @@ def make_train_step(
   state unchanged except for the step counter (metrics['skipped'] = 1); with 'stop' the
   update is applied and the caller stops on the non-finite metric, never saving it.
   microbatches > 1 accumulates gradients over that many slices of the batch inside the
-  step (module docstring).
+  step (module docstring). DeepSeek-V3 ``router_bias`` leaves take the sign-rule update
+  on the step's expert load instead of the optimizer's (``moejax.training.router_bias``).
   """
+
+  model_cfg = getattr(model, "cfg", None)
 
   def train_step(state: TrainState, batch: Batch):
     if microbatches > 1:
@@ -134,6 +138,7 @@ def make_train_step(
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params = updated_router_biases(params, state.params, aux["metrics"], model_cfg)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if nan_policy == "skip":
       keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -1,0 +1,50 @@
+"""DeepSeek-V3 routing (DeepSeek-AI, 2024, DeepSeek-V3 technical report, Sec. 2.1.2).
+
+Affinities are sigmoids s_{i,t} = sigmoid(u_t . e_i). Selection adds a per-expert bias b_i
+that only steers *which* experts are chosen (auxiliary-loss-free load balancing):
+
+  choose TopK_i(s_{i,t} + b_i) over the token's topk_group best groups (``group_limited``)
+  g_{i,t} = a * s_{i,t} / sum_{j chosen} s_{j,t}    (a = routed_scaling_factor; without the
+                                                      normalisation if norm_topk_prob=False)
+
+b is the ``router_bias`` parameter leaf, updated after each step by the sign rule
+b_i += gamma * sign(mean_j c_j - c_i) on the step's expert selection counts c
+(``update_router_bias``; gamma = bias_update_rate), never by the optimizer. The balance
+loss is the paper's sequence-wise one (eq. 17-20): per routing group (a sequence when
+group_size is None) L = alpha * sum_i f_i P_i with f_i = E / (K T) sum_t 1(i chosen by t) and
+P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t}; alpha = load_balance_weight (the paper: tiny).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from moejax.routers.base import Routing, register_router, token_choice_routing
+from moejax.routers.group_limited import group_limited_mask
+
+
+@register_router("deepseek_v3", uses_bias=True)
+def route_deepseek_v3(logits, cfg, bias) -> Routing:
+  scores = jax.nn.sigmoid(logits)  # [G, S, E]
+  choice = scores + bias
+  allowed = group_limited_mask(choice, cfg.n_group, cfg.topk_group, "top2_sum")
+  if allowed is not None:
+    choice = jnp.where(allowed, choice, -jnp.inf)
+  _, expert_index = jax.lax.top_k(choice, cfg.top_k)  # [G, S, K]
+  weight = jnp.take_along_axis(scores, expert_index, axis=-1)
+  if cfg.norm_topk_prob:
+    weight = weight / (jnp.sum(weight, axis=-1, keepdims=True) + 1e-20)
+  weight = weight * cfg.routed_scaling_factor
+  affinity = scores / jnp.sum(scores, axis=-1, keepdims=True)  # s'_{i,t}
+  selected = jnp.ones(expert_index.shape, bool)
+  routing = token_choice_routing(logits, affinity, expert_index, weight, selected, cfg)
+  chosen = jnp.sum(jax.nn.one_hot(expert_index, cfg.num_experts), axis=(1, 2))  # [G, E]
+  selected_load = jnp.mean(chosen / jnp.sum(chosen, axis=-1, keepdims=True), axis=0)
+  return routing.replace(metrics=dict(routing.metrics, selected_load=selected_load))
+
+
+def update_router_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """The aux-loss-free bias rule: b_i + gamma * sign(mean_j c_j - c_i), f32[E] -> f32[E].
+
+  An overloaded expert (c_i above the mean) loses gamma, an underloaded one gains gamma.
+  """
+  return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
