@@ -14,7 +14,16 @@ def _pyproject() -> dict:
 
 def test_console_scripts_resolve_to_callables():
   scripts = _pyproject()["project"]["scripts"]
-  assert set(scripts) == {"moejax-train", "moejax-convert", "moejax-experts", "moejax-plan-memory"}
+  assert set(scripts) == {
+    "moejax-train",
+    "moejax-convert",
+    "moejax-experts",
+    "moejax-plan-memory",
+    "moejax-generate",
+    "moejax-evaluate",
+    "moejax-prepare-data",
+    "moejax-train-tokenizer",
+  }
   for target in scripts.values():
     module, _, attr = target.partition(":")
     assert callable(getattr(importlib.import_module(module), attr)), target
