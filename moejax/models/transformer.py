@@ -1,62 +1,22 @@
 """Decoder-only transformer with dense or Mixture-of-Experts FFN layers (Flax linen).
 
   logits, aux = Transformer(cfg, mesh).apply({'params': params}, tokens)
-  tokens i32[B, L] -> logits f32[B, L, V];
-  aux = {'aux_losses': {name: f32[] summed over the MoE layers},
-         'metrics': {'layers_i': {name: array}} for each MoE layer i only}
+  tokens i32[B, L] -> logits f32[B, L, V]; aux = {'aux_losses': {name: f32[] summed over
+  MoE layers}, 'metrics': {'layers_i': {name: array}} for each MoE layer i}
 
-Architecture (pre-norm; identical to Hugging Face ``MixtralForCausalLM`` when every layer
-is MoE with router='topk', router_order='topk_softmax', dropless=True):
+Pre-norm blocks (HF ``MixtralForCausalLM`` when every layer is MoE, topk_softmax, dropless):
 
-  h_0 = E[tokens]
-  a_i = h_i + Attn_i(RMSNorm(h_i))          causal GQA, RoPE (rotate_half), 1/sqrt(D_h)
-  h_{i+1} = a_i + FFN_i(RMSNorm(a_i))       FFN_i = dense SwiGLU or MoE (is_moe_layer(i))
-  logits = RMSNorm(h_N) W_lm                W_lm = E^T when tie_embeddings
+  h_0 = E[tokens];  a_i = h_i + Attn_i(RMSNorm(h_i));  h_{i+1} = a_i + FFN_i(RMSNorm(a_i))
+  logits = RMSNorm(h_N) W_lm   (W_lm = E^T when tied)
 
-No biases anywhere. Norms, attention softmax and logits are float32; matmuls run in
-``cfg.dtype``; the residual stream h is kept in float32.
-
-With ``scan_layers=True`` the repeating blocks run under ``nn.scan`` and their params
-live stacked under ``scanned_layers/block_{j}`` (``moejax.models.layer_stack`` converts
-to and from the ``layers_{i}`` tree below); aux metrics keep their ``layers_{i}`` names.
-``remat_policy`` (``moejax.models.remat``) rematerialises each block;
-``attention_impl`` (``moejax.models.attention_impl``) picks the attention kernel.
-
-With ``attention='mla'`` the attention is DeepSeek-V2's Multi-head Latent Attention
-(``moejax.models.mla``, interleaved RoPE on its D_r dims, its own ``layers_{i}/attn/``
-parameters listed there); with moe_every=1 (every layer from first_moe_layer on),
-router='shared_experts', router_order='softmax_topk', activation='silu' and dropless=True
-the model is HF ``DeepseekV2ForCausalLM`` (``moejax.convert.hf_deepseek``).
-
-Parameter tree (every leaf boxed by ``nn.with_logical_partitioning``; the Hugging Face
-tensor names and layouts are in ``moejax.convert.hf_mixtral`` / ``hf_deepseek``):
-
-  param                      shape         logical axes
-  embed/embedding            [V, d]        (vocab, embed)
-  layers_{i}/attn_norm/scale [d]           (embed,)
-  layers_{i}/attn/q/kernel   [d, H, Dh]    (embed, heads, head_dim)
-  layers_{i}/attn/{k,v}/kernel [d, Hkv, Dh] (embed, kv_heads, head_dim)
-  layers_{i}/attn/o/kernel   [H, Dh, d]    (heads, head_dim, embed)
-  layers_{i}/ffn_norm/scale  [d]           (embed,)
-  layers_{i}/ffn/router      [d, E+N]      (embed, router)
-  layers_{i}/ffn/{wi_gate, wi_up} [E, d, f] (expert, embed, expert_mlp)
-  layers_{i}/ffn/wo          [E, f, d]     (expert, expert_mlp, embed)
-  layers_{i}/ffn/shared/{wi_gate [d, s], wi_up [d, s], wo [s, d]}   DeepSeekMoE shared experts
-  layers_{i}/ffn/compressed  [J, d]        (None, embed)   compressed experts (He et al., 2025)
-  layers_{i}/ffn/router      [T, d, R]     router='multigate': one gate per task
-  pregate/{norm/scale [d], w1 [d, H], w2 [H, M, R]}   router='pregate' (Read-ME), no ffn/router
-  layers_{i}/ffn/{wi_gate [d, f], wi_up [d, f], wo [f, d]}          dense layers (embed / mlp)
-  final_norm/scale           [d]           (embed,)
-  lm_head/kernel             [d, V]        (embed, vocab)
-
-Init: embedding ~ N(0, 1) when untied (a unit-RMS residual stream, as T5/MaxText), and
-N(0, 1/d) when tied so that the initial logits have unit variance; every kernel is
-fan-in truncated-normal variance scaling (Var = 1/fan_in); norm scales are 1.
-
-Causality: logits at position t depend only on tokens <= t for dense layers and for
-dropless MoE layers. Capacity-limited routing is *not* causal when a routing group spans
-several positions (a later token can take an expert slot an earlier token's 2nd choice
-wanted), a known property of GShard/Switch-style training.
+Attention is GQA with RoPE (``models.attention``) or DeepSeek's MLA (``models.mla``); FFN_i
+is a dense SwiGLU or an ``MoELayer`` (``cfg.is_moe_layer(i)``). Norms, softmax and logits
+are float32, matmuls ``cfg.dtype``, the residual stream float32. Params live under
+``layers_{i}/{attn_norm,attn,ffn_norm,ffn}`` (or stacked under ``scanned_layers/block_{j}``
+with ``scan_layers``; ``models.layer_stack`` converts), each leaf boxed with its logical
+axes (``parallel.rules``). Init: embedding N(0, 1) untied, N(0, 1/d) tied; kernels fan-in
+variance scaling. Capacity-limited routing is not causal across a routing group
+(GShard/Switch); dense and dropless layers are.
 """
 
 from __future__ import annotations
