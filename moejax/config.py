@@ -74,6 +74,17 @@ class ModelConfig:
       ``first_moe_layer``, is a MoE layer (see ``is_moe_layer``).
     first_moe_layer: index of the first MoE layer (DeepSeekMoE keeps layer 0 dense).
     rope_theta: RoPE base (Su et al., 2021); 1e4 Llama-2, 1e6 Mixtral.
+    rope_scaling: 'none' or 'yarn' (MLA only; Peng et al., 2023, as transformers'
+      DeepSeek-V2/V3: ``moejax.models.rope.yarn_rope_angles``). The rope_* fields below
+      are used only with 'yarn'.
+    rope_factor: s >= 1, the context extension factor.
+    rope_original_max_len: the pre-training context L the frequency ramp is measured on.
+    rope_beta_fast, rope_beta_slow: pairs making more than beta_fast rotations over L keep
+      their frequency, fewer than beta_slow are interpolated by 1/s; beta_fast > beta_slow > 0.
+    rope_mscale, rope_mscale_all_dim: cos/sin are multiplied by mscale(s, rope_mscale) /
+      mscale(s, rope_mscale_all_dim) (mscale(s) if either is 0), and the MLA softmax scale by
+      mscale(s, rope_mscale_all_dim)^2 when rope_mscale_all_dim != 0;
+      mscale(s, m) = 0.1 m ln s + 1.
     rms_norm_eps: epsilon of RMSNorm (Zhang & Sennrich, 2019).
     tie_embeddings: reuse the embedding matrix as the LM head (Press & Wolf, 2017).
     dtype: compute dtype of matmuls; norms, softmax and logits are always float32.
@@ -122,6 +133,13 @@ class ModelConfig:
   moe_every: int = 0
   first_moe_layer: int = 0
   rope_theta: float = 1e4
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_original_max_len: int = 4096
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_mscale: float = 1.0
+  rope_mscale_all_dim: float = 0.0
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = False
   dtype: str = "float32"
@@ -188,6 +206,43 @@ class ModelConfig:
 
 
 QK_NORMS = ("none", "head", "projection")
+
+
+ROPE_SCALINGS = ("none", "yarn")
+
+
+def _check_rope_scaling(cfg: "ModelConfig") -> None:
+  """The YaRN fields (checked whatever rope_scaling, their defaults being valid)."""
+  _check(cfg, "rope_scaling", cfg.rope_scaling in ROPE_SCALINGS, f"allowed: {ROPE_SCALINGS}")
+  if cfg.rope_scaling == "yarn":
+    _check(
+      cfg,
+      "rope_scaling",
+      cfg.attention == "mla",
+      f"'yarn' is implemented for attention='mla' only (got {cfg.attention!r})",
+    )
+  _check(cfg, "rope_factor", _is_number(cfg.rope_factor) and cfg.rope_factor >= 1, "must be >= 1")
+  _check(
+    cfg,
+    "rope_original_max_len",
+    _is_int(cfg.rope_original_max_len) and cfg.rope_original_max_len >= 1,
+    "must be an int >= 1",
+  )
+  _check(
+    cfg,
+    "rope_beta_slow",
+    _is_number(cfg.rope_beta_slow) and cfg.rope_beta_slow > 0,
+    "must be a finite number > 0",
+  )
+  _check(
+    cfg,
+    "rope_beta_fast",
+    _is_number(cfg.rope_beta_fast) and cfg.rope_beta_fast > cfg.rope_beta_slow,
+    f"must be a finite number > rope_beta_slow={cfg.rope_beta_slow}",
+  )
+  for name in ("rope_mscale", "rope_mscale_all_dim"):
+    v = getattr(cfg, name)
+    _check(cfg, name, _is_number(v) and v >= 0, "must be a finite number >= 0 (0 = unused)")
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -269,6 +324,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
     _is_number(cfg.rope_theta) and cfg.rope_theta > 0,
     "must be a finite number > 0",
   )
+  _check_rope_scaling(cfg)
   _check(
     cfg,
     "rms_norm_eps",

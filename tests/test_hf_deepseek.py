@@ -243,12 +243,12 @@ def _edit_config(path: str, **changes) -> None:
       r"unknown architecture model_type='llama' \(architectures=\['LlamaForCausalLM'\]\)",
     ),
     (
-      dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 40}),
-      r"rope_parameters\.rope_type='yarn' is not supported .* only 'default'",
+      dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 40}),
+      r"rope_parameters\.rope_type='dynamic' is not supported .* only 'default' or 'yarn'",
     ),
     (
-      dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 40}),
-      r"rope_type='yarn'",
+      dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "linear", "factor": 40}),
+      r"rope_type='linear'",
     ),  # the transformers 4.x spelling
     (
       dict(topk_method="noaux_tc", n_group=2, topk_group=1),

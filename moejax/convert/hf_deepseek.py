@@ -50,9 +50,12 @@ memory to ``mlp.experts.gate_up_proj`` [E, 2f, d] / ``mlp.experts.down_proj`` [E
 which import also accepts. Every map is a pure reshape/transpose, so import -> export is
 bit-exact.
 
-Limits (clear ConversionError otherwise): default RoPE only (YaRN, given by
-``rope_parameters.rope_type`` or 4.x ``rope_scaling``, is not implemented; the released
-DeepSeek-V2(-Lite) checkpoints use it for their 128k/32k context, so they are rejected),
+RoPE: default or YaRN (``rope_parameters`` / 4.x ``rope_scaling`` with rope_type 'yarn',
+as the released DeepSeek-V2(-Lite) checkpoints use for their 128k/32k context) <->
+model.rope_scaling='yarn' and the model.rope_* fields (``rope_parameters_from_hf``).
+
+Limits (clear ConversionError otherwise): RoPE 'default' or 'yarn' (no explicit
+``attention_factor``, ``truncate`` true),
 topk_method 'greedy' or 'group_limited_greedy' (moejax n_group / topk_group),
 norm_topk_prob=false,
 moe_layer_freq=1, no attention/MLP biases, SiLU, num_key_value_heads = num_attention_heads,
@@ -215,7 +218,7 @@ def hf_config(model_cfg) -> dict[str, Any]:
     "hidden_act": "silu",
     "rms_norm_eps": m.rms_norm_eps,
     "rope_theta": m.rope_theta,
-    "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+    "rope_parameters": hf_rope_parameters(m),
     "max_position_embeddings": m.max_len,
     "tie_word_embeddings": m.tie_embeddings,
     "attention_bias": False,
@@ -240,6 +243,57 @@ def _rope_type(hf: dict[str, Any]) -> tuple[str, float]:
   return rope_type, float(theta)
 
 
+def hf_rope_parameters(m) -> dict[str, Any]:
+  """config.json ``rope_parameters`` for a ModelConfig (transformers 5 spelling)."""
+  if m.rope_scaling != "yarn":
+    return {"rope_theta": m.rope_theta, "rope_type": "default"}
+  params = {
+    "rope_type": "yarn",
+    "rope_theta": m.rope_theta,
+    "factor": m.rope_factor,
+    "original_max_position_embeddings": m.rope_original_max_len,
+    "beta_fast": m.rope_beta_fast,
+    "beta_slow": m.rope_beta_slow,
+  }
+  for key, value in (("mscale", m.rope_mscale), ("mscale_all_dim", m.rope_mscale_all_dim)):
+    if value:  # 0 = absent (transformers treats a missing/0 mscale alike)
+      params[key] = value
+  return params
+
+
+def rope_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+  """The model.rope_* fields of a config.json (``rope_parameters`` or 4.x ``rope_scaling``):
+  {} for default RoPE, the YaRN fields for rope_type 'yarn'; anything else is rejected."""
+  rope_type, _ = _rope_type(hf)
+  if rope_type == "default":
+    return {}
+  if rope_type != "yarn":
+    _reject("rope_parameters.rope_type", rope_type, "only 'default' or 'yarn' RoPE")
+  params = hf.get("rope_parameters") or {}
+  if (params.get("rope_type") or params.get("type")) != "yarn":
+    params = hf.get("rope_scaling") or {}
+  if params.get("attention_factor") is not None:
+    _reject(
+      "rope_parameters.attention_factor",
+      params["attention_factor"],
+      "YaRN's attention factor must be derived from factor/mscale/mscale_all_dim",
+    )
+  if params.get("truncate", True) is not True:
+    _reject("rope_parameters.truncate", params["truncate"], "true (the paper's rounding)")
+  for key in ("factor", "original_max_position_embeddings"):
+    if params.get(key) is None:
+      _reject(f"rope_parameters.{key}", params.get(key), "required for YaRN")
+  return dict(
+    rope_scaling="yarn",
+    rope_factor=float(params["factor"]),
+    rope_original_max_len=int(params["original_max_position_embeddings"]),
+    rope_beta_fast=float(params.get("beta_fast") or 32),
+    rope_beta_slow=float(params.get("beta_slow") or 1),
+    rope_mscale=float(params.get("mscale") or 0),
+    rope_mscale_all_dim=float(params.get("mscale_all_dim") or 0),
+  )
+
+
 def _reject(field: str, value, allowed: str) -> None:
   raise ConversionError(
     f"config.json {field}={value!r} is not supported by the DeepSeek-V2 converter: {allowed}"
@@ -253,13 +307,8 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       f"config.json model_type={hf.get('model_type')!r} is not supported "
       f"by the DeepSeek-V2 converter (expected {MODEL_TYPE!r})"
     )
-  rope_type, theta = _rope_type(hf)
-  if rope_type != "default":
-    _reject(
-      "rope_parameters.rope_type",
-      rope_type,
-      "only 'default' RoPE (YaRN and other scaled RoPE are not implemented)",
-    )
+  _, theta = _rope_type(hf)
+  rope_fields = rope_fields_from_hf(hf)
   checks = [
     ("norm_topk_prob", False, "the top-k weights must not be renormalised"),
     ("moe_layer_freq", 1, "every layer from first_k_dense_replace on must be MoE"),
@@ -310,6 +359,7 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   model.moe_every = 1
   model.first_moe_layer = first_moe
   model.rope_theta = theta
+  model.update(rope_fields)
   model.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-6))
   model.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
   model.max_len = hf.get("max_position_embeddings", 4096)

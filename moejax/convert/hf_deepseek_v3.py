@@ -12,7 +12,7 @@ whose router_bias row applies to this router). Imported models train with the pa
 bias_update_rate = 0.001 and no balance loss (V3's config has no loss weights; set
 ``model.moe.load_balance_weight`` for the sequence-wise loss). The multi-token-prediction
 module (``num_nextn_predict_layers``) is not part of transformers' forward and is not
-imported.
+imported. RoPE: default or YaRN, as DeepSeek-V2 (``hf_deepseek.rope_fields_from_hf``).
 """
 
 from __future__ import annotations
@@ -123,10 +123,16 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       f"config.json model_type={hf.get('model_type')!r} is not supported "
       f"by the DeepSeek-V3 converter (expected {MODEL_TYPE!r})"
     )
-  check_options(hf, "DeepSeek-V3", IMPLEMENTED, RULES)
+  # RoPE (default or YaRN) is checked by DeepSeek-V2's ``rope_fields_from_hf``.
+  unscaled = {k: v for k, v in hf.items() if k not in ("rope_parameters", "rope_scaling")}
+  check_options(unscaled, "DeepSeek-V3", IMPLEMENTED, RULES)
   # Everything but the router is DeepSeek-V2's mapping (MLA, dense prefix, shared experts).
   v2 = {k: v for k, v in hf.items() if k not in IMPLEMENTED or k in _V2_KEYS}
-  v2.update(model_type=hf_deepseek.MODEL_TYPE, rope_parameters=None, rope_scaling=None)
+  v2.update(
+    model_type=hf_deepseek.MODEL_TYPE,
+    rope_parameters=hf.get("rope_parameters"),
+    rope_scaling=hf.get("rope_scaling"),
+  )
   v2["rope_theta"] = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 1e4))
   for key in RULES:
     v2.pop(key, None)

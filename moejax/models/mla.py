@@ -116,6 +116,7 @@ class MLAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   impl: str = "reference"  # the kernel, ``moejax.models.attention_impl``
+  softmax_scale: float | None = None  # None: (D_n + D_r)^-1/2 (YaRN multiplies it)
 
   @nn.compact
   def __call__(
@@ -148,7 +149,7 @@ class MLAttention(nn.Module):
     kv = proj((rkv, h, dn + dv), ("kv_lora", "heads", "head_dim"), "blr,rhk->blhk", "kv_b")(c_kv)
     k_nope, v = kv[..., :dn], kv[..., dn:]
 
-    scale = (dn + dr) ** -0.5
+    scale = (dn + dr) ** -0.5 if self.softmax_scale is None else self.softmax_scale
     if decode is not None:  # mask [B, L, M] -> [B, 1, L, M] over [b, h, l, m]
       out = mla_attention(q_nope, q_rope, k_nope, k_rope, v, decode.mask[:, None], scale)
     elif resolve_impl(self.impl, x.shape[1]) == "reference":

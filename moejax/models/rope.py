@@ -17,9 +17,15 @@ z_i * exp(i p inv_freq_i), i.e.
 
   RoPE(x)_{2i}   = x_{2i} cos(p inv_freq_i) - x_{2i+1} sin(p inv_freq_i)
   RoPE(x)_{2i+1} = x_{2i} sin(p inv_freq_i) + x_{2i+1} cos(p inv_freq_i)
+
+YaRN (``yarn_rope_angles``; Peng et al., 2023) extends the context of the interleaved
+(MLA) RoPE as transformers' DeepSeek-V2/V3 do: per-pair interpolated frequencies and
+cos/sin times an attention factor.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -65,3 +71,74 @@ def apply_rope_interleaved(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.
   re, im = xf[..., 0], xf[..., 1]  # [B, L, heads, D/2]
   out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
   return out.reshape(x.shape).astype(x.dtype)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  """YaRN's magnitude scale (Peng et al., 2023, eq. 21/22 as DeepSeek writes it):
+  0.1 * mscale * ln(s) + 1 for s > 1, else 1."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(factor: float, mscale: float, mscale_all_dim: float) -> float:
+  """The factor cos/sin are multiplied by: mscale(s, mscale) / mscale(s, mscale_all_dim)
+  when both are non-zero, else mscale(s) (transformers' ``_compute_yarn_parameters``)."""
+  if mscale and mscale_all_dim:
+    return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+  return yarn_mscale(factor)
+
+
+def yarn_softmax_multiplier(factor: float, mscale_all_dim: float) -> float:
+  """DeepSeek's extra softmax-scale factor mscale(s, mscale_all_dim)^2 (1 when
+  mscale_all_dim = 0)."""
+  return yarn_mscale(factor, mscale_all_dim) ** 2 if mscale_all_dim else 1.0
+
+
+def yarn_inv_freq(
+  dim: int,
+  theta: float,
+  factor: float,
+  original_max_len: int,
+  beta_fast: float,
+  beta_slow: float,
+) -> jax.Array:
+  """YaRN "NTK-by-parts" frequencies (Peng et al., 2023, sec. 3.2) -> float32 [dim / 2].
+
+  Dimension pair i has wavelength 2 pi / inv_freq_i; over the original context L it makes
+  r = L inv_freq_i / (2 pi) rotations. The pair index making r rotations is
+  d(r) = dim ln(L / (2 pi r)) / (2 ln theta); with low = floor(d(beta_fast)) and
+  high = ceil(d(beta_slow)) (clipped to [0, dim - 1]) and the ramp
+  gamma_i = clip((i - low) / (high - low), 0, 1),
+    inv_freq'_i = inv_freq_i / s * gamma_i + inv_freq_i * (1 - gamma_i):
+  fast pairs (i < low) keep inv_freq_i, slow pairs (i > high) are interpolated by 1 / s.
+  """
+
+  def pair_index(rotations: float) -> float:
+    return dim * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low = max(math.floor(pair_index(beta_fast)), 0)
+  high = min(math.ceil(pair_index(beta_slow)), dim - 1)
+  if low == high:
+    high += 0.001  # as transformers: avoid dividing by zero
+  pos_freqs = theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # [dim / 2]
+  ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  extrapolation = 1 - ramp
+  return 1.0 / (factor * pos_freqs) * ramp + 1.0 / pos_freqs * extrapolation
+
+
+def yarn_rope_angles(
+  positions: jax.Array,
+  dim: int,
+  theta: float,
+  factor: float,
+  original_max_len: int,
+  beta_fast: float,
+  beta_slow: float,
+  mscale: float,
+  mscale_all_dim: float,
+) -> tuple[jax.Array, jax.Array]:
+  """Interleaved-layout YaRN: positions int [..., L] -> (cos, sin) float32 [..., L, dim/2]
+  of p * inv_freq'_i (``yarn_inv_freq``), both times ``yarn_attention_factor``."""
+  inv_freq = yarn_inv_freq(dim, theta, factor, original_max_len, beta_fast, beta_slow)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., L, dim/2]
+  attn_factor = jnp.float32(yarn_attention_factor(factor, mscale, mscale_all_dim))
+  return jnp.cos(angles) * attn_factor, jnp.sin(angles) * attn_factor

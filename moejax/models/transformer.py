@@ -34,11 +34,42 @@ from moejax.models.layer_stack import SCAN_KEY, scan_plan
 from moejax.models.mla import MLAttention
 from moejax.models.norms import RMSNorm
 from moejax.models.remat import remat_module
-from moejax.models.rope import interleaved_rope_angles, rope_angles
+from moejax.models.rope import (
+  interleaved_rope_angles,
+  rope_angles,
+  yarn_rope_angles,
+  yarn_softmax_multiplier,
+)
 
 
 def _dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
+
+
+def mla_rope_angles(positions: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) [(B,) L, D_r / 2] of MLA's interleaved RoPE, YaRN-scaled if configured."""
+  dim, theta = cfg.qk_rope_head_dim, cfg.rope_theta
+  if cfg.rope_scaling != "yarn":
+    return interleaved_rope_angles(positions, dim, theta)
+  return yarn_rope_angles(
+    positions,
+    dim,
+    theta,
+    cfg.rope_factor,
+    cfg.rope_original_max_len,
+    cfg.rope_beta_fast,
+    cfg.rope_beta_slow,
+    cfg.rope_mscale,
+    cfg.rope_mscale_all_dim,
+  )
+
+
+def mla_softmax_scale(cfg) -> float:
+  """(D_n + D_r)^-1/2, times DeepSeek's YaRN mscale(s, mscale_all_dim)^2 if configured."""
+  scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+  if cfg.rope_scaling == "yarn":
+    scale *= yarn_softmax_multiplier(cfg.rope_factor, cfg.rope_mscale_all_dim)
+  return scale
 
 
 class Block(nn.Module):
@@ -73,6 +104,7 @@ class Block(nn.Module):
         dtype,
         param_dtype,
         cfg.attention_impl,
+        mla_softmax_scale(cfg),
         name="attn",
       )(x, cos, sin, decode)
     else:
@@ -143,7 +175,7 @@ class Transformer(nn.Module):
     embedding = Embed(cfg.vocab_size, cfg.d_model, embed_std, param_dtype, name="embed")()
     h = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)  # [B, L, d]
     if cfg.attention == "mla":  # interleaved pairs of the D_r RoPE dims: [L, D_r / 2]
-      cos, sin = interleaved_rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta)
+      cos, sin = mla_rope_angles(positions, cfg)
     else:
       cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # [(B,) L, Dh]
 
