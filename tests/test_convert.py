@@ -126,6 +126,7 @@ def test_import_errors_name_the_tensor_and_leave_nothing_behind(tmp_path):
     hf.export_hf(init_params(model_cfg), model_cfg, str(src))
 
 
+@pytest.mark.slow
 def test_upcycled_model_equals_the_dense_model_at_step_zero():
   dense_cfg = tiny_config("/unused")
   with dense_cfg.unlocked():
@@ -243,6 +244,7 @@ def test_cli_help_and_export(trained_run, tmp_path):
   chex.assert_trees_all_equal(imported, jax.device_get(state.params))
 
 
+@pytest.mark.slow
 def test_trainer_continues_a_tool_written_run_from_its_own_config(tmp_path, data_dir):
   # written on the 8 test devices, continued on 1 (mesh data=-1 adapts)
   cfg = tiny_config(data_dir, steps=2, checkpoint_every=2, mesh=(-1, 1, 1), **MIXTRAL_MOE)

@@ -272,6 +272,7 @@ def test_stats_cli_writes_report_and_plots(run, source, sums, tmp_path):
 # ----------------------------------------------------------------------------- prune
 
 
+@pytest.mark.slow
 def test_pruning_nothing_gives_the_identical_model(run, source, tmp_path):
   _, model_cfg, params, batches = source
   out = str(tmp_path / "keep_all")

@@ -89,7 +89,8 @@ def test_tpu_pod_launcher_prints_one_command_for_every_host():
   assert "--config.train.steps=10" in lines[1] and "gs://bucket/run" in lines[1]
 
 
-@pytest.mark.parametrize("disable_jit", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the two-process launcher test covers the launch path by default
+@pytest.mark.parametrize("disable_jit", [False, True])
 def test_single_device_debug_launcher_trains(tmp_path, data_dir, disable_jit):
   env = _env(data_dir, 1)
   env.pop("XLA_FLAGS")

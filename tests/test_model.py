@@ -208,7 +208,9 @@ def np_forward(cfg: ModelConfig, params, tokens):
 
 
 @pytest.mark.parametrize(
-  "kw", [DENSE, MIXTRAL, SWITCH_LIKE, TIED], ids=["dense", "mixtral", "switch", "tied"]
+  "kw",
+  [DENSE, MIXTRAL, pytest.param(SWITCH_LIKE, marks=pytest.mark.slow), TIED],
+  ids=["dense", "mixtral", "switch", "tied"],
 )
 def test_output_shapes_and_dtypes(kw):
   cfg = model_cfg(**kw)
@@ -360,7 +362,9 @@ def test_aux_losses_are_summed_over_moe_layers():
     chex.assert_trees_all_close(aux["metrics"][f"layers_{i}"], per_layer[i]["metrics"])
 
 
-@pytest.mark.parametrize("kw", [DENSE, MIXTRAL], ids=["dense", "mixtral"])
+@pytest.mark.parametrize(
+  "kw", [DENSE, pytest.param(MIXTRAL, marks=pytest.mark.slow)], ids=["dense", "mixtral"]
+)
 def test_jit_equals_eager(kw):
   cfg = model_cfg(**kw)
   params = init_params(cfg)
@@ -464,6 +468,7 @@ def test_bfloat16_compute_close_to_float32(kw):
   chex.assert_tree_all_finite(aux)
 
 
+@pytest.mark.slow
 def test_bfloat16_params():
   cfg = model_cfg(**MIXTRAL, dtype="bfloat16", param_dtype="bfloat16")
   params = init_params(cfg, perturb_norms=False)

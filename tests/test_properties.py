@@ -340,7 +340,7 @@ def router_case(data, router: str) -> None:
 
 
 @pytest.mark.parametrize("router", ALL_ROUTERS)
-@props(max_examples=10)
+@props(max_examples=5)
 @given(data=st.data())
 def test_router_properties(router, data):
   router_case(data, router)
@@ -478,7 +478,7 @@ def layer_case(data) -> None:
     assert np.all(y.reshape(groups.shape)[~served] == 0.0)
 
 
-@props(max_examples=20)
+@props(max_examples=8)
 @given(data=st.data())
 def test_layer_matches_per_token_reference(data):
   layer_case(data)

@@ -167,6 +167,7 @@ def test_second_trainer_on_a_live_workdir_exits_2_and_the_first_run_is_untouched
   assert not (workdir / "trainer.lock").exists()
 
 
+@pytest.mark.slow
 def test_kill9_during_async_save_resumes_from_newest_complete_checkpoint(
   tmp_path, data_dir, reference
 ):
@@ -180,6 +181,7 @@ def test_kill9_during_async_save_resumes_from_newest_complete_checkpoint(
   _assert_matches_reference(workdir, reference)
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_never_loses_more_than_since_last_checkpoint(
   tmp_path, data_dir, reference
 ):
@@ -217,7 +219,9 @@ def _largest_file(directory) -> str:
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "remove_state"])
+@pytest.mark.parametrize(
+  "damage", ["flip_bytes", pytest.param("truncate", marks=pytest.mark.slow), "remove_state"]
+)
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, data_dir, reference, damage):
   workdir = tmp_path / "run"
   out = _run(workdir, data_dir, "--max_steps=20")

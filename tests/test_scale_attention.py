@@ -55,7 +55,9 @@ def test_blockwise_matches_numpy_reference(block, dv):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+@pytest.mark.parametrize(
+  "impl", [pytest.param("blockwise", marks=pytest.mark.slow), "xla"]
+)  # blockwise gradients: the finite-difference test below
 def test_kernel_gradients_match_reference(impl):
   q, k, v = _qkv(l=24)
   w = jax.random.normal(jax.random.key(5), (2, 24, 4, 8))
@@ -93,7 +95,7 @@ def test_blockwise_backward_keeps_no_length_squared_buffer():
   assert any(s[-2:] == (l, block) for s in shapes)
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+@pytest.mark.parametrize("impl", [pytest.param("blockwise", marks=pytest.mark.slow), "xla"])
 def test_mla_kernels_match_reference(impl):
   """MLA with D_n + D_r = 12 != D_v = 6: logits of the layer and its parameter grads."""
   b, l, d = 2, 20, 16

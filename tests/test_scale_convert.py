@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moejax.config import ModelConfig
 from moejax.convert import hf
@@ -21,6 +22,7 @@ from moejax.training.workdir import load_run_config, restore_state, write_run
 from tests.helpers import tiny_config
 
 
+@pytest.mark.slow
 def test_scanned_run_round_trips_through_tools_and_hf(tmp_path, data_dir):
   cfg = tiny_config(
     data_dir, mesh=(2, 4, 1), router="topk", router_order="topk_softmax", dropless=True

@@ -67,7 +67,11 @@ def _tokens(seed=0):
 
 @pytest.mark.parametrize(
   "kw",
-  [INTERLEAVED, pytest.param(MLA_DEEPSEEK, marks=pytest.mark.slow), DENSE],
+  [
+    pytest.param(INTERLEAVED, marks=pytest.mark.slow),
+    pytest.param(MLA_DEEPSEEK, marks=pytest.mark.slow),
+    DENSE,
+  ],
   ids=["interleaved", "mla", "dense"],
 )
 def test_scanned_equals_unrolled(kw):
@@ -157,7 +161,9 @@ def _count_all_to_alls(policy: str, scan: bool) -> int:
   )
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize(
+  "scan", [pytest.param(False, marks=pytest.mark.slow), True], ids=["unrolled", "scanned"]
+)
 def test_save_a2a_policy_removes_replayed_all_to_alls(scan):
   """Forward 2 + backward 2 per MoE layer; full remat replays the forward's 2 (6)."""
   per_body = 1 if scan else 2  # a scanned body is one MoE layer in the HLO text
@@ -167,7 +173,9 @@ def test_save_a2a_policy_removes_replayed_all_to_alls(scan):
   assert _count_all_to_alls("minimal", scan) == 6 * per_body
 
 
-@pytest.mark.parametrize("policy", ["full", "minimal", "save_a2a"])
+@pytest.mark.parametrize(
+  "policy", ["full", "minimal", pytest.param("save_a2a", marks=pytest.mark.slow)]
+)
 def test_remat_policies_keep_gradients(policy):
   model_cfg = cfg(num_layers=3, moe_every=1, first_moe_layer=0)
   tokens = _tokens()
