@@ -17,7 +17,8 @@ with grouped kv heads (query head h = j * G + r reads kv head j, G = H / Hkv; HF
   xla        ``jax.nn.dot_product_attention(implementation='xla')``.
   cudnn      ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN flash
              attention on NVIDIA GPUs (checked on an H200 by
-             ``benchmarks/accelerator_check.py``). xla and cudnn need Dv == Dk, so a narrower v (MLA) is zero-padded and the output sliced.
+             ``benchmarks/accelerator_check.py``). xla and cudnn need Dv == Dk, so a
+             narrower v (MLA) is zero-padded and the output sliced.
   auto       cudnn on GPU; else blockwise when L >= ``BLOCKWISE_MIN_LEN``, else reference.
 
 TPU Pallas splash attention is not wired in (untested here); on TPU 'auto' uses blockwise.
