@@ -636,7 +636,18 @@ def invalid_value(field: str, base: MoEConfig) -> st.SearchStrategy:
     "num_category_experts": st.one_of(st.integers(max_value=-1), st.integers(1, 4), NON_INTS),
     "num_task_experts": st.one_of(st.integers(max_value=-1), st.integers(1, 4), NON_INTS),
     "pregate_d_hidden": st.one_of(st.integers(max_value=0), NON_INTS),
+    # DeepSeek-V2/V3 routing and Qwen2 shared-expert fields; bases use their defaults
+    "shared_expert_d_ff": st.one_of(st.integers(max_value=0), st.floats(), st.text(max_size=3)),
+    "shared_expert_gate": st.one_of(st.integers(), st.text(max_size=3)),
+    "n_group": st.one_of(st.integers(max_value=0), NON_INTS),
+    "topk_group": st.one_of(st.integers(max_value=0), st.integers(2, 10), NON_INTS),
+    "norm_topk_prob": st.one_of(st.integers(), st.text(max_size=3), st.none()),
+    "bias_update_rate": NEG_WEIGHTS,
   }
+  if field == "norm_topk_prob" and base.router != "deepseek_v3":
+    table[field] = st.one_of(table[field], st.just(True))
+  if field == "bias_update_rate" and base.router != "deepseek_v3":
+    table[field] = st.one_of(table[field], st.floats(0.001, 1.0))
   if field == "num_compressed_experts" and base.router in ("expert_choice", "null_experts"):
     table[field] = st.one_of(table[field], st.integers(1, 3))
   if field == "routed_scaling_factor" and base.router != "shared_experts":
