@@ -9,18 +9,20 @@ max_activation.png            max |down-projection output| per expert and layer,
 
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moejax.training.paths import as_path  # noqa: E402
+
 
 def _save(fig, path: str) -> str:
+  """PNG to `path` (a local path or a URI, through etils.epath)."""
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with as_path(path).open("wb") as f:
+    fig.savefig(f, dpi=100, format="png")
   plt.close(fig)
   return path
 
@@ -72,17 +74,18 @@ def max_activation_plot(report: dict, path: str) -> str:
 
 def write_plots(report: dict, out_dir: str) -> list[str]:
   """Writes every plot of `report` into `out_dir`; returns the file paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  out = as_path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   files = [
-    load_heatmap(report, os.path.join(out_dir, "load_heatmap.png")),
-    max_activation_plot(report, os.path.join(out_dir, "max_activation.png")),
+    load_heatmap(report, str(out / "load_heatmap.png")),
+    max_activation_plot(report, str(out / "max_activation.png")),
   ]
   for i, layer in sorted(report["layers"].items(), key=lambda kv: int(kv[0])):
     files.append(
       coactivation_plot(
         layer,
         f"layer {i}: expert co-activation",
-        os.path.join(out_dir, f"coactivation_layer_{i}.png"),
+        str(out / f"coactivation_layer_{i}.png"),
       )
     )
   return files

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 
@@ -14,6 +13,7 @@ from moejax.analysis import plots, stats
 from moejax.analysis.collect import collect_sums, split_batches
 from moejax.config import ModelConfig
 from moejax.errors import config_error
+from moejax.training.paths import as_path
 from moejax.training.workdir import load_run_config, restore_state
 
 
@@ -49,9 +49,9 @@ def write_stats(
 ) -> dict:
   """Writes report.json and the PNG plots into out_dir; returns the report."""
   report = stats.build_report(sums, model_cfg, super_threshold, **meta)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  out = as_path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "report.json").write_text(json.dumps(report, indent=1))
   report["files"] = plots.write_plots(report, out_dir)
   return report
 

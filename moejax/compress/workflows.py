@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 
@@ -20,6 +19,7 @@ from moejax.compress.upcycle import upcycle_params
 from moejax.config import ExperimentConfig, with_overrides
 from moejax.errors import ConfigError, config_error
 from moejax.parallel import make_mesh, validate_mesh_for_moe
+from moejax.training.paths import as_path
 from moejax.training.state import abstract_params
 from moejax.training.workdir import load_run_config, restore_state, write_run
 
@@ -36,8 +36,8 @@ UPCYCLE_MOE_FIELDS = (
 def target_config(new_config, out: str, mesh: dict | None = None):
   """Applies a mesh override to the new run's config and checks it (and that `out` holds no
   checkpoints) before any expensive work. ConfigError names the failing field."""
-  ckpts = os.path.join(out, "checkpoints")
-  if os.path.isdir(ckpts) and os.listdir(ckpts):
+  ckpts = as_path(out) / "checkpoints"
+  if ckpts.is_dir() and any(ckpts.iterdir()):
     raise FileExistsError(f"{out} already holds checkpoints; choose a fresh --out")
   new_config = with_overrides(new_config, {f"mesh.{a}": n for a, n in (mesh or {}).items()})
   cfg = ExperimentConfig.from_config(new_config)
@@ -48,8 +48,7 @@ def target_config(new_config, out: str, mesh: dict | None = None):
 def _write_new_run(new_config, out: str, params, summary: dict, name: str) -> dict:
   """write_run (a step-0 checkpoint) plus a JSON summary `name` in the new run."""
   write_run(new_config, out, params)
-  with open(os.path.join(out, name), "w") as f:
-    json.dump(summary, f, indent=1)
+  (as_path(out) / name).write_text(json.dumps(summary, indent=1))
   return summary
 
 
