@@ -146,10 +146,28 @@ def _hf_deepseek_v2(path):
   )
 
 
+def _hf_family(family):
+  def save(path):
+    if family == "deepseek_v3":
+      from tests.test_hf_deepseek_v3 import save_random_hf
+
+      save_random_hf(path, seed=3)
+    else:
+      from tests.test_hf_qwen_olmoe import save_random_hf
+
+      save_random_hf(family, path, seed=3)
+
+  return save
+
+
 # One line per HF family: a function saving a small random transformers model to a path.
 HF_FAMILIES = [
   pytest.param(_hf_mixtral, id="mixtral"),
   pytest.param(_hf_deepseek_v2, id="deepseek_v2", marks=pytest.mark.slow),
+  pytest.param(_hf_family("deepseek_v3"), id="deepseek_v3", marks=pytest.mark.slow),
+  pytest.param(_hf_family("qwen2_moe"), id="qwen2_moe", marks=pytest.mark.slow),
+  pytest.param(_hf_family("qwen3_moe"), id="qwen3_moe", marks=pytest.mark.slow),
+  pytest.param(_hf_family("olmoe"), id="olmoe", marks=pytest.mark.slow),
 ]
 
 
