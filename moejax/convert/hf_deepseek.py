@@ -70,7 +70,15 @@ import ml_collections
 import numpy as np
 
 from moejax.convert import hf_mapping as mapping
-from moejax.convert.hf_mapping import LINEAR_IN, LINEAR_OUT, TRANSPOSE, Row, TensorMap, expand
+from moejax.convert.hf_mapping import (
+  DECODER_ROWS,
+  LINEAR_IN,
+  LINEAR_OUT,
+  TRANSPOSE,
+  Row,
+  TensorMap,
+  expand,
+)
 from moejax.convert.safetensors_io import ConversionError
 
 ARCHITECTURE = "DeepseekV2ForCausalLM"
@@ -88,17 +96,7 @@ _FFN = (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj"))
 _q_lora = lambda cfg: bool(cfg.q_lora_rank)
 
 TABLE = (
-  Row("embed/embedding", "model.embed_tokens.weight", scope="global"),
-  Row("final_norm/scale", "model.norm.weight", scope="global"),
-  Row(
-    "lm_head/kernel",
-    "lm_head.weight",
-    TRANSPOSE,
-    scope="global",
-    when=lambda cfg: not cfg.tie_embeddings,
-  ),
-  Row("layers_{i}/attn_norm/scale", "model.layers.{i}.input_layernorm.weight"),
-  Row("layers_{i}/ffn_norm/scale", "model.layers.{i}.post_attention_layernorm.weight"),
+  *DECODER_ROWS,
   Row(f"{_MLA}/q_a/kernel", f"{_SA}.q_a_proj.weight", TRANSPOSE, when=_q_lora),
   Row(f"{_MLA}/q_norm/scale", f"{_SA}.q_a_layernorm.weight", when=_q_lora),
   Row(f"{_MLA}/q_b/kernel", f"{_SA}.q_b_proj.weight", LINEAR_IN, when=_q_lora),

@@ -66,6 +66,23 @@ class Row:
   when: Callable[[Any], bool] | None = None
 
 
+# The rows every HF decoder family shares: embeddings, final norm, untied LM head and the
+# two per-layer RMSNorms (model.layers.{i}.*).
+DECODER_ROWS = (
+  Row("embed/embedding", "model.embed_tokens.weight", scope="global"),
+  Row("final_norm/scale", "model.norm.weight", scope="global"),
+  Row(
+    "lm_head/kernel",
+    "lm_head.weight",
+    TRANSPOSE,
+    scope="global",
+    when=lambda cfg: not cfg.tie_embeddings,
+  ),
+  Row("layers_{i}/attn_norm/scale", "model.layers.{i}.input_layernorm.weight"),
+  Row("layers_{i}/ffn_norm/scale", "model.layers.{i}.post_attention_layernorm.weight"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
   """moejax param `path` <-> HF tensor `name`. `expert` = j: the HF tensor is expert j's

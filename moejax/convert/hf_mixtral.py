@@ -43,7 +43,15 @@ import ml_collections
 import numpy as np
 
 from moejax.convert import hf_mapping as mapping
-from moejax.convert.hf_mapping import LINEAR_IN, LINEAR_OUT, TRANSPOSE, Row, TensorMap, expand
+from moejax.convert.hf_mapping import (
+  DECODER_ROWS,
+  LINEAR_IN,
+  LINEAR_OUT,
+  TRANSPOSE,
+  Row,
+  TensorMap,
+  expand,
+)
 from moejax.convert.hf_options import check_options
 from moejax.convert.safetensors_io import ConversionError
 
@@ -55,17 +63,7 @@ _L = "model.layers.{i}"
 _W = (("wi_gate", "w1"), ("wi_up", "w3"), ("wo", "w2"))
 
 TABLE = (
-  Row("embed/embedding", "model.embed_tokens.weight", scope="global"),
-  Row("final_norm/scale", "model.norm.weight", scope="global"),
-  Row(
-    "lm_head/kernel",
-    "lm_head.weight",
-    TRANSPOSE,
-    scope="global",
-    when=lambda cfg: not cfg.tie_embeddings,
-  ),
-  Row("layers_{i}/attn_norm/scale", f"{_L}.input_layernorm.weight"),
-  Row("layers_{i}/ffn_norm/scale", f"{_L}.post_attention_layernorm.weight"),
+  *DECODER_ROWS,
   Row("layers_{i}/attn/q/kernel", f"{_L}.self_attn.q_proj.weight", LINEAR_IN),
   Row("layers_{i}/attn/k/kernel", f"{_L}.self_attn.k_proj.weight", LINEAR_IN),
   Row("layers_{i}/attn/v/kernel", f"{_L}.self_attn.v_proj.weight", LINEAR_IN),

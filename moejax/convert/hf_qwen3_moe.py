@@ -24,7 +24,15 @@ import ml_collections
 import numpy as np
 
 from moejax.convert import hf_mapping as mapping
-from moejax.convert.hf_mapping import FLAT, LINEAR_IN, LINEAR_OUT, TRANSPOSE, Row, expand
+from moejax.convert.hf_mapping import (
+  DECODER_ROWS,
+  FLAT,
+  LINEAR_IN,
+  LINEAR_OUT,
+  TRANSPOSE,
+  Row,
+  expand,
+)
 from moejax.convert.hf_options import check_options
 from moejax.convert.safetensors_io import ConversionError
 
@@ -52,17 +60,7 @@ def gqa_table(qk_norm: bool, qkv_bias: bool = False, shared: bool = False) -> tu
     Row("layers_{i}/ffn/shared_gate", f"{_L}.mlp.shared_expert_gate.weight", TRANSPOSE, "moe"),
   )
   return (
-    Row("embed/embedding", "model.embed_tokens.weight", scope="global"),
-    Row("final_norm/scale", "model.norm.weight", scope="global"),
-    Row(
-      "lm_head/kernel",
-      "lm_head.weight",
-      TRANSPOSE,
-      scope="global",
-      when=lambda cfg: not cfg.tie_embeddings,
-    ),
-    Row("layers_{i}/attn_norm/scale", f"{_L}.input_layernorm.weight"),
-    Row("layers_{i}/ffn_norm/scale", f"{_L}.post_attention_layernorm.weight"),
+    *DECODER_ROWS,
     *(
       Row(f"layers_{{i}}/attn/{n}/kernel", f"{_L}.self_attn.{n}_proj.weight", LINEAR_IN)
       for n in "qkv"
