@@ -8,7 +8,9 @@ jax picks, against the paths the suite does test (float32 matmuls at 'highest' p
 
   ragged_dot      dropless layer, expert_impl='ragged_dot' (native grouped matmul) vs the
                   C = S slot path: output, aux losses and gradients, for every token-choice
-                  router (variable k included).
+                  router (variable k included); the exact kernel alone
+                  (dropless_windows=()) and the dense fast-path windows alone
+                  (dropless_windows=(E,): every load fits).
   ragged_a2a      the expert-parallel row exchange with ep_exchange='ragged_all_to_all' on
                   a mesh of all local devices (data=1, expert=N) vs the unsharded layer.
   cudnn           attention_impl='cudnn' vs the float32 reference, bf16 inputs, GQA,
@@ -87,9 +89,10 @@ def check_ragged_dot(x, ct):
       x,
       ct,
     )
-    cfg = moe_cfg(name, expert_impl="ragged_dot")
-    got = loss_and_grads(MoELayer(cfg), params_for(cfg), x, ct)
-    yield f"ragged_dot[{name}]", max_rel_err(got, want), 1e-4
+    for label, fast in (("ragged_dot", ()), ("fast_window", (float(E),))):
+      cfg = moe_cfg(name, expert_impl="ragged_dot", dropless_windows=fast)
+      got = loss_and_grads(MoELayer(cfg), params_for(cfg), x, ct)
+      yield f"{label}[{name}]", max_rel_err(got, want), 1e-4
 
 
 def check_ragged_a2a(x, ct):
@@ -98,7 +101,7 @@ def check_ragged_a2a(x, ct):
   for name in ROUTERS:
     base = moe_cfg(name, expert_impl="capacity")
     want = loss_and_grads(MoELayer(base), params_for(base), x, ct)
-    cfg = moe_cfg(name, ep_exchange="ragged_all_to_all")
+    cfg = moe_cfg(name, ep_exchange="ragged_all_to_all", dropless_windows=())
     params = nn.meta.unbox(shard_params(params_for(cfg, boxed=True), mesh))
     got = loss_and_grads(MoELayer(cfg, mesh=mesh), params, x, ct)
     yield f"ragged_a2a[{name}, {n} device(s)]", max_rel_err(got, want), 1e-4

@@ -11,7 +11,11 @@ Layers (SwiGLU experts, routing groups of --group-size tokens, d_model = D, widt
                (fine-grained, DeepSeekMoE-style; Dai et al., 2024)
 so every variant does the same useful FFN FLOPs per token. MoE variants (impl column):
   dropless      dropless=True, the sorted grouped matmul (expert_impl='auto': 'blocked' on
-                CPU, 'ragged_dot' on gpu/tpu); on 8 devices the row exchange
+                CPU, 'ragged_dot' on gpu/tpu) behind its fast path (dense [E, L, d]
+                windows when every load fits L = 1.125, 1.25 or 1.5 x the mean); on 8
+                devices the row exchange
+  dropless_exact  the same without the fast path (dropless_windows=()): the cost
+                when a load exceeds L
   dropless_cs   dropless=True, expert_impl='capacity': the old C = S slot buffers
   capacity      capacity_factor=1.25 slot buffers (GShard/Switch, drops overflow)
 
@@ -71,6 +75,11 @@ def parse_args(argv=None):
     help="comma list of dropless expert_impl values to time (auto, blocked, ragged_dot)",
   )
   p.add_argument("--skip-cs", action="store_true", help="skip the C = S row (large shapes)")
+  p.add_argument(
+    "--skip-exact",
+    action="store_true",
+    help="skip the dropless_exact rows (the grouped kernel without the fast path)",
+  )
   p.add_argument("--json", action="store_true", help="print one JSON object per row")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -218,6 +227,16 @@ def run_device_count(num_devices: int, args) -> list[dict]:
       name: MoELayer(MoEConfig(dropless=True, expert_impl=i, **common), mesh=mesh)
       for name, i in dropless_impls.items()
     }
+    if not args.skip_exact:  # the exact grouped kernel alone: what a load past L costs
+      layers.update(
+        {
+          name.replace("dropless:", "dropless_exact:"): MoELayer(
+            MoEConfig(dropless=True, expert_impl=i, dropless_windows=(), **common),
+            mesh=mesh,
+          )
+          for name, i in dropless_impls.items()
+        }
+      )
     if not args.skip_cs:
       layers["dropless_cs"] = MoELayer(
         MoEConfig(dropless=True, expert_impl="capacity", **common), mesh=mesh
@@ -286,6 +305,7 @@ def child_argv(args, num_devices: int) -> list[str]:
     args.dropless_impls,
   ]
   argv += ["--skip-cs"] if args.skip_cs else []
+  argv += ["--skip-exact"] if args.skip_exact else []
   return argv + (["--quick"] if args.quick else []) + (["--no-torch"] if args.no_torch else [])
 
 
@@ -295,16 +315,16 @@ def format_table(rows: list[dict], args) -> str:
     f"{args.expert_d_ff}  group_size={args.group_size}  f32  median of {args.steps} "
     f"steps",
     "",
-    "| layer      | devices | pass    | impl             |     ms | /dense | /capacity "
+    "| layer      | devices | pass    | impl                     |     ms | /dense | /capacity "
     "| a2a bytes/min |",
-    "|------------|---------|---------|------------------|--------|--------|-----------"
+    "|------------|---------|---------|--------------------------|--------|--------|-----------"
     "|---------------|",
   ]
   for r in rows:
     a2a = "" if r["a2a_bytes_over_min"] is None else f"{r['a2a_bytes_over_min']:.2f}"
     lines.append(
       f"| {r['layer']:<10} | {r['devices']:>7} | {r['pass_']:<7} | "
-      f"{r['impl']:<16} | {r['ms']:>6.1f} | {r['ratio_to_dense']:>6.2f} | "
+      f"{r['impl']:<24} | {r['ms']:>6.1f} | {r['ratio_to_dense']:>6.2f} | "
       f"{r['ratio_to_capacity']:>9.2f} | {a2a:>13} |"
     )
   torch_rows = {(r["pass_"], r["impl"]): r["ms"] for r in rows if r["impl"].startswith("torch")}

@@ -68,6 +68,11 @@ class MoEConfig:
       FLOPs; kept as the reference); 'auto': ragged_dot on gpu/tpu, blocked on cpu.
     expert_block_size: rows per block of the 'blocked' impl; None picks a power of two in
       [8, 256] whose padding is at most 1/4 of the rows.
+    dropless_windows: the sorted dropless layer's fast path, factors c_1 < c_2 < ...: with
+      L_i = ceil(c_i * A / E) rows per expert (A assignments on the device), the experts
+      run as one dense [E, L_i, d] batched matmul for the smallest L_i that holds every
+      expert's load, and `expert_impl` runs when none does (``jax.lax.switch``: one branch
+      executes; always exact). () disables it.
     ep_exchange: dropless expert-parallel exchange. 'ragged_all_to_all': exactly the routed
       rows (gpu/tpu only; XLA:CPU rejects the op); 'padded_all_to_all': a fixed
       [devices, rows_per_device] buffer per device (the CPU fallback); 'auto' picks by backend.
@@ -115,6 +120,7 @@ class MoEConfig:
   bias_update_rate: float = 0.0
   expert_impl: str = "auto"
   expert_block_size: int | None = None
+  dropless_windows: tuple = (1.125, 1.25, 1.5)
   ep_exchange: str = "auto"
   ragged_buffer_factor: float = 1.25
   ragged_buffer_min_rows: int = 128
@@ -127,8 +133,9 @@ class MoEConfig:
   config_path: str = dataclasses.field(default="moe", compare=False, hash=False, repr=False)
 
   def __post_init__(self):
-    if isinstance(self.task_categories, list):  # config.json round trip
-      object.__setattr__(self, "task_categories", tuple(self.task_categories))
+    for name in ("task_categories", "dropless_windows"):
+      if isinstance(getattr(self, name), list):  # config.json round trip
+        object.__setattr__(self, name, tuple(getattr(self, name)))
     validate_moe_config(self)
 
   @classmethod
@@ -292,6 +299,15 @@ def validate_moe_config(cfg: MoEConfig) -> None:
     cfg.expert_block_size is None
     or (_is_int(cfg.expert_block_size) and cfg.expert_block_size >= 1),
     "must be None (automatic) or an int >= 1",
+  )
+  windows = cfg.dropless_windows
+  _check(
+    cfg,
+    "dropless_windows",
+    isinstance(windows, tuple)
+    and all(_is_finite_number(c) and c > 0 for c in windows)
+    and all(a < b for a, b in zip(windows, windows[1:])),
+    "must be a tuple of increasing numbers > 0, e.g. (1.125, 1.25, 1.5); () for no fast path",
   )
   _check(cfg, "ep_exchange", cfg.ep_exchange in EP_EXCHANGES, f"allowed: {EP_EXCHANGES}")
   _check(

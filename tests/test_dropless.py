@@ -21,7 +21,13 @@ import pytest
 
 from moejax.errors import ConfigError
 from moejax.layers.expert_parallel import rows_per_device
-from moejax.layers.grouped import grouped_ffn, rank_in_group, sort_rows
+from moejax.layers.grouped import (
+  fast_path_branch,
+  grouped_ffn,
+  rank_in_group,
+  sort_rows,
+  window_sizes,
+)
 from moejax.layers.moe import MoELayer
 from moejax.layers.routed import router_logits
 from moejax.moe_config import MoEConfig
@@ -147,6 +153,35 @@ def test_grouped_ffn_matches_per_row_loop():
     )
 
 
+@pytest.mark.parametrize("load", ["balanced", "skewed"])
+def test_fast_path_windows_equal_the_exact_kernel(load):
+  """The fast path (dense windows for the smallest L_i holding every load, else the exact
+  kernel) == the exact kernel alone, outputs and gradients; balanced loads take a window,
+  a load past the largest window takes the exact kernel."""
+  rng = np.random.default_rng(1)
+  a, e, d, f = 96, 4, 6, 8
+  expert = rng.integers(0, e, a) if load == "balanced" else np.where(rng.random(a) < 0.7, 2, 0)
+  expert, valid = jnp.asarray(expert, jnp.int32), jnp.asarray(rng.random(a) < 0.9)
+  x, ct = (jnp.asarray(rng.standard_normal((a, d)), jnp.float32) for _ in range(2))
+  w = [jnp.asarray(rng.standard_normal(s) / 3, jnp.float32) for s in ((e, d, f),) * 2]
+  w.append(jnp.asarray(rng.standard_normal((e, f, d)) / 3, jnp.float32))
+
+  def run(windows):
+    def loss(x, *w):
+      y = grouped_ffn(x, expert, valid, *w, "silu", "blocked", 8, windows)
+      return jnp.sum(y * ct), y
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, *w)
+
+  windows = (1.125, 1.25, 1.5)
+  sizes = window_sizes(windows, a, e, a)
+  branch = int(fast_path_branch(rank_in_group(expert, valid, e)[1], sizes))
+  assert branch < len(sizes) if load == "balanced" else branch == len(sizes)
+  want = run(())
+  assert_close(run(windows), want)
+  assert_close(run((float(e),)), want)  # a window of A rows: always the fast path
+
+
 def test_sort_rows_layout():
   """Rows of one expert are contiguous, start on a block boundary, keep assignment order;
   every block holds one expert; invalid assignments get no row."""
@@ -196,6 +231,19 @@ def test_sorted_equals_capacity_path_and_reference(name, impl):
   np.testing.assert_allclose(np.asarray(got[0][1][0]), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [None, (2, 4, 1)])
+def test_fast_path_windows_equal_the_capacity_path(shape):
+  """Dense windows large enough for any load (dropless_windows=(E,)): the layer, one device
+  and expert-parallel, == the C = S path (outputs, aux losses, metrics, gradients)."""
+  cfg = make_cfg("top_p", dropless_windows=(float(E),))
+  got = (
+    loss_and_grads(MoELayer(cfg))(random_params(cfg), *inputs())
+    if shape is None
+    else run_sharded(cfg, shape)
+  )
+  assert_close(got, capacity_result("top_p"))
+
+
 def test_cases_exercise_variable_k():
   """Guards the tests' power: null experts and top-p leave tokens with fewer than k real
   experts, so invalid assignments are really skipped."""
@@ -222,7 +270,9 @@ def test_route_without_slots_gives_the_same_assignments_and_metrics():
 # No [E, S]-sized buffers.
 # ------------------------------------------------------------------------------------------
 
-HLO_X = (3, 40, D)  # G = 3 groups of S = 40 tokens, K = 2: S*K = 80, G*S = 120
+# G = 6 groups of S = 40 tokens, K = 2: S*K = 80, G*S = 240, A = 480 assignments; the fast
+# path's windows hold L = 1.125..1.5 x A / E = 72..96 rows per expert, sized by assignments.
+HLO_X = (6, 40, D)
 
 
 def hlo_shapes(cfg: MoEConfig, mesh=None) -> list[tuple[int, ...]]:
@@ -235,7 +285,7 @@ def hlo_shapes(cfg: MoEConfig, mesh=None) -> list[tuple[int, ...]]:
   ]
 
 
-def slot_like(shape, s=40, k=2, e=E, g=3):
+def slot_like(shape, s=40, k=2, e=E, g=6):
   """[.., E, C=S ..] slot buffers / [E, G*S, d] expert slot rows / [.., S*K, E] one-hot
   positions. ([G*S, E] logits and their transpose are inherent and allowed.)"""
   pairs = set(zip(shape, shape[1:]))
@@ -399,6 +449,7 @@ def all_to_all_elements(hlo_text: str) -> list[tuple[str, int]]:
     ("ep_exchange", "mpi", r"model\.moe\.ep_exchange='mpi' is invalid: allowed"),
     ("expert_block_size", 0, r"model\.moe\.expert_block_size=0 is invalid"),
     ("ragged_buffer_factor", 0.0, r"model\.moe\.ragged_buffer_factor=0\.0 is invalid"),
+    ("dropless_windows", (1.5, 1.25), r"model\.moe\.dropless_windows=\(1\.5, 1\.25\) is invalid"),
     ("ragged_buffer_min_rows", 0, r"model\.moe\.ragged_buffer_min_rows=0 is invalid"),
   ],
 )

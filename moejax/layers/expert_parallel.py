@@ -277,6 +277,8 @@ def dropless_expert_parallel(
     cfg.activation,
     cfg.resolved_expert_impl(),
     cfg.expert_block_size,
+    cfg.dropless_windows,
+    expected_rows=a,
   )  # [P_src * R, d]
   if model_axis is not None:
     y_rows = jax.lax.psum(y_rows, model_axis)

@@ -14,17 +14,26 @@ Megablox / ``ragged_dot``). Invalid assignments sort to the end and take no row.
                 XLA:CPU has no ragged_dot kernel (its generic lowering multiplies every
                 row by every expert), so this is the CPU path.
 
+Both sit behind a fast path (``moe.dropless_windows`` = (c_1 < c_2 < ...)): for the
+smallest window L_i = ceil(c_i * A_expected / E) that holds every expert's load (the usual
+case for a balanced router), the rows go to dense [E, L_i, d] windows and run as one batched
+matmul per expert ('eld,edf->elf', the capacity path's kernel, no per-block weight gathers);
+when no window holds the largest load, the exact grouped kernel runs. ``jax.lax.switch``
+executes one branch, so the result is always dropless and exact.
+
 Rows move by ``permute_rows``: a gather both ways (its transpose is the inverse gather,
 not a scatter-add, which is slow on XLA:CPU).
 """
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.ffn import ACTIVATIONS
+from moejax.layers.ffn import ACTIVATIONS, expert_ffn
 
 
 def rank_in_group(group: jax.Array, valid: jax.Array, num_groups: int):
@@ -75,13 +84,16 @@ def auto_block_size(num_rows: int, num_experts: int) -> int:
   return b
 
 
-def sort_rows(expert: jax.Array, valid: jax.Array, num_experts: int, block: int) -> SortedRows:
+def sort_rows(
+  expert: jax.Array, valid: jax.Array, num_experts: int, block: int, ranked=None
+) -> SortedRows:
   """Sorts assignments by expert; each expert's rows start on a multiple of `block`.
 
-  expert: i32[A]; valid: bool[A]. Rows: NB * block with NB = (A + E (block - 1)) // block.
+  expert: i32[A]; valid: bool[A]; ranked: ``rank_in_group(expert, valid, E)`` if already
+  computed. Rows: NB * block with NB = (A + E (block - 1)) // block.
   """
   a, e = expert.shape[0], num_experts
-  rank, counts = rank_in_group(expert, valid, e)
+  rank, counts = ranked if ranked is not None else rank_in_group(expert, valid, e)
   padded = (counts + block - 1) // block * block  # [E]
   padded_start = jnp.cumsum(padded) - padded
   num_blocks = (a + e * (block - 1)) // block
@@ -158,6 +170,59 @@ def ragged_ffn(
   return jax.lax.ragged_dot(h, w_down, counts)
 
 
+def window_size(expected_rows: int, num_experts: int, factor: float) -> int:
+  """L = ceil(factor * expected_rows / E) rows per expert, rounded up to a multiple of 8."""
+  rows = math.ceil(factor * expected_rows / num_experts)
+  return max(8, (rows + 7) // 8 * 8)
+
+
+def window_sizes(windows: tuple, expected_rows: int, num_experts: int, num_rows: int) -> list:
+  """The fast path's window sizes L_i, increasing; a size >= num_rows holds any load, so
+  none past the first such is kept (and the exact kernel is then never needed)."""
+  sizes = sorted({window_size(expected_rows, num_experts, c) for c in windows})
+  full = [size for size in sizes if size >= num_rows]
+  return [size for size in sizes if size < num_rows] + full[:1]
+
+
+def fast_path_branch(counts: jax.Array, sizes: list) -> jax.Array:
+  """i32 index of the smallest window in `sizes` holding max(counts); len(sizes) (the exact
+  kernel) when none does."""
+  return jnp.sum(jnp.asarray(sizes, jnp.int32) < jnp.max(counts)).astype(jnp.int32)
+
+
+def window_slots(
+  expert: jax.Array, valid: jax.Array, rank: jax.Array, window: int, num_experts: int
+):
+  """Assignment a -> row expert[a] * L + rank[a] of the [E * L] window rows.
+
+  Returns (slot i32[A] (E * L for invalid assignments), slot_source i32[E * L] (the
+  assignment in each row, A where empty)). Exact only when every count is <= L.
+  """
+  a, e = expert.shape[0], num_experts
+  slot = jnp.where(valid, expert * window + rank, e * window).astype(jnp.int32)
+  slot_source = (
+    jnp.full((e * window,), a, jnp.int32).at[slot].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
+  )
+  return slot, slot_source
+
+
+def window_ffn(
+  rows: jax.Array, window: int, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation
+) -> jax.Array:
+  """Expert e's FFN on rows [e L, (e + 1) L): [E * L, d] -> [E * L, d] ('eld,edf->elf')."""
+  e = w_gate.shape[0]
+  out = expert_ffn(rows.reshape(1, e, window, rows.shape[-1]), w_gate, w_up, w_down, activation)
+  return out.reshape(e * window, -1)
+
+
+def _pad_rows(x: jax.Array, n: int) -> jax.Array:
+  return jnp.pad(x, ((0, n - x.shape[0]), (0, 0))) if n > x.shape[0] else x
+
+
+def _pad_index(index: jax.Array, n: int, fill: int) -> jax.Array:
+  return jnp.pad(index, (0, n - index.shape[0]), constant_values=fill)
+
+
 def grouped_ffn(
   x: jax.Array,
   expert: jax.Array,
@@ -168,6 +233,8 @@ def grouped_ffn(
   activation: str,
   impl: str,
   block_size: int | None = None,
+  windows: tuple = (),
+  expected_rows: int | None = None,
 ) -> jax.Array:
   """Runs each valid assignment's input through its expert; no work for invalid ones.
 
@@ -175,6 +242,9 @@ def grouped_ffn(
     x: [A, d], each assignment's input.
     expert: i32[A] in [0, E); valid: bool[A]; weights [E, d, f], [E, d, f], [E, f, d].
     impl: 'blocked' or 'ragged_dot'; block_size: B of 'blocked' (None: automatic).
+    windows: the fast path's factors c_i (module docstring); () disables it.
+    expected_rows: A_expected, the mean number of valid rows the windows are sized for
+      (default A; the expert-parallel layer passes its local assignment count).
   Returns:
     [A, d]: FFN_{expert[a]}(x[a]) where valid, 0 elsewhere.
   """
@@ -185,10 +255,60 @@ def grouped_ffn(
     block = 1
   else:
     raise ValueError(f"grouped_ffn: unknown impl {impl!r} (allowed: 'blocked', 'ragged_dot')")
-  sorted_rows = sort_rows(expert, valid, e, block)
-  rows = permute_rows(x, sorted_rows.row_source, sorted_rows.row)  # [num_rows, d]
-  if impl == "blocked":
-    out = blocked_ffn(rows, sorted_rows, w_gate, w_up, w_down, activation)
-  else:
-    out = ragged_ffn(rows, sorted_rows.counts, w_gate, w_up, w_down, activation)
-  return permute_rows(out, sorted_rows.row, sorted_rows.row_source)
+  rank, counts = ranked = rank_in_group(expert, valid, e)
+  sizes = window_sizes(windows, expected_rows or a, e, a)
+  # One layout per branch, all indexing one row buffer of n rows: (source [n], dest [A]).
+  layouts, kernels = [], []
+  for size in sizes:
+    slot, slot_source = window_slots(expert, valid, rank, size, e)
+    layouts.append((slot_source, slot))
+    kernels.append(_window_kernel(size, activation))
+  if not sizes or sizes[-1] < a:
+    sorted_rows = sort_rows(expert, valid, e, block, ranked)
+    layouts.append((sorted_rows.row_source, sorted_rows.row))
+    kernels.append(_exact_kernel(sorted_rows, impl, activation))
+  if len(kernels) == 1:
+    (source, dest), kernel = layouts[0], kernels[0]
+    rows = permute_rows(x, source, dest)
+    return permute_rows(kernel(rows, w_gate, w_up, w_down), dest, source)
+  n = max(source.shape[0] for source, _ in layouts)
+  branch = fast_path_branch(counts, sizes)
+  source = jnp.stack([_pad_index(s, n, a) for s, _ in layouts])[branch]  # [n]
+  dest = jnp.where(valid, jnp.stack([d for _, d in layouts])[branch], n)  # [A]
+  rows = permute_rows(x, source, dest)  # [n, d]
+  out = jax.lax.switch(branch, kernels, rows, w_gate, w_up, w_down)
+  return permute_rows(out, dest, source)
+
+
+def _window_kernel(size: int, activation: str):
+  """Branch of the fast path: rows [n, d] -> [n, d], the first E * size rows in windows.
+
+  ``jax.checkpoint`` saving only matmul outputs: inside a ``switch`` JAX (not XLA) picks the
+  residuals, and without it every elementwise intermediate would be saved.
+  """
+
+  def kernel(rows, w_gate, w_up, w_down):
+    e = w_gate.shape[0]
+    out = window_ffn(rows[: e * size], size, w_gate, w_up, w_down, activation)
+    return _pad_rows(out, rows.shape[0])
+
+  return jax.checkpoint(kernel, policy=jax.checkpoint_policies.dots_saveable)
+
+
+def _exact_kernel(sorted_rows: SortedRows, impl: str, activation: str):
+  """Branch of the exact grouped kernel: rows [n, d] -> [n, d], the first NB * B used.
+
+  Recomputed in the backward pass (``jax.checkpoint``): its residuals are then its inputs,
+  instead of buffers the other branches would fill with zeros on every step.
+  """
+  n_rows = sorted_rows.row_source.shape[0]
+
+  def kernel(rows, w_gate, w_up, w_down):
+    rows_in = rows[:n_rows]
+    if impl == "blocked":
+      out = blocked_ffn(rows_in, sorted_rows, w_gate, w_up, w_down, activation)
+    else:
+      out = ragged_ffn(rows_in, sorted_rows.counts, w_gate, w_up, w_down, activation)
+    return _pad_rows(out, rows.shape[0])
+
+  return jax.checkpoint(kernel)
