@@ -11,7 +11,7 @@ Layers (SwiGLU experts, routing groups of --group-size tokens, d_model = D, widt
                (fine-grained, DeepSeekMoE-style; Dai et al., 2024)
 so every variant does the same useful FFN FLOPs per token. MoE variants (impl column):
   dropless      dropless=True, the sorted grouped matmul (expert_impl='auto': 'blocked' on
-                CPU, 'ragged_dot' on gpu/tpu) behind its fast path (dense [E, L, d]
+                CPU and GPU, 'ragged_dot' on TPU) behind its fast path (dense [E, L, d]
                 windows when every load fits L = 1.125, 1.25 or 1.5 x the mean); on 8
                 devices the row exchange
   dropless_exact  the same without the fast path (dropless_windows=()): the cost

@@ -65,7 +65,9 @@ class MoEConfig:
       ``jax.lax.ragged_dot`` grouped matmul; 'blocked': sorted rows padded per expert to a
       multiple of `expert_block_size`, one batched matmul over blocks (fast on CPU, where
       ragged_dot has no native kernel); 'capacity': the C = S slot buffers (E/k times the
-      FLOPs; kept as the reference); 'auto': ragged_dot on gpu/tpu, blocked on cpu.
+      FLOPs; kept as the reference); 'auto': ragged_dot on tpu, blocked on cpu and gpu
+      (on an H200 ragged_dot's backward ran 2.9-11x slower than capacity 1.25 and, at 32k
+      tokens, asked for 174 GiB; benchmarks/README.md).
     expert_block_size: rows per block of the 'blocked' impl; None picks a power of two in
       [8, 256] whose padding is at most 1/4 of the rows.
     dropless_windows: the sorted dropless layer's fast path, factors c_1 < c_2 < ...: with
@@ -163,7 +165,7 @@ class MoEConfig:
       return self.expert_impl
     import jax
 
-    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    return "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
 
   def resolved_ep_exchange(self) -> str:
     """ep_exchange with 'auto' resolved by ``jax.default_backend()``."""

@@ -460,7 +460,7 @@ def test_config_errors_name_the_field(field, value, match):
 
 def test_auto_impl_follows_backend():
   cfg = make_cfg("topk")
-  want = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+  want = "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
   assert cfg.resolved_expert_impl() == want and cfg.sorted_dropless
   assert not make_cfg("topk", expert_impl="capacity").sorted_dropless
   assert not MoEConfig(router="topk", dropless=False).sorted_dropless
