@@ -17,7 +17,7 @@ os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR",
   os.path.join(tempfile.gettempdir(), f"moejax-test-xla-cache-{os.getuid()}"),
 )
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402

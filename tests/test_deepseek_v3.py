@@ -249,7 +249,7 @@ def test_v3_dropless_sorted_and_expert_parallel_equal_the_capacity_path():
     group_size=8,
     config_path="model.moe",
   )
-  init = MoELayer(cfg).init(jax.random.key(0), jnp.zeros(td.X_SHAPE))["params"]
+  init = jax.jit(MoELayer(cfg).init)(jax.random.key(0), jnp.zeros(td.X_SHAPE))["params"]
   boxed = random_like(init, seed=3, router_scale=4.0)
   params = nn.meta.unbox(boxed)
   x, ct = td.inputs()

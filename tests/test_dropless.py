@@ -68,7 +68,7 @@ def make_cfg(name: str, **kw) -> MoEConfig:
 
 def random_params(cfg: MoEConfig, seed: int = 3, boxed: bool = False):
   """N(0, 1/fan_in) parameters, router weights 4x (clear routing margins)."""
-  tree = MoELayer(cfg).init(jax.random.key(0), jnp.zeros(X_SHAPE, jnp.float32))["params"]
+  tree = jax.jit(MoELayer(cfg).init)(jax.random.key(0), jnp.zeros(X_SHAPE, jnp.float32))["params"]
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -256,7 +256,8 @@ def test_cases_exercise_variable_k():
 def test_route_without_slots_gives_the_same_assignments_and_metrics():
   cfg = make_cfg("top_p")
   logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8, E)) * 3, jnp.float32)
-  full, lean = route(logits, cfg), route(logits, cfg, slots=False)
+  full = jax.jit(lambda z: route(z, cfg))(logits)
+  lean = jax.jit(lambda z: route(z, cfg, slots=False))(logits)
   assert lean.dispatch_index is None and full.dispatch_index.shape == (3, E, 8)
   chex.assert_trees_all_equal(
     (full.expert_index, full.weight, full.valid, full.metrics, full.aux_losses),
@@ -277,7 +278,7 @@ HLO_X = (6, 40, D)
 
 def hlo_shapes(cfg: MoEConfig, mesh=None) -> list[tuple[int, ...]]:
   x = jnp.zeros(HLO_X, jnp.float32)
-  params = nn.meta.unbox(MoELayer(cfg).init(jax.random.key(0), x)["params"])
+  params = nn.meta.unbox(jax.jit(MoELayer(cfg).init)(jax.random.key(0), x)["params"])
   fn = loss_and_grads(MoELayer(cfg, mesh=mesh))
   text = fn.lower(params, x, x).compile().as_text()
   return [

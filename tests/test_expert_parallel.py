@@ -76,7 +76,7 @@ def mesh_of(shape):
 def random_boxed_params(cfg: MoEConfig, seed: int):
   """model.init's boxed tree with every value replaced by N(0, 1/fan_in) draws; router
   weights 4x larger so routing decisions have clear margins (no near-ties to flip)."""
-  boxed = MoELayer(cfg).init(jax.random.key(0), jnp.zeros(X_SHAPE, jnp.float32))["params"]
+  boxed = jax.jit(MoELayer(cfg).init)(jax.random.key(0), jnp.zeros(X_SHAPE, jnp.float32))["params"]
   return random_like(boxed, seed, router_scale=4.0)
 
 

@@ -168,7 +168,7 @@ def _moe_boxed_params():
   cfg = MoEConfig(
     num_experts=8, expert_d_ff=32, router="shared_experts", num_shared_experts=2, group_size=8
   )
-  return MoELayer(cfg).init(jax.random.key(0), jnp.ones((2, 8, 16), jnp.float32))["params"]
+  return jax.jit(MoELayer(cfg).init)(jax.random.key(0), jnp.ones((2, 8, 16), jnp.float32))["params"]
 
 
 def test_shard_params_places_leaves_by_logical_names():

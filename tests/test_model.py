@@ -482,4 +482,4 @@ def test_bfloat16_params():
 def test_longer_than_max_len_rejected():
   cfg = model_cfg(max_len=8)
   with pytest.raises(ValueError, match="max_len"):
-    Transformer(cfg).init(jax.random.key(0), tokens_for(cfg, l=9))
+    jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens_for(cfg, l=9))

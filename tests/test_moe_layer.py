@@ -48,7 +48,9 @@ def make_cfg(**kw) -> MoEConfig:
 def init_params(layer, x, seed, router_scale=1.0):
   """`layer`'s parameters replaced by random N(0, 1/fan_in) draws (larger router weights than
   the default init, so routing decisions have clear margins)."""
-  return random_like(nn.unbox(layer.init(jax.random.key(0), x)["params"]), seed, router_scale)
+  return random_like(
+    nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"]), seed, router_scale
+  )
 
 
 def reference_kwargs(cfg: MoEConfig) -> dict:
@@ -273,9 +275,9 @@ def test_group_size_must_divide_tokens():
   cfg = make_cfg(router="topk", group_size=5)
   x = random_x(12)  # 2 x 8 = 16 tokens
   with pytest.raises(ValueError, match="group_size"):
-    MoELayer(cfg).init(jax.random.key(0), x)
+    jax.jit(MoELayer(cfg).init)(jax.random.key(0), x)
   with pytest.raises(ValueError, match="batch, length, d_model"):
-    MoELayer(make_cfg()).init(jax.random.key(0), x[0])
+    jax.jit(MoELayer(make_cfg()).init)(jax.random.key(0), x[0])
 
 
 def test_group_size_changes_routing_groups():
@@ -284,8 +286,8 @@ def test_group_size_changes_routing_groups():
   cfg_grp = make_cfg(router="topk", top_k=1, capacity_factor=1.0, group_size=4)
   x = random_x(13)
   params = {"params": init_params(MoELayer(cfg_seq), x, seed=13, router_scale=3.0)}
-  y_seq, _ = MoELayer(cfg_seq).apply(params, x)
-  y_grp, _ = MoELayer(cfg_grp).apply(params, x)
+  y_seq, _ = jax.jit(MoELayer(cfg_seq).apply)(params, x)
+  y_grp, _ = jax.jit(MoELayer(cfg_grp).apply)(params, x)
   for cfg, y in ((cfg_seq, y_seq), (cfg_grp, y_grp)):
     expected, _ = ref.moe_layer_reference(
       np.asarray(x), to_np(params["params"]), **reference_kwargs(cfg)
@@ -298,7 +300,7 @@ def test_group_size_changes_routing_groups():
 def test_dense_ffn_equals_gated_ffn(activation):
   x = random_x(14, (3, 5, D))
   layer = DenseFFN(d_ff=7, activation=activation)
-  params = nn.unbox(layer.init(jax.random.key(1), x)["params"])
+  params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x)["params"])
   chex.assert_shape([params["wi_gate"], params["wi_up"]], (D, 7))
   chex.assert_shape(params["wo"], (7, D))
   y, aux = layer.apply({"params": params}, x)

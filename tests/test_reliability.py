@@ -220,7 +220,12 @@ def _largest_file(directory) -> str:
 
 
 @pytest.mark.parametrize(
-  "damage", ["flip_bytes", pytest.param("truncate", marks=pytest.mark.slow), "remove_state"]
+  "damage",
+  [
+    "flip_bytes",
+    pytest.param("truncate", marks=pytest.mark.slow),
+    pytest.param("remove_state", marks=pytest.mark.slow),
+  ],
 )
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, data_dir, reference, damage):
   workdir = tmp_path / "run"

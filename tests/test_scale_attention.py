@@ -104,14 +104,14 @@ def test_mla_kernels_match_reference(impl):
   make = lambda impl: MLAttention(
     num_heads=3, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, impl=impl
   )
-  params = make("reference").init(jax.random.key(2), x, cos, sin)
+  params = jax.jit(make("reference").init)(jax.random.key(2), x, cos, sin)
   loss = lambda impl, p: jnp.sum(make(impl).apply(p, x, cos, sin) ** 2)
-  ref_out = make("reference").apply(params, x, cos, sin)
-  out = make(impl).apply(params, x, cos, sin)
+  ref_out = jax.jit(make("reference").apply)(params, x, cos, sin)
+  out = jax.jit(make(impl).apply)(params, x, cos, sin)
   np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_close(
-    jax.grad(functools.partial(loss, impl))(params),
-    jax.grad(functools.partial(loss, "reference"))(params),
+    jax.jit(jax.grad(functools.partial(loss, impl)))(params),
+    jax.jit(jax.grad(functools.partial(loss, "reference")))(params),
     rtol=1e-4,
     atol=1e-5,
   )

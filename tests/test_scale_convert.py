@@ -36,7 +36,7 @@ def test_scanned_run_round_trips_through_tools_and_hf(tmp_path, data_dir):
   unrolled_cfg = dataclasses.replace(ModelConfig.from_config(cfg.model), scan_layers=False)
   tokens = jnp.zeros((1, 8), jnp.int32)
   params = jax.device_get(
-    nn.meta.unbox(Transformer(unrolled_cfg).init(jax.random.key(3), tokens)["params"])
+    nn.meta.unbox(jax.jit(Transformer(unrolled_cfg).init)(jax.random.key(3), tokens)["params"])
   )
   run = str(tmp_path / "run")
   write_run(cfg, run, params)  # unrolled params in, stacked checkpoint out

@@ -78,7 +78,7 @@ def test_scanned_equals_unrolled(kw):
   unrolled_cfg = cfg(**kw)
   scanned_cfg = dataclasses.replace(unrolled_cfg, scan_layers=True)
   tokens = _tokens()
-  params = Transformer(unrolled_cfg).init(jax.random.key(1), tokens)["params"]
+  params = jax.jit(Transformer(unrolled_cfg).init)(jax.random.key(1), tokens)["params"]
   params = jax.tree.map(
     lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
   )
@@ -96,8 +96,9 @@ def test_scanned_equals_unrolled(kw):
     logits, aux = Transformer(model_cfg).apply({"params": p}, tokens)
     return jnp.mean(logits**2) + sum(aux["aux_losses"].values(), 0.0), (logits, aux)
 
-  (l1, (logits1, aux1)), g1 = jax.value_and_grad(loss, 1, has_aux=True)(unrolled_cfg, params)
-  (l2, (logits2, aux2)), g2 = jax.value_and_grad(loss, 1, has_aux=True)(scanned_cfg, stacked)
+  value_and_grad = jax.jit(jax.value_and_grad(loss, 1, has_aux=True), static_argnums=0)
+  (l1, (logits1, aux1)), g1 = value_and_grad(unrolled_cfg, params)
+  (l2, (logits2, aux2)), g2 = value_and_grad(scanned_cfg, stacked)
   np.testing.assert_allclose(logits2, logits1, rtol=1e-5, atol=1e-5)
   assert (
     sorted(aux2["metrics"])
@@ -114,7 +115,7 @@ def test_stack_unstack_round_trip_is_exact_and_reaches_optimizer_state():
   model_cfg = cfg(scan_layers=True)
   plan = scan_plan(model_cfg)
   assert (plan.start, plan.unit, plan.num_units) == (1, 2, 2)
-  params = Transformer(cfg()).init(jax.random.key(0), _tokens())["params"]
+  params = jax.jit(Transformer(cfg()).init)(jax.random.key(0), _tokens())["params"]
   params = jax.tree.map(
     lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
   )
@@ -143,7 +144,7 @@ def _count_all_to_alls(policy: str, scan: bool) -> int:
   params = shard_params(
     jax.tree.map(
       lambda x: getattr(x, "value", x),
-      Transformer(model_cfg).init(jax.random.key(0), tokens[:1])["params"],
+      jax.jit(Transformer(model_cfg).init)(jax.random.key(0), tokens[:1])["params"],
       is_leaf=lambda x: hasattr(x, "value"),
     ),
     mesh,
@@ -161,16 +162,23 @@ def _count_all_to_alls(policy: str, scan: bool) -> int:
   )
 
 
+A2A_PER_LAYER = {"none": 4, "full": 6, "save_a2a": 4, "minimal": 6}
+
+
 @pytest.mark.parametrize(
-  "scan", [pytest.param(False, marks=pytest.mark.slow), True], ids=["unrolled", "scanned"]
+  "scan,policies",
+  [
+    pytest.param(False, tuple(A2A_PER_LAYER), marks=pytest.mark.slow),
+    (True, ("full", "save_a2a")),
+    pytest.param(True, ("none", "minimal"), marks=pytest.mark.slow),
+  ],
+  ids=["unrolled", "scanned", "scanned-others"],
 )
-def test_save_a2a_policy_removes_replayed_all_to_alls(scan):
+def test_save_a2a_policy_removes_replayed_all_to_alls(scan, policies):
   """Forward 2 + backward 2 per MoE layer; full remat replays the forward's 2 (6)."""
   per_body = 1 if scan else 2  # a scanned body is one MoE layer in the HLO text
-  assert _count_all_to_alls("none", scan) == 4 * per_body
-  assert _count_all_to_alls("full", scan) == 6 * per_body
-  assert _count_all_to_alls("save_a2a", scan) == 4 * per_body
-  assert _count_all_to_alls("minimal", scan) == 6 * per_body
+  for policy in policies:
+    assert _count_all_to_alls(policy, scan) == A2A_PER_LAYER[policy] * per_body, policy
 
 
 @pytest.mark.parametrize(
@@ -179,10 +187,11 @@ def test_save_a2a_policy_removes_replayed_all_to_alls(scan):
 def test_remat_policies_keep_gradients(policy):
   model_cfg = cfg(num_layers=3, moe_every=1, first_moe_layer=0)
   tokens = _tokens()
-  params = Transformer(model_cfg).init(jax.random.key(1), tokens)["params"]
+  params = jax.jit(Transformer(model_cfg).init)(jax.random.key(1), tokens)["params"]
   loss = lambda c, p: jnp.mean(Transformer(c).apply({"params": p}, tokens)[0] ** 2)
-  ref = jax.grad(loss, 1)(model_cfg, params)
-  got = jax.grad(loss, 1)(dataclasses.replace(model_cfg, remat_policy=policy), params)
+  grad = jax.jit(jax.grad(loss, 1), static_argnums=0)
+  ref = grad(model_cfg, params)
+  got = grad(dataclasses.replace(model_cfg, remat_policy=policy), params)
   chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-7)
 
 
