@@ -107,6 +107,7 @@ def test_score_step_routes_each_token_by_its_task_as_the_eval_step_does(data_dir
 
   cfg = tiny_config(data_dir, router="multigate", num_tasks=2, num_task_experts=1)
   cfg.data.num_tasks = 2
+  cfg.model.num_layers, cfg.model.first_moe_layer = 1, 0
   model_cfg = ExperimentConfig.from_config(cfg).model
   model = Transformer(model_cfg)
   params = random_params(model_cfg, seed=0)
@@ -118,9 +119,9 @@ def test_score_step_routes_each_token_by_its_task_as_the_eval_step_does(data_dir
     "mask": np.ones((2, 8), np.float32),
     "task_id": np.ones((2, 8), np.int32),
   }
-  score = make_score_step(model, np.ones(model_cfg.vocab_size))
+  score = jax.jit(make_score_step(model, np.ones(model_cfg.vocab_size)))
   scored = score(params, batch)
-  reference = make_eval_step(model)(params, batch)
+  reference = jax.jit(make_eval_step(model))(params, batch)
   np.testing.assert_allclose(scored["ce_sum"], reference["ce_sum"], rtol=1e-6)
   task0 = score(params, {**batch, "task_id": np.zeros((2, 8), np.int32)})
   routed = jax.tree.leaves(scored["router"]), jax.tree.leaves(task0["router"])
