@@ -69,7 +69,7 @@ def make_score_step(model, byte_lengths: np.ndarray):
   table = jnp.asarray(byte_lengths, jnp.float32)  # [V_tok]
 
   def score(params, batch):
-    logits, aux = model.apply({"params": params}, batch["inputs"])
+    logits, aux = model.apply({"params": params}, batch["inputs"], task_id=batch.get("task_id"))
     per_token = token_cross_entropy(logits, batch["targets"])  # [B, L]
     mask = batch["mask"]
     nbytes = jnp.take(table, jnp.clip(batch["targets"], 0, table.shape[0] - 1)) * mask
@@ -144,6 +144,30 @@ def evaluate_run(
 
   exp, params, step = load_run(workdir, step, one_device, data=data)
   return evaluate_params(exp, params, split, num_batches), step
+
+
+def evaluate_before_after(source: str, step: int | None, out: str, num_batches: int) -> dict:
+  """``evaluate_run`` of `source` (at `step`) and of the new run `out` on the same
+  `num_batches` eval batches: {'before': EvalResult json, 'after': ...}."""
+  before, _ = evaluate_run(source, step, num_batches=num_batches)
+  after, _ = evaluate_run(out, num_batches=num_batches)
+  return {"before": before.to_json(), "after": after.to_json()}
+
+
+def format_before_after(report: dict) -> str:
+  """One line: eval loss (and bits per byte) before -> after."""
+  b, a = report["before"], report["after"]
+  line = f"eval on {b['tokens']} {b['split']} tokens: loss {b['loss']:.4f} -> {a['loss']:.4f}"
+  if b["bits_per_byte"] is not None and a["bits_per_byte"] is not None:
+    line += f", bits/byte {b['bits_per_byte']:.4f} -> {a['bits_per_byte']:.4f}"
+  return line
+
+
+def print_before_after(source: str, step: int | None, out: str, num_batches: int) -> None:
+  """The CLIs' --eval_batches N: with N > 0, print ``format_before_after`` of `source` (at
+  `step`) and the new run `out` on N eval batches; N = 0 prints nothing."""
+  if num_batches:
+    print(format_before_after(evaluate_before_after(source, step, out, num_batches)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,8 +81,8 @@ def test_evaluate_matches_the_definitions(data_dir):
 @pytest.mark.slow
 def test_upcycle_reports_the_same_eval_before_and_after(data_dir, tmp_path, capsys):
   """Sparse upcycling keeps the function at step 0, so the reported eval loss is unchanged."""
-  from moejax.compress.workflows import evaluate_before_after
   from moejax.convert.cli import main as convert_main
+  from moejax.evaluate import evaluate_before_after
   from moejax.training.workdir import write_run
 
   dense = tiny_config(data_dir, mesh=(-1, 1, 1))
@@ -96,3 +96,33 @@ def test_upcycle_reports_the_same_eval_before_and_after(data_dir, tmp_path, caps
   assert line.startswith("eval on 256 validation tokens: loss ")
   report = evaluate_before_after(str(tmp_path / "dense"), None, str(tmp_path / "moe"), 1)
   np.testing.assert_allclose(report["after"]["loss"], report["before"]["loss"], rtol=1e-5)
+
+
+def test_score_step_routes_each_token_by_its_task_as_the_eval_step_does(data_dir):
+  """A multi-gate model is scored with the batch's task_id (the trainer's eval step does),
+  not with task 0 for every token."""
+  from moejax.config import ExperimentConfig
+  from moejax.evaluate import make_score_step
+  from moejax.training.step import make_eval_step
+
+  cfg = tiny_config(data_dir, router="multigate", num_tasks=2, num_task_experts=1)
+  cfg.data.num_tasks = 2
+  cfg.model.num_layers, cfg.model.first_moe_layer = 1, 0
+  model_cfg = ExperimentConfig.from_config(cfg).model
+  model = Transformer(model_cfg)
+  params = random_params(model_cfg, seed=0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 259, size=(2, 9))
+  batch = {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "mask": np.ones((2, 8), np.float32),
+    "task_id": np.ones((2, 8), np.int32),
+  }
+  score = jax.jit(make_score_step(model, np.ones(model_cfg.vocab_size)))
+  scored = score(params, batch)
+  reference = jax.jit(make_eval_step(model))(params, batch)
+  np.testing.assert_allclose(scored["ce_sum"], reference["ce_sum"], rtol=1e-6)
+  task0 = score(params, {**batch, "task_id": np.zeros((2, 8), np.int32)})
+  routed = jax.tree.leaves(scored["router"]), jax.tree.leaves(task0["router"])
+  assert any(not np.allclose(a, b) for a, b in zip(*routed))  # the task changes the routing

@@ -251,7 +251,7 @@ def test_multigate_transformer_uses_task_ids():
   cfg = tiny_model(**dict(HOME, group_size=None, num_experts=8))
   params = init_model_params(cfg, shape=(1, 8))
   tokens = jnp.zeros((2, 8), jnp.int32) + jnp.arange(8)
-  apply = jax.jit(lambda p, tokens, task: Transformer(cfg).apply({"params": p}, tokens, task)[0])
+  apply = jax.jit(lambda p, ids, task: Transformer(cfg).apply({"params": p}, ids, task_id=task)[0])
   a = apply(params, tokens, jnp.zeros((2, 8), jnp.int32))
   b = apply(params, tokens, jnp.full((2, 8), 2, jnp.int32))
   mixed = apply(params, tokens, jnp.zeros((2, 8), jnp.int32).at[1].set(2))

@@ -231,7 +231,7 @@ def test_multitask_tiny_config_trains_with_task_gates(tmp_path, data_dir):
   # the batches carry several tasks, and the trained model's output follows them
   batches = make_train_iterator(cfg.data, 0, 1)
   batch = next(b for _, b in zip(range(50), batches) if len(np.unique(b["task_id"])) > 1)
-  apply = jax.jit(lambda p, t, k: trainer.exp.model.apply({"params": p}, t, k)[0])
+  apply = jax.jit(lambda p, t, k: trainer.exp.model.apply({"params": p}, t, task_id=k)[0])
   params = jax.device_get(trainer.state.params)
   with_tasks = apply(params, batch["inputs"], batch["task_id"])
   one_task = apply(params, batch["inputs"], np.zeros_like(batch["task_id"]))

@@ -1,28 +1,9 @@
 """Run a model over batches and capture per-layer routing and expert activations.
 
-The MoE layer itself is not touched: the model is applied with Flax
-``capture_intermediates`` to grab the output of every MoE block's ``ffn_norm`` (the MoE
-layer's input x [B, L, d]); routing (``moejax.routers.route``) and the expert FFNs
-(``dispatch`` + ``expert_ffn``) are then recomputed from the layer's params exactly as
-``moejax.layers.moe.moe_forward`` computes them. Everything is reduced on device to
-per-batch *sums* over the valid tokens (mask = 1) of a batch, so batches accumulate on the
-host with ``accumulate`` (sums add, maxima take the maximum).
-
-Per MoE layer, with m_t the token mask, A_{t,e} = 1 iff token t is processed by real
-expert e (it holds a valid slot of e), S_{t,e} = 1 iff the router selected e for t before
-capacity dropping, p_t = softmax(l_t) over all R = E + N router logits, g_{t,e} the
-combine weight and y_{t,e} = FFN_e(x_t) the expert's down-projection output:
-
-  tokens            sum_t m_t
-  processed [E]     sum_t m_t A_{t,e}                 (tokens per expert, after dropping)
-  selected [E]      sum_t m_t S_{t,e}                 (router choices, before dropping)
-  coactivation [E,E] sum_t m_t A_{t,i} A_{t,j}        (diagonal = processed)
-  unprocessed       sum_t m_t [sum_e A_{t,e} = 0]     (tokens no real expert processed)
-  entropy           sum_t m_t H(p_t)                  (nats)
-  prob [R]          sum_t m_t p_{t,r}                 (PreMoe expected selection)
-  gate_norm [E]     sum_t m_t A_{t,e} g_{t,e} ||y_{t,e}||_2   (EASY-EP importance)
-  max_abs [E]       max_{t: m_t A_{t,e}} max_k |y_{t,e,k}|   (super experts; a maximum)
-  logit_gram [E,E]  sum_t m_t l_{t,i} l_{t,j}          (MC-SMoE router-logit similarity)
+Each MoE layer's input (its ``ffn_norm`` output, grabbed with Flax
+``capture_intermediates``) is routed and run through the expert FFNs again from the
+layer's params, as ``moejax.layers`` computes them, and reduced on device to per-batch
+masked sums (``layer_sums`` lists them) that ``accumulate`` adds up on the host.
 """
 
 from __future__ import annotations
@@ -78,7 +59,16 @@ def selected_experts(routing, processed: jax.Array, cfg: MoEConfig) -> jax.Array
 
 
 def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict[str, jax.Array]:
-  """Per-batch sums of one MoE layer (see the module docstring for every key).
+  """Per-batch sums of one MoE layer, over tokens t with mask m_t: A_{t,e} = t holds a valid
+  slot of real expert e, S_{t,e} = the router chose e before capacity, p_t = softmax(l_t)
+  over all R router logits, g_{t,e} the combine weight, y_{t,e} = FFN_e(x_t):
+
+    tokens sum_t m_t;  processed [E] sum_t m_t A_{t,e};  selected [E] sum_t m_t S_{t,e}
+    coactivation [E, E] sum_t m_t A_{t,i} A_{t,j};  unprocessed sum_t m_t [sum_e A_{t,e} = 0]
+    entropy sum_t m_t H(p_t) (nats);  prob [R] sum_t m_t p_{t,r} (PreMoe)
+    gate_norm [E] sum_t m_t A_{t,e} g_{t,e} ||y_{t,e}||_2 (EASY-EP)
+    max_abs [E] max over m_t A_{t,e} of max_k |y_{t,e,k}| (super experts; a maximum)
+    logit_gram [E, E] sum_t m_t l_{t,i} l_{t,j} (MC-SMoE router-logit similarity)
 
   Args:
     x: [B, L, d] the layer input (ffn_norm output) in compute dtype.

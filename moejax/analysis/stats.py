@@ -1,26 +1,9 @@
 """Per-layer expert statistics from the sums of ``moejax.analysis.collect``.
 
-For each MoE layer (T = counted tokens, E real experts, R = E + N router logits):
-
-  tokens_per_expert[e]   sum_t A_{t,e}, tokens processed by e after capacity dropping;
-                         sums to (assignments selected) - (assignments dropped), i.e.
-                         k*T - dropped for top-k token choice.
-  load_fraction[e]       tokens_per_expert[e] / sum_e tokens_per_expert (sums to 1).
-  router_entropy         mean_t H(softmax(l_t)) in nats, within [0, log R].
-  dropped_rate           dropped / selected real assignments (0 for expert choice).
-  coactivation[i, j]     tokens processed by both i and j (symmetric; diagonal =
-                         tokens_per_expert).
-  max_abs_activation[e]  max |FFN_e(x_t)| over the tokens e processed (its
-                         down-projection output) and the super-expert flags below.
-
-Super experts (Su et al., 2025, "Unveiling Super Experts in Mixture-of-Experts Large
-Language Models"): a few experts whose down-projection outputs show rare, extreme
-activation outliers (massive activations) that the model's behaviour hinges on. Rule used
-here, per layer: with M = median over the experts that processed any token of their
-max |activation|, expert e is a super expert iff it processed a token and
-max_abs_activation[e] > threshold * M (default threshold 10, i.e. an order of magnitude
-above a typical expert). The median is robust to the outliers it is meant to expose: up
-to half the experts can be outliers without moving it much.
+Tokens per expert and load fraction, router entropy (nats), dropped rate, co-activation,
+max |FFN_e(x_t)| and super experts (Su et al., 2025, "Unveiling Super Experts in
+Mixture-of-Experts Large Language Models"): expert e is one iff it processed a token and
+its max |activation| > threshold (10) x the median of the active experts' maxima.
 """
 
 from __future__ import annotations

@@ -31,8 +31,10 @@ import os
 
 from moejax.analysis.workflows import stats_run
 from moejax.cli import parse_mesh, run_subcommand
+from moejax.compress.compressed import compress_run
 from moejax.compress.merge import METHODS
 from moejax.compress.workflows import merge_run, prune_run
+from moejax.evaluate import print_before_after
 
 
 def cmd_stats(args) -> None:
@@ -70,7 +72,7 @@ def cmd_prune(args) -> None:
     f"pruned to {args.keep} experts by {args.method}: kept "
     f"{json.dumps(summary['kept_experts'])}; new run {args.out}"
   )
-  _report_eval(args, summary["step"])
+  print_before_after(args.workdir, summary["step"], args.out, args.eval_batches)
 
 
 def cmd_merge(args) -> None:
@@ -91,22 +93,10 @@ def cmd_merge(args) -> None:
     f"(top_k={summary['top_k']}), groups "
     f"{json.dumps(summary['groups'])}; new run {args.out}"
   )
-  _report_eval(args, summary["step"])
-
-
-def _report_eval(args, step: int) -> None:
-  """With --eval_batches N > 0: the source and the new run evaluated on N eval batches."""
-  if args.eval_batches:
-    from moejax.compress.workflows import evaluate_before_after, format_before_after
-
-    print(
-      format_before_after(evaluate_before_after(args.workdir, step, args.out, args.eval_batches))
-    )
+  print_before_after(args.workdir, summary["step"], args.out, args.eval_batches)
 
 
 def cmd_compress(args) -> None:
-  from moejax.compress.compressed import compress_run
-
   summary = compress_run(
     args.workdir,
     args.out,

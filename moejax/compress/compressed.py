@@ -1,18 +1,10 @@
 """Compressed Experts (He et al., 2025, "Efficiently Editing Mixture-of-Experts Models
 with Compressed Experts"): a layer's J least important experts become compact vectors.
 
-Importance is scored on calibration batches as for pruning (EASY-EP or PreMoe,
-``moejax.compress.prune``). Each removed expert e keeps its router column and is
-replaced by its expected output when the router selects it,
-
-  c_e = sum_t S_{t,e} FFN_e(x_t) / sum_t S_{t,e}     (S: e among t's choices; no token
-                                                       chose e: the mean over all t)
-
-so a token that picks e gets g_{t,e} c_e instead of g_{t,e} FFN_e(x_t)
-(``moejax.layers.routed.compressed_output``): the router still sees all E experts and
-the active parameters of the removed ones drop from 3 d f to d. Kept experts stay in
-their original order; the compressed ones follow in theirs (router columns
-[kept, compressed]); ``moe.num_experts = E - J``, ``moe.num_compressed_experts = J``.
+Importance as for pruning (EASY-EP or PreMoe). A removed expert e keeps its router column
+and becomes its expected output c_e = sum_t S_{t,e} FFN_e(x_t) / sum_t S_{t,e} (S: e among
+t's choices; the mean over all t if no token chose e), so a pick of e adds g_{t,e} c_e.
+Router columns are [kept, compressed], each in their original order.
 """
 
 from __future__ import annotations
@@ -34,7 +26,7 @@ from moejax.layers.moe import to_groups
 from moejax.layers.routed import router_logits
 from moejax.models import Transformer
 from moejax.routers import route
-from moejax.training.step import token_cross_entropy
+from moejax.training.step import make_eval_step
 
 
 def expert_output_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg) -> dict:
@@ -155,18 +147,11 @@ def compress_model(config, model_cfg: ModelConfig, params, sums, vectors, num_co
 
 def eval_loss(model_cfg: ModelConfig, params, batches) -> float:
   """Mean masked next-token cross-entropy of the single-device model over `batches`."""
-  model = Transformer(model_cfg)
-
-  @jax.jit
-  def sums(params, batch):
-    logits, _ = model.apply({"params": params}, batch["inputs"], batch.get("task_id"))
-    ce = token_cross_entropy(logits, batch["targets"])
-    return jnp.sum(ce * batch["mask"]), jnp.sum(batch["mask"])
-
+  step = jax.jit(make_eval_step(Transformer(model_cfg)))
   total, count = 0.0, 0.0
   for batch in batches:
-    s, n = jax.device_get(sums(params, {k: jnp.asarray(v) for k, v in batch.items()}))
-    total, count = total + float(s), count + float(n)
+    out = jax.device_get(step(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+    total, count = total + float(out["ce_sum"]), count + float(out["tokens"])
   return total / max(count, 1.0)
 
 

@@ -2,27 +2,10 @@
 
   W_g = sum_{e in g} a_e W_e / sum_{e in g} a_e   (wi_gate, wi_up, wo and the router column)
 
-with a_e the expert's selection frequency (uniform when not measured); a group of identical
-experts merges into that same expert. Groups are either contiguous index ranges
-(``contiguous_groups``) or MC-SMoE's (Li et al., 2024, "Merge, Then Compress: Demystify
-Efficient SMoE with Hints from Its Routing Policy"):
-
-Per MoE layer, over the sampled tokens t (mask 1):
-
-1. Similarity: expert e is represented by its router-logit vector (l_{t,e})_t over the
-   tokens; sim(i, j) = <l_i, l_j> / (||l_i|| ||l_j||), computed from the accumulated Gram
-   matrix G_ij = sum_t l_{t,i} l_{t,j} as G_ij / sqrt(G_ii G_jj).
-2. Dominant experts: the E' most frequently selected experts (a_e = number of tokens
-   whose router chose e; ties: lower index). One refinement: an expert that duplicates
-   an already chosen dominant one (sim >= 1 - duplicate_tol, i.e. an identical router
-   column up to scale) is passed over while other candidates remain, since duplicates
-   compute one function and belong in one group.
-3. Grouping: every other expert joins its most similar dominant expert. The groups are a
-   partition of range(E); group g is listed in the order of the dominant experts' indices.
-4. Merging: each group becomes one expert, the a_e-weighted average of its weights and
-   router columns (``merge_ffn_experts``).
-
-The merged run has num_experts = E' and top_k = min(top_k, E' + N) unless given.
+a_e is the expert's selection frequency (uniform when not measured). Groups are contiguous
+index ranges or MC-SMoE's (Li et al., 2024, "Merge, Then Compress: Demystify Efficient SMoE
+with Hints from Its Routing Policy"): the E' most selected experts are dominant and every
+other expert joins the dominant one with the most similar (cosine) router-logit vector.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """Expert pruning: score experts on a few in-domain batches, keep the top R per layer.
 
-Scores, from the sums of ``moejax.analysis.collect`` (tokens t with mask 1):
-
 * ``easy_ep`` -- EASY-EP (Dong et al., 2025, "Domain-Specific Pruning of Large
-  Mixture-of-Experts Models with Few-shot Demonstrations"): output-aware expert
-  importance, the gate-weighted norm of what the expert adds to the residual stream,
-      I_e = sum_{t routed to e} g_{t,e} * ||FFN_e(x_t)||_2 .
+  Mixture-of-Experts Models with Few-shot Demonstrations"):
+  I_e = sum_{t routed to e} g_{t,e} ||FFN_e(x_t)||_2.
 * ``premoe`` -- PreMoe (Zhang et al., 2025, "PreMoe: Lightening MoEs on Constrained
-  Memory by Expert Pruning and Retrieval"): task-conditioned expected selection score
-  from the router alone, here the expected selection probability
-      TCESS_e = mean_t softmax(l_t)_e .
+  Memory by Expert Pruning and Retrieval"): TCESS_e = mean_t softmax(l_t)_e.
 
-Pruning keeps, in every MoE layer, the R experts with the highest score (ties: lower
-index) in their *original order*, so R = E reproduces the model bit for bit. It slices the
-expert tensors [E, ...] and the router columns [d, E] (null-expert columns and shared
-experts are kept), sets ``model.moe.num_experts = R`` and ``top_k = min(top_k, R + N)``.
+Kept experts stay in their original order, so R = E reproduces the model bit for bit.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """Read-ME refactoring (Cai et al., 2024): a trained dense model -> a smaller MoE by
 activation sparsity.
 
-Each dense FFN's F hidden units, h_u(x) = act(x w^gate_u) (x w^up_u), are profiled on
-calibration tokens t: unit u's activation pattern is a_u = (|h_u(x_t)|)_t / ||.||_2.
-Units with similar patterns fire together, so they are split into E equal experts of
-F / E units by balanced spherical k-means on the a_u (every cluster exactly F / E units;
-the MoEfication-style split, Zhang et al., 2022). Expert e holds its units' columns of
-w^gate, w^up and rows of w^down (times top_k, see below), so the E experts together are
-the dense FFN: sum_e FFN_e(x) = FFN(x).
-
-Router: column e is the centroid of expert e's units in gate-weight space,
-r_e = router_scale * mean_{u in e} w^gate_u, so x r_e is the mean gate pre-activation of
-the expert's units and a token picks the experts whose units it activates most. With
-renormalised top-k weights (topk_softmax) and w^down scaled by k, near-uniform weights give
-y ~= sum of the k chosen experts = the dense FFN restricted to their units; k = E with
-router_scale = 0 reproduces the dense model exactly.
+Each FFN's hidden units are split into E experts of F / E units by balanced spherical
+k-means on their activation patterns a_u = (|h_u(x_t)|)_t / ||.||_2 (MoEfication, Zhang et
+al., 2022), so sum_e FFN_e = FFN. Router column e = router_scale x the mean gate vector of
+expert e's units; w^down is scaled by top_k; k = E with router_scale = 0 is the dense model.
 """
 
 from __future__ import annotations

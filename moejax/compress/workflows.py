@@ -165,22 +165,3 @@ def upcycle_run(
   )
   write_run(config, out, params)
   return {"source": workdir, "step": step, "num_experts": model_cfg.moe.num_experts}
-
-
-def evaluate_before_after(source: str, step: int | None, out: str, num_batches: int) -> dict:
-  """``moejax.evaluate`` of `source` (at `step`) and of the new run `out` on the same
-  `num_batches` eval batches: {'before': EvalResult json, 'after': ...}."""
-  from moejax.evaluate import evaluate_run
-
-  before, _ = evaluate_run(source, step, num_batches=num_batches)
-  after, _ = evaluate_run(out, num_batches=num_batches)
-  return {"before": before.to_json(), "after": after.to_json()}
-
-
-def format_before_after(report: dict) -> str:
-  """One line: eval loss (and bits per byte) before -> after."""
-  b, a = report["before"], report["after"]
-  line = f"eval on {b['tokens']} {b['split']} tokens: loss {b['loss']:.4f} -> {a['loss']:.4f}"
-  if b["bits_per_byte"] is not None and a["bits_per_byte"] is not None:
-    line += f", bits/byte {b['bits_per_byte']:.4f} -> {a['bits_per_byte']:.4f}"
-  return line

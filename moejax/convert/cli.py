@@ -31,10 +31,12 @@ import argparse
 from ml_collections import ConfigDict
 
 from moejax.cli import parse_mesh, run_subcommand
+from moejax.compress.readme_split import readme_split_run
 from moejax.compress.workflows import UPCYCLE_MOE_FIELDS, upcycle_run
 from moejax.config import base_config, with_overrides
 from moejax.convert.hf import export_hf, import_hf
 from moejax.convert.reshard import reshard_checkpoint
+from moejax.evaluate import print_before_after
 from moejax.training.workdir import load_config_file, load_run_config, restore_state, write_run
 
 
@@ -97,16 +99,10 @@ def cmd_upcycle(args) -> None:
     f"upcycled step {summary['step']} of {args.workdir} into {summary['num_experts']} "
     f"experts: {args.out}"
   )
-  if args.eval_batches:
-    from moejax.compress.workflows import evaluate_before_after, format_before_after
-
-    report = evaluate_before_after(args.workdir, summary["step"], args.out, args.eval_batches)
-    print(format_before_after(report))
+  print_before_after(args.workdir, summary["step"], args.out, args.eval_batches)
 
 
 def cmd_readme_split(args) -> None:
-  from moejax.compress.readme_split import readme_split_run
-
   summary = readme_split_run(
     args.workdir,
     args.out,

@@ -1,65 +1,10 @@
-"""moejax <-> Hugging Face DeepSeek-V2 (``deepseek_v2``): tensor names, layouts, config.json.
+"""moejax <-> Hugging Face DeepSeek-V2 (``deepseek_v2``): tensor table and config.json.
 
-Target: transformers' ``DeepseekV2ForCausalLM`` (the DeepSeek-V2 / V2-Lite layout; DeepSeek-
-AI, 2024): Multi-head Latent Attention with or without the low-rank query path, the first
-``first_k_dense_replace`` layers dense, every later layer DeepSeekMoE (softmax router,
-greedy top-k, gates not renormalised, times ``routed_scaling_factor``, plus
-``n_shared_experts`` shared experts run as one SwiGLU of width
-``n_shared_experts * moe_intermediate_size``).
-
-moejax equivalent: attention='mla', moe_every=1, first_moe_layer=first_k_dense_replace,
-router='shared_experts', router_order='softmax_topk', activation='silu', dropless=True
-(HF never drops tokens; a capacity-limited moejax model exports only with
-``allow_inexact``, see ``moejax.convert.hf.export_hf``).
-
-Tensor correspondence (torch ``nn.Linear`` stores ``weight`` [out, in]; moejax kernels are
-[in, ..., out]). Per-layer HF names are relative to ``model.layers.{i}.``; i = layer,
-j = expert; Dqk = D_n + D_r; H heads:
-
-  moejax param                          HF tensor                                 map
-  embed/embedding          [V, d]       model.embed_tokens.weight        [V, d]     =
-  layers_i/attn_norm/scale [d]          input_layernorm.weight           [d]        =
-  layers_i/attn/q/kernel   [d, H, Dqk]  self_attn.q_proj.weight          [H*Dqk, d] reshape, T
-  layers_i/attn/q_a/kernel [d, r_q]     self_attn.q_a_proj.weight        [r_q, d]   T
-  layers_i/attn/q_norm/scale [r_q]      self_attn.q_a_layernorm.weight   [r_q]      =
-  layers_i/attn/q_b/kernel [r_q,H,Dqk]  self_attn.q_b_proj.weight        [H*Dqk, r_q] reshape, T
-  layers_i/attn/kv_a/kernel [d, r_kv+D_r] self_attn.kv_a_proj_with_mqa.weight [r_kv+D_r, d] T
-  layers_i/attn/kv_norm/scale [r_kv]    self_attn.kv_a_layernorm.weight  [r_kv]     =
-  layers_i/attn/kv_b/kernel [r_kv, H, D_n+D_v] self_attn.kv_b_proj.weight [H*(D_n+D_v), r_kv]
-                                                                                    reshape, T
-  layers_i/attn/o/kernel   [H, D_v, d]  self_attn.o_proj.weight          [d, H*D_v] reshape, T
-  layers_i/ffn_norm/scale  [d]          post_attention_layernorm.weight  [d]        =
-  dense layers (i < first_k_dense_replace):
-  layers_i/ffn/wi_gate     [d, f]       mlp.gate_proj.weight             [f, d]     T
-  layers_i/ffn/wi_up       [d, f]       mlp.up_proj.weight               [f, d]     T
-  layers_i/ffn/wo          [f, d]       mlp.down_proj.weight             [d, f]     T
-  MoE layers:
-  layers_i/ffn/router      [d, E]       mlp.gate.weight                  [E, d]     T
-  layers_i/ffn/wi_gate     [E, d, f]    mlp.experts.j.gate_proj.weight   [f, d]     [j].T
-  layers_i/ffn/wi_up       [E, d, f]    mlp.experts.j.up_proj.weight     [f, d]     [j].T
-  layers_i/ffn/wo          [E, f, d]    mlp.experts.j.down_proj.weight   [d, f]     [j].T
-  layers_i/ffn/shared/wi_gate [d, s]    mlp.shared_experts.gate_proj.weight [s, d]  T
-  layers_i/ffn/shared/wi_up   [d, s]    mlp.shared_experts.up_proj.weight   [s, d]  T
-  layers_i/ffn/shared/wo      [s, d]    mlp.shared_experts.down_proj.weight [d, s]  T
-  final_norm/scale         [d]          model.norm.weight                [d]        =
-  lm_head/kernel           [d, V]       lm_head.weight (absent when tied) [V, d]    T
-
-(s = n_shared_experts * moe_intermediate_size.) The per-expert ``experts.j.*_proj`` names
-are what ``DeepseekV2ForCausalLM.save_pretrained`` writes; transformers >= 5 fuses them in
-memory to ``mlp.experts.gate_up_proj`` [E, 2f, d] / ``mlp.experts.down_proj`` [E, d, f],
-which import also accepts. Every map is a pure reshape/transpose, so import -> export is
-bit-exact.
-
-RoPE: default or YaRN (``rope_parameters`` / 4.x ``rope_scaling`` with rope_type 'yarn',
-as the released DeepSeek-V2(-Lite) checkpoints use for their 128k/32k context) <->
-model.rope_scaling='yarn' and the model.rope_* fields (``rope_parameters_from_hf``).
-
-Limits (clear ConversionError otherwise): RoPE 'default' or 'yarn' (no explicit
-``attention_factor``, ``truncate`` true),
-topk_method 'greedy' or 'group_limited_greedy' (moejax n_group / topk_group),
-norm_topk_prob=false,
-moe_layer_freq=1, no attention/MLP biases, SiLU, num_key_value_heads = num_attention_heads,
-at least one shared expert and one MoE layer.
+transformers' ``DeepseekV2ForCausalLM`` (DeepSeek-AI, 2024): MLA, the first
+``first_k_dense_replace`` layers dense, then DeepSeekMoE (softmax -> greedy or group-limited
+top-k, not renormalised, times ``routed_scaling_factor``, plus shared experts) is moejax
+attention='mla', router='shared_experts', router_order='softmax_topk', dropless. ``TABLE``
+maps every tensor by reshape/transpose (import -> export is bit-exact); RoPE default or YaRN.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """moejax <-> Hugging Face DeepSeek-V3 (``deepseek_v3``): config.json; tensors as DeepSeek-V2.
 
-Target: transformers' ``DeepseekV3ForCausalLM`` (DeepSeek-AI, 2024): MLA with interleaved
-RoPE (``rope_interleave=true``), the first ``first_k_dense_replace`` layers dense, then
-DeepSeekMoE layers routed by sigmoid scores with the aux-loss-free selection bias
-``mlp.gate.e_score_correction_bias`` (moejax ``ffn/router_bias``), group-limited top-k
-(``n_group``, ``topk_group``), ``norm_topk_prob`` and ``routed_scaling_factor``.
-
-moejax equivalent: attention='mla', moe_every=1, router='deepseek_v3', dropless=True,
-activation='silu'. The tensor table is DeepSeek-V2's (``moejax.convert.hf_deepseek.TABLE``,
-whose router_bias row applies to this router). Imported models train with the paper's
-bias_update_rate = 0.001 and no balance loss (V3's config has no loss weights; set
-``model.moe.load_balance_weight`` for the sequence-wise loss). The multi-token-prediction
-module (``num_nextn_predict_layers``) is not part of transformers' forward and is not
-imported. RoPE: default or YaRN, as DeepSeek-V2 (``hf_deepseek.rope_fields_from_hf``).
+transformers' ``DeepseekV3ForCausalLM`` (DeepSeek-AI, 2024): MLA with interleaved RoPE, the
+first ``first_k_dense_replace`` layers dense, then sigmoid-routed DeepSeekMoE with the
+selection bias ``mlp.gate.e_score_correction_bias`` (moejax router='deepseek_v3',
+``ffn/router_bias``); tensors as ``hf_deepseek.TABLE``. Imported models train with
+bias_update_rate = 0.001 and no balance loss; the multi-token-prediction module is skipped.
 """
 
 from __future__ import annotations

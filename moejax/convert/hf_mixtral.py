@@ -1,37 +1,9 @@
-"""moejax <-> Hugging Face Mixtral: tensor names, layouts and config.json.
+"""moejax <-> Hugging Face Mixtral: tensor table and config.json.
 
-Tensor correspondence (torch ``nn.Linear`` stores ``weight`` as [out, in]; moejax kernels
-are [in, ..., out]). i = layer, j = expert:
-
-  moejax param                        HF Mixtral tensor                               map
-  embed/embedding          [V, d]     model.embed_tokens.weight           [V, d]       =
-  layers_i/attn_norm/scale [d]        model.layers.i.input_layernorm.weight [d]        =
-  layers_i/attn/q/kernel   [d, H, Dh] ...self_attn.q_proj.weight          [H*Dh, d]    T, reshape
-  layers_i/attn/k/kernel   [d, Hkv, Dh] ...self_attn.k_proj.weight        [Hkv*Dh, d]  T, reshape
-  layers_i/attn/v/kernel   [d, Hkv, Dh] ...self_attn.v_proj.weight        [Hkv*Dh, d]  T, reshape
-  layers_i/attn/o/kernel   [H, Dh, d] ...self_attn.o_proj.weight          [d, H*Dh]    T, reshape
-  layers_i/ffn_norm/scale  [d]        ...post_attention_layernorm.weight  [d]          =
-  layers_i/ffn/router      [d, E]     ...block_sparse_moe.gate.weight     [E, d]       T
-  layers_i/ffn/wi_gate     [E, d, f]  ...block_sparse_moe.experts.j.w1.weight [f, d]   [j].T
-  layers_i/ffn/wi_up       [E, d, f]  ...block_sparse_moe.experts.j.w3.weight [f, d]   [j].T
-  layers_i/ffn/wo          [E, f, d]  ...block_sparse_moe.experts.j.w2.weight [d, f]   [j].T
-  final_norm/scale         [d]        model.norm.weight                   [d]          =
-  lm_head/kernel           [d, V]     lm_head.weight                      [V, d]       T
-
-(``...`` = ``model.layers.i.``.) q_proj.weight's row h*Dh + k is head h, dim k, so
-q/kernel = q_proj.weight.T.reshape(d, H, Dh) and o/kernel = o_proj.weight.T.reshape(H, Dh, d).
-The router is ``block_sparse_moe.gate`` in transformers 4.x and ``mlp.gate`` in 5.x.
-
-The per-expert ``w1/w2/w3`` names are what ``MixtralForCausalLM.save_pretrained`` writes
-and loads. transformers >= 5 fuses them in memory to ``mlp.experts.gate_up_proj`` [E, 2f, d]
-(rows :f are w1, f: are w3) and ``mlp.experts.down_proj`` [E, d, f] (= w2), i.e.
-wi_gate = gate_up_proj[:, :f].mT, wi_up = gate_up_proj[:, f:].mT, wo = down_proj.mT; that
-fused layout is accepted on import too. Every map is a pure reshape/transpose,
-so export -> import is bit-exact.
-
-Architecture equivalence: moejax's Transformer with moe_every=1, router='topk',
+transformers' ``MixtralForCausalLM`` is moejax with moe_every=1, router='topk',
 router_order='topk_softmax' (softmax over the selected logits == HF's softmax -> top-k ->
-renormalise), dropless=True and activation='silu' computes the function HF Mixtral does.
+renormalise), dropless and SiLU experts. ``TABLE`` maps every tensor by reshape/transpose
+(export -> import is bit-exact); import also accepts transformers 5's fused experts.
 """
 
 from __future__ import annotations

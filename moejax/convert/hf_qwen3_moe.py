@@ -1,19 +1,10 @@
 """moejax <-> Hugging Face Qwen3-MoE (``qwen3_moe``): tensor table and config.json.
 
-Target: transformers' ``Qwen3MoeForCausalLM``: GQA with per-head q/k RMSNorm (moejax
+transformers' ``Qwen3MoeForCausalLM``: GQA with per-head q/k RMSNorm (moejax
 qk_norm='head'), softmax router -> top-k, renormalised when ``norm_topk_prob`` (moejax
 router_order='topk_softmax', else 'softmax_topk'), no shared experts. Layer i is MoE when
-i not in ``mlp_only_layers`` and (i + 1) % ``decoder_sparse_step`` == 0; moejax expresses
-the sets {first + n * every} (first_moe_layer, moe_every), anything else is rejected.
-
-Tensors (``...`` = ``model.layers.{i}``; j = expert; kernels [in, out] <-> weight [out, in]):
-  embed/embedding, final_norm/scale, lm_head/kernel    model.embed_tokens / norm / lm_head
-  layers_i/{attn,ffn}_norm/scale   ...input_layernorm / post_attention_layernorm.weight
-  layers_i/attn/{q,k,v,o}/kernel   ...self_attn.{q,k,v,o}_proj.weight     (LINEAR_IN/OUT)
-  layers_i/attn/{q,k}_norm_scale   ...self_attn.{q,k}_norm.weight [D_h]
-  layers_i/ffn/router              ...mlp.gate.weight                      (T)
-  layers_i/ffn/{wi_gate,wi_up,wo}  ...mlp.experts.j.{gate,up,down}_proj.weight  ([j].T)
-  dense layers: layers_i/ffn/{wi_gate,wi_up,wo}  ...mlp.{gate,up,down}_proj.weight  (T)
+i not in ``mlp_only_layers`` and (i + 1) % ``decoder_sparse_step`` == 0; only sets of the
+form {first_moe_layer + n * moe_every} convert.
 """
 
 from __future__ import annotations

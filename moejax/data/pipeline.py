@@ -1,18 +1,10 @@
 """Packed, sharded, exactly-resumable LM batches from random-access TFDS sources.
 
-The token stream of one host in one epoch is: its documents, in the epoch's order, each
-as ``[bos] + bytes + [eos]``, concatenated. Batches cut that stream into rows of
-``seq_len + 1`` tokens (no padding, no overlap); a row gives ``inputs = row[:-1]`` and
-``targets = row[1:]``. Documents freely straddle rows, batches and epochs.
-
-Sharding: epoch ``e`` visits documents in ``permutation(seed, e)`` (or ``0..N-1`` when
-``shuffle`` is off) and host ``p`` of ``P`` reads the permuted positions ``i`` with
-``i % P == p`` only, so hosts read disjoint documents that together cover the epoch.
-
-Resuming: the position in the stream is ``(epoch, cursor, offset)`` — the document being
-read (its position in this host's order) and how many of its tokens are already used.
-It does not depend on the batch shape and never holds token data, so the state is a tiny
-JSON dict. Every host saves and restores its own state.
+A host's token stream is its documents in the epoch's order (``permutation(seed, e)``;
+host p of P reads the positions i with i % P == p), each ``[bos] + bytes + [eos]``,
+concatenated and cut into rows of ``seq_len + 1`` (inputs row[:-1], targets row[1:]; no
+padding). The resume state is the stream position ``(epoch, cursor, offset)``, a tiny
+JSON dict per host.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """SCMoE self-contrast decoding (Shi et al., 2024, "Unchosen Experts Can Contribute Too:
 Unleashing MoE Models' Power by Self-Contrast").
 
-Each decode step runs the model twice on the same tokens: the *strong* activation (its
-own routing, e.g. Mixtral's top-2) and a *weak* one (the same params with a weaker router:
-``top1`` or ``rank:K``, only the K-th ranked expert; the paper uses rank-2 for Mixtral,
-alpha = 0.1 and beta from {0.1, 0.3, 0.5, 0.7, 0.9}). The next token is chosen from
-
-  z_scmoe = (1 + beta) * z_strong - beta * z_weak   on V_valid,   -inf elsewhere,
-  V_valid = {v : p_strong(v) >= alpha * max_w p_strong(w)}   (adaptive plausibility).
-
-z are the raw logits, as in the authors' code (log-probabilities differ by a per-row
-constant: same argmax and softmax). The paper decodes greedily (temperature 0, our
-default); with --temperature T we sample softmax(z_scmoe / T) through the usual top-k /
-top-p filters, the mask taken from the untempered strong distribution (the authors'
-sampling variant masks the tempered one; equal at T = 1). Shared experts (DeepSeekMoE)
-stay on in the weak pass, which changes only the routed experts. The two passes keep
-separate KV caches, as the authors' code does: the weak routing changes every MoE
-layer's output, so keys and values differ from the first layer after the first MoE layer
-on; only the layers up to the first MoE layer could share theirs, which we do not exploit
-(each pass equals its own full causal forward, which the tests check).
+Each step runs the params with their own (strong) routing and a weak one (``top1`` or
+``rank:K``) and picks from z = (1 + beta) z_strong - beta z_weak on the plausible tokens
+p_strong(v) >= alpha max_w p_strong(w), -inf elsewhere (z: raw logits, as the authors'
+code). Sampling masks with the untempered strong distribution; each pass keeps its own
+KV cache.
 """
 
 from __future__ import annotations

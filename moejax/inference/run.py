@@ -6,6 +6,7 @@ import math
 
 import jax
 
+from moejax.config import with_overrides
 from moejax.training.experiment import Experiment
 from moejax.training.workdir import load_run_config, restore_state
 
@@ -23,15 +24,11 @@ def load_run(
   when it names no -1 axis), or a single device with `one_device`; `tokenizer` overrides
   ``data.tokenizer``.
   """
-  config = load_run_config(workdir)
-  with config.unlocked():
-    if one_device:
-      config.mesh.data, config.mesh.expert, config.mesh.model = 1, 1, 1
-    if tokenizer is not None:
-      config.data.tokenizer = tokenizer
-    for k, v in (data or {}).items():
-      if v is not None:
-        config.data[k] = v
+  overrides = {"mesh.data": 1, "mesh.expert": 1, "mesh.model": 1} if one_device else {}
+  if tokenizer is not None:
+    overrides["data.tokenizer"] = tokenizer
+  overrides.update({f"data.{k}": v for k, v in (data or {}).items() if v is not None})
+  config = with_overrides(load_run_config(workdir), overrides)
   sizes = [config.mesh.data, config.mesh.expert, config.mesh.model]
   devices = None
   if -1 not in sizes and math.prod(sizes) <= jax.device_count():

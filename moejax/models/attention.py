@@ -1,26 +1,12 @@
-"""Causal grouped-query self-attention with rotary embeddings, no biases.
+"""Causal grouped-query self-attention with rotary embeddings (GQA; Ainslie et al., 2023).
 
-GQA (Ainslie et al., 2023): H query heads share H_kv key/value heads; query head
-h = j * G + r (G = H / H_kv, r < G) reads kv head j, exactly HF's ``repeat_kv`` order.
+  q = RoPE(x W_q) [B, L, H, D_h];  k = RoPE(x W_k), v = x W_v  [B, L, H_kv, D_h]
+  out = softmax_m(q_h . k_{j(h)} / sqrt(D_h) + causal) v_{j(h)} W_o  [B, L, d]
 
-  q = x W_q  [B, L, H, D_h]      k = x W_k, v = x W_v  [B, L, H_kv, D_h]
-  q, k = RoPE(q), RoPE(k)
-  A[b, h, l, m] = softmax_m( q_{b,l,h} . k_{b,m,j(h)} / sqrt(D_h) + causal(l, m) )   (float32)
-  out = (A v) W_o               [B, L, d]
-
-Options (Qwen3 / OLMoE): ``qk_norm='head'`` applies RMSNorm to each q and k head over D_h,
-``'projection'`` over the whole projection width (H*D_h, H_kv*D_h), both before RoPE;
-``clip_qkv`` = c then clamps q, k, v to [-c, c] (OLMoE's order: norm, then clamp);
-``qkv_bias`` adds biases ``{q,k,v}/bias`` [H(_kv), D_h] to the projections (Qwen2).
-
-The kernel computing A v (materialised, blockwise, cuDNN flash) is chosen by ``impl``
-(``moejax.models.attention_impl``).
-
-Parameters (``nn.with_logical_partitioning`` names):
-  q/kernel [d, H, D_h]     ('embed', 'heads', 'head_dim')
-  k/kernel [d, H_kv, D_h]  ('embed', 'kv_heads', 'head_dim')
-  v/kernel [d, H_kv, D_h]  ('embed', 'kv_heads', 'head_dim')
-  o/kernel [H, D_h, d]     ('heads', 'head_dim', 'embed')
+Query head h = j * G + r reads kv head j (G = H / H_kv; HF's ``repeat_kv`` order); the
+kernel is ``impl`` (``moejax.models.attention_impl``). Options: ``qk_norm`` 'head' or
+'projection' (RMSNorm of q, k before RoPE; Qwen3 / OLMoE), ``clip_qkv`` (OLMoE),
+``qkv_bias`` (Qwen2).
 """
 
 from __future__ import annotations

@@ -3,26 +3,9 @@
   q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv] -> out [B, L, H, Dv]
   out_{l,h} = sum_{m <= l} softmax_m(q_{l,h} . k_{m,j(h)} * scale) v_{m,j(h)}
 
-with grouped kv heads (query head h = j * G + r reads kv head j, G = H / Hkv; HF's
-``repeat_kv`` order). Implementations (``model.attention_impl``):
-
-  reference  scores [B, Hkv, G, L, L] in float32, then softmax (``gqa_attention``); the
-             exact math the HF parity tests compare against.
-  blockwise  online softmax over key blocks of ``BLOCK`` (Milakov & Gimelshein, 2018;
-             Rabe & Staats, 2021, "Self-attention does not need O(n^2) memory"; the
-             FlashAttention recurrence, Dao et al., 2022) as a ``lax.scan`` whose body is
-             ``jax.checkpoint``ed: the forward holds [B, Hkv, G, L, BLOCK] scores at a time
-             and the backward recomputes them per block instead of keeping [L, L]. Runs
-             on every backend (XLA fallback).
-  xla        ``jax.nn.dot_product_attention(implementation='xla')``.
-  cudnn      ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN flash
-             attention on NVIDIA GPUs (checked on an H200 by
-             ``benchmarks/accelerator_check.py``). xla and cudnn need Dv == Dk, so a
-             narrower v (MLA) is zero-padded and the output sliced.
-  auto       cudnn on GPU; else blockwise when L >= ``BLOCKWISE_MIN_LEN``, else reference.
-
-TPU Pallas splash attention is not wired in (untested here); on TPU 'auto' uses blockwise.
-Scores and softmax are float32; the weighted sums of v accumulate in float32.
+``impl``: reference (float32 [L, L] scores), blockwise (online softmax over key blocks in a
+checkpointed ``lax.scan``; Milakov & Gimelshein, 2018; Rabe & Staats, 2021; Dao et al.,
+2022), xla / cudnn (``jax.nn.dot_product_attention``; a narrower v is zero-padded), auto.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """Scanned layers: the blocks' repeating unit and the stacked <-> unrolled param trees.
 
-With ``model.scan_layers`` the transformer runs its identical blocks with ``nn.scan``
-(compile time independent of depth, as MaxText's ``scan_layers``). The layers split into
-
-  prefix   layers [0, start)                  unrolled, ``layers_{i}`` (e.g. DeepSeek's
-                                              dense layer 0)
-  scanned  U units of `unit` consecutive      params under ``scanned_layers/block_{j}``,
-           layers from `start`                every leaf with a leading [U] axis
-           ('layers'); unit u, block j is layer start + u * unit + j
-  suffix   the remaining layers               unrolled, ``layers_{i}``
-
-with start = first_moe_layer and unit = moe_every for a MoE model (every unit is "one
-MoE layer then moe_every - 1 dense ones"), start = 0 and unit = 1 for a dense one.
-
-``stack_layers`` / ``unstack_layers`` convert any tree holding such a params dict (the
-params, the AdamW moments) between the two forms; converters, HF export/import and the
-analysis tools work on the unrolled form (``moejax.convert.run_io`` converts at the
-boundary).
+With ``model.scan_layers``, U units of `unit` layers from `start` (first_moe_layer and
+moe_every for MoE, 0 and 1 for dense) run under ``nn.scan``, params under
+``scanned_layers/block_{j}`` with a leading [U] 'layers' axis (unit u, block j is layer
+start + u * unit + j); the layers before and after stay ``layers_{i}``.
+``stack_layers`` / ``unstack_layers`` convert any tree holding the params.
 """
 
 from __future__ import annotations
@@ -27,6 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from moejax.config import with_overrides
 
 SCAN_KEY = "scanned_layers"
 
@@ -111,7 +101,4 @@ def unrolled_config(config):
   ``model.scan_layers=False`` (the form the converters and analysis tools read)."""
   if dataclasses.is_dataclass(config):
     return dataclasses.replace(config, model=dataclasses.replace(config.model, scan_layers=False))
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.scan_layers = False
-  return config
+  return with_overrides(config, {"model.scan_layers": False})

@@ -1,43 +1,12 @@
 """Multi-head Latent Attention (MLA; DeepSeek-AI, 2024, "DeepSeek-V2", Sec. 2.1), causal.
 
-Keys and values are generated from one small latent c_kv per token (the only thing a KV
-cache has to hold, r_kv + D_r numbers); queries optionally from a low-rank latent c_q.
-Per head h, query/key dims split into D_n "nope" dims (no position) and D_r RoPE dims;
-the RoPE part of the key is one vector shared by all heads (decoupled RoPE):
+  q = RMSNorm(x W_qa) W_qb (q_lora_rank > 0) or x W_q        [B, L, H, D_n + D_r]
+  [c, k_r] = x W_kva;  [k_n, v] = RMSNorm(c) W_kvb            [B, L, H, D_n + D_v]
+  out = softmax((q_n . k_n + RoPE(q_r) . RoPE(k_r)) / sqrt(D_n + D_r) + causal) v W_o
 
-  c_q  = RMSNorm(x W_qa)                    [B, L, r_q]        (q_lora_rank r_q > 0)
-  q    = c_q W_qb  or  x W_q                [B, L, H, D_n + D_r]
-  q_n, q_r = q[..., :D_n], RoPE(q[..., D_n:])
-  [c, k_r] = x W_kva                        [B, L, r_kv + D_r]
-  c_kv = RMSNorm(c),  k_r = RoPE(k_r)       k_r shared by the H heads
-  [k_n, v] = c_kv W_kvb                     [B, L, H, D_n + D_v]
-  A[b, h, l, m] = softmax_m( (q_n . k_n + q_r . k_r) / sqrt(D_n + D_r) + causal(l, m) )
-  out = (A v) W_o                           [B, L, d]
-
-RoPE here is the interleaved (complex-pair) layout of the paper and of HF DeepSeek-V2
-(``moejax.models.rope.apply_rope_interleaved``), on D_r dims with base ``rope_theta``.
-The two latent RMSNorms use eps = 1e-6 (``LATENT_NORM_EPS``), as DeepSeek-V2 and HF's
-``DeepseekV2Attention`` hard-code, independently of ``model.rms_norm_eps``. Scores and
-softmax are float32; matmuls run in ``dtype``. No biases.
-
-Parameters (``nn.with_logical_partitioning`` names; the latent axes 'q_lora' / 'kv_lora'
-have no sharding rule, so they replicate; heads shard over 'model' like GQA's):
-
-  q/kernel        [d, H, D_n + D_r]      ('embed', 'heads', 'head_dim')    q_lora_rank = 0
-  q_a/kernel      [d, r_q]               ('embed', 'q_lora')               q_lora_rank > 0
-  q_norm/scale    [r_q]                  ('q_lora',)                       q_lora_rank > 0
-  q_b/kernel      [r_q, H, D_n + D_r]    ('q_lora', 'heads', 'head_dim')   q_lora_rank > 0
-  kv_a/kernel     [d, r_kv + D_r]        ('embed', 'kv_lora')   columns [c | k_r]
-  kv_norm/scale   [r_kv]                 ('kv_lora',)
-  kv_b/kernel     [r_kv, H, D_n + D_v]   ('kv_lora', 'heads', 'head_dim')  per head [k_n | v]
-  o/kernel        [H, D_v, d]            ('heads', 'head_dim', 'embed')
-
-Each is the transpose of the HF ``DeepseekV2Attention`` Linear of the same role (q_proj,
-q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj,
-o_proj), reshaped where a head axis is split out; see ``moejax.convert.hf_deepseek``.
-
-``impl`` other than 'reference' concatenates [q_n | q_r] and [k_n | k_r] (k_r repeated
-over the heads) and runs a memory-efficient kernel (``moejax.models.attention_impl``).
+k_r [B, L, D_r] is one key shared by the heads (decoupled, interleaved RoPE), so a KV cache
+holds only c [r_kv] and k_r. Latent norms use eps 1e-6 (``LATENT_NORM_EPS``) as HF's
+``DeepseekV2Attention``; params are its Linears transposed (``moejax.convert.hf_deepseek``).
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
-"""Rotary position embeddings (Su et al., 2021, RoFormer) in the "rotate_half" layout of
-HF Llama/Mixtral.
+"""Rotary position embeddings (Su et al., 2021, RoFormer) and YaRN (Peng et al., 2023).
 
-For head dimension D_h, frequencies inv_freq_i = theta^(-2i / D_h), i = 0..D_h/2-1, and
-angles a = [p * inv_freq, p * inv_freq] (the half-size vector concatenated with itself):
-
-  RoPE(x)_p = x * cos(a) + rotate_half(x) * sin(a),  rotate_half([x1, x2]) = [-x2, x1]
-
-where x1, x2 are the first and second halves of the head dimension. (The paper rotates
-interleaved pairs (x_{2i}, x_{2i+1}); this layout rotates (x_i, x_{i + D_h/2}), which is a
-fixed permutation of the q/k projection columns and is what HF checkpoints use.)
-
-The *interleaved* layout (``interleaved_rope_angles`` / ``apply_rope_interleaved``) is the
-paper's and HF DeepSeek-V2's (``apply_rotary_emb`` with ``torch.view_as_complex``): the
-pair (x_{2i}, x_{2i+1}) is the complex number z_i = x_{2i} + i x_{2i+1}, rotated as
-z_i * exp(i p inv_freq_i), i.e.
-
-  RoPE(x)_{2i}   = x_{2i} cos(p inv_freq_i) - x_{2i+1} sin(p inv_freq_i)
-  RoPE(x)_{2i+1} = x_{2i} sin(p inv_freq_i) + x_{2i+1} cos(p inv_freq_i)
-
-YaRN (``yarn_rope_angles``; Peng et al., 2023) extends the context of the interleaved
-(MLA) RoPE as transformers' DeepSeek-V2/V3 do: per-pair interpolated frequencies and
-cos/sin times an attention factor.
+With inv_freq_i = theta^(-2i / D_h): the "rotate_half" layout (HF Llama/Mixtral) rotates
+the pairs (x_i, x_{i + D_h/2}), RoPE(x) = x cos(a) + rotate_half(x) sin(a) with
+a = [p inv_freq, p inv_freq]; the interleaved layout (the paper's, HF DeepSeek-V2's)
+rotates x_{2i} + i x_{2i+1} by exp(i p inv_freq_i). ``yarn_rope_angles`` extends the
+interleaved (MLA) RoPE as transformers' DeepSeek-V2/V3 do.
 """
 
 from __future__ import annotations

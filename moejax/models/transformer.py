@@ -1,22 +1,12 @@
 """Decoder-only transformer with dense or Mixture-of-Experts FFN layers (Flax linen).
 
-  logits, aux = Transformer(cfg, mesh).apply({'params': params}, tokens)
-  tokens i32[B, L] -> logits f32[B, L, V]; aux = {'aux_losses': {name: f32[] summed over
-  MoE layers}, 'metrics': {'layers_i': {name: array}} for each MoE layer i}
-
-Pre-norm blocks (HF ``MixtralForCausalLM`` when every layer is MoE, topk_softmax, dropless):
-
+  logits f32[B, L, V], aux = Transformer(cfg, mesh).apply({'params': params}, tokens i32[B, L])
   h_0 = E[tokens];  a_i = h_i + Attn_i(RMSNorm(h_i));  h_{i+1} = a_i + FFN_i(RMSNorm(a_i))
   logits = RMSNorm(h_N) W_lm   (W_lm = E^T when tied)
 
-Attention is GQA with RoPE (``models.attention``) or DeepSeek's MLA (``models.mla``); FFN_i
-is a dense SwiGLU or an ``MoELayer`` (``cfg.is_moe_layer(i)``). Norms, softmax and logits
-are float32, matmuls ``cfg.dtype``, the residual stream float32. Params live under
-``layers_{i}/{attn_norm,attn,ffn_norm,ffn}`` (or stacked under ``scanned_layers/block_{j}``
-with ``scan_layers``; ``models.layer_stack`` converts), each leaf boxed with its logical
-axes (``parallel.rules``). Init: embedding N(0, 1) untied, N(0, 1/d) tied; kernels fan-in
-variance scaling. Capacity-limited routing is not causal across a routing group
-(GShard/Switch); dense and dropless layers are.
+Attn is GQA or MLA, FFN_i a SwiGLU or ``MoELayer`` (``cfg.is_moe_layer(i)``); aux holds the
+aux losses summed over MoE layers and each layer's metrics. Norms, logits and the residual
+stream are float32, matmuls ``cfg.dtype``.
 """
 
 from __future__ import annotations
@@ -135,7 +125,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The decoder-only LM; see the module docstring for the math and the parameter tree.
+  """The decoder-only LM (module docstring). Params: ``layers_{i}/{attn_norm, attn, ffn_norm,
+  ffn}`` (``scanned_layers/block_{j}`` with ``scan_layers``), each leaf boxed with its logical
+  axes; embedding init N(0, 1), N(0, 1/d) when tied; kernels fan-in variance scaling.
 
   Attributes:
     cfg: the validated ModelConfig.

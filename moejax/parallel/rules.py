@@ -1,30 +1,10 @@
 """Logical-axis rules: from the logical names on params/activations to mesh axes.
 
-Parameters are created with ``nn.with_logical_partitioning(init, names)`` so they carry
-logical axis names; these rules (MaxText/flaxformer style, first applicable rule wins,
-each mesh axis used at most once per array) turn the names into PartitionSpecs:
-
-  params       'embed' -> None (d_model replicated)      'mlp'        -> 'model'
-               'expert' -> 'expert' (stacked E axis)     'expert_mlp' -> 'model'
-               'router' -> None                          'vocab'      -> 'model'
-               'heads', 'kv_heads' -> 'model'            'head_dim'   -> None
-  activations  'batch' -> ('data', 'expert')             'length', 'activation_embed' -> None
-
-e.g. an expert kernel ('expert', 'embed', 'expert_mlp') [E, d, f] -> P('expert', None,
-'model'); a token batch ('batch', 'length') [B, L] -> P(('data', 'expert'), None).
-Logical names without a rule are replicated. 'layers' (the stacked axis of scanned
-blocks, ``moejax.models.layer_stack``) is never split.
-
-FSDP (ZeRO-3; Rajbhandari et al., 2020; MaxText's 'fsdp' axis), ``fsdp=True``: the
-parameters' d_model axis 'embed' is split over the token axes as well, so parameters,
-gradients and both AdamW moments (which carry the same names) are split over every
-device; GSPMD all-gathers each layer's weights just before use and reduce-scatters their
-gradients. Since a mesh axis is used at most once per array and the first free rule
-wins, 'embed' takes ('data', 'expert') where it can and 'data' where 'expert' is taken:
-
-  attention q [d, H, Dh]        -> P(('data', 'expert'), 'model', None)
-  expert wi_gate [E, d, f]      -> P('expert', 'data', 'model')
-  embedding [V, d]              -> P('model', ('data', 'expert'))
+``LOGICAL_AXIS_RULES`` (MaxText/flaxformer style: first applicable rule wins, each mesh
+axis at most once per array, no rule = replicated) turn the names given by
+``nn.with_logical_partitioning`` into PartitionSpecs, e.g. an expert kernel ('expert',
+'embed', 'expert_mlp') [E, d, f] -> P('expert', None, 'model'). FSDP (ZeRO-3; Rajbhandari
+et al., 2020) also splits 'embed' over ('data', 'expert'), or 'data' where 'expert' is taken.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """Per-device memory of a training step, from an ahead-of-time compile with abstract arrays.
 
-Nothing is materialised: the train state is ``jax.eval_shape``d with its real shardings
-(``moejax.training.experiment``), the jitted train step is lowered with
-``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` inputs and compiled, and
-
-  params_bytes     sum over parameter leaves of the per-device shard size
-  optimizer_bytes  the same over the optimizer state (AdamW: two moments)
-  gradient_bytes   = params_bytes (gradients carry the params' shardings); informational,
-                   XLA counts them inside temp_bytes
-  temp_bytes       XLA's temporaries (``compiled.memory_analysis().temp_size_in_bytes``):
-                   activations kept for the backward, gradients, collectives' buffers
-  total_bytes      arguments + outputs - donated aliases + temporaries (XLA's figures)
-
-On simulated CPU devices XLA keeps bfloat16 buffers as float32, so temp/total are upper
-bounds of what a TPU/GPU compile of the same step needs.
+The train state is ``jax.eval_shape``d with its real shardings and the jitted step compiled
+from ``jax.ShapeDtypeStruct`` inputs: params / optimizer bytes are per-device shard sizes,
+temp and total bytes XLA's ``compiled.memory_analysis()`` figures (upper bounds on
+simulated CPU devices, which keep bfloat16 buffers as float32).
 """
 
 from __future__ import annotations

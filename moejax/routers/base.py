@@ -1,39 +1,11 @@
-"""The router contract shared by every routing algorithm.
+"""The router contract shared by every routing algorithm: ``route(logits, cfg) -> Routing``.
 
-A router is a pure function ``route(logits, cfg) -> Routing``:
-
-  logits: f32[G, S, R]   gating logits for G groups of S tokens, R = cfg.num_router_logits
-                         (real experts first, then AdaMoE null experts if any).
-
-It returns the decision in one or both of two forms.
-
-*Slot form* (every router; GShard/Switch capacity semantics): buffers over the E *real*
-experts, each with C = cfg.capacity(S) slots:
-
-  dispatch_index: i32[G, E, C]  which token s of the group fills slot (e, c)
-  combine_weight: f32[G, E, C]  weight of that slot's expert output in token s's output
-  slot_valid:    bool[G, E, C]  False for empty slots (their weight is 0)
-
-so that for every token  y_s = sum_{e,c: dispatch_index[e,c] = s, valid} w[e,c] * FFN_e(x_s).
-
-*Assignment form* (token-choice routers): each token's K choices,
-
-  expert_index: i32[G, S, K]  chosen expert (indices >= E are null experts)
-  weight:       f32[G, S, K]  its combine weight
-  valid:       bool[G, S, K]  a real expert that was selected (False: null pick, or a
-                              choice top-p did not take)
-
-so that  y_s = sum_{k: valid[s, k]} weight[s, k] * FFN_{expert_index[s, k]}(x_s). Dropless
-token-choice routing (``cfg.dropless``) keeps every valid assignment; the layer then sorts
-the assignments by expert instead of building [G, E, S] slot buffers (``moejax.layers``).
-``route(logits, cfg, slots=False)`` skips the slot form of dropless token-choice routers;
-the default builds it (C = S, the same values). Aux losses and metrics do not depend on
-the form. Null experts never get slots or valid assignments.
-
-Routers registered with ``uses_bias=True`` (DeepSeek-V3's auxiliary-loss-free balancing)
-also take ``bias`` f32[E], a per-expert offset that changes which experts are *selected*
-but not the weights; ``route(..., bias=None)`` passes zeros. It is a parameter leaf named
-``router_bias`` that the train step updates by its own rule (``moejax.training.step``).
+logits f32[G, S, R] (R = cfg.num_router_logits: real experts, then null experts). Every
+router returns the slot form (GShard/Switch capacity): y_s = sum over the valid slots (e, c)
+holding s of combine_weight[e, c] FFN_e(x_s); token-choice routers also the assignment
+form: y_s = sum_{k: valid} weight[s, k] FFN_{expert_index[s, k]}(x_s), which dropless
+layers sort by expert (``slots=False`` skips the slot form). ``uses_bias`` routers
+(DeepSeek-V3) also take a selection bias f32[E], the ``router_bias`` param leaf.
 """
 
 from __future__ import annotations
@@ -50,7 +22,7 @@ from moejax.errors import config_error
 
 @flax.struct.dataclass
 class Routing:
-  """The routing decision for one batch of groups. See the module docstring for shapes."""
+  """The routing decision for one batch of groups (shapes in the field comments)."""
 
   dispatch_index: jax.Array | None  # i32[G, E, C]; None: assignment form only
   combine_weight: jax.Array | None  # f32[G, E, C]

@@ -1,18 +1,10 @@
 """DeepSeek-V3 routing (DeepSeek-AI, 2024, DeepSeek-V3 technical report, Sec. 2.1.2).
 
-Affinities are sigmoids s_{i,t} = sigmoid(u_t . e_i). Selection adds a per-expert bias b_i
-that only steers *which* experts are chosen (auxiliary-loss-free load balancing):
-
-  choose TopK_i(s_{i,t} + b_i) over the token's topk_group best groups (``group_limited``)
-  g_{i,t} = a * s_{i,t} / sum_{j chosen} s_{j,t}    (a = routed_scaling_factor; without the
-                                                      normalisation if norm_topk_prob=False)
-
-b is the ``router_bias`` parameter leaf, updated after each step by the sign rule
-b_i += gamma * sign(mean_j c_j - c_i) on the step's expert selection counts c
-(``update_router_bias``; gamma = bias_update_rate), never by the optimizer. The balance
-loss is the paper's sequence-wise one (eq. 17-20): per routing group (a sequence when
-group_size is None) L = alpha * sum_i f_i P_i with f_i = E / (K T) sum_t 1(i chosen by t) and
-P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t}; alpha = load_balance_weight (the paper: tiny).
+s_{i,t} = sigmoid(u_t . e_i); choose TopK_i(s_{i,t} + b_i) within the token's topk_group best
+groups; g_{i,t} = a s_{i,t} / sum_{j chosen} s_{j,t} (a = routed_scaling_factor; no
+normalisation if not norm_topk_prob). The bias b (``router_bias``) only steers selection,
+updated b_i += gamma sign(mean_j c_j - c_i) (``update_router_bias``); the balance loss is
+the sequence-wise alpha sum_i f_i P_i (eq. 17-20).
 """
 
 import jax

@@ -8,12 +8,11 @@ import copy
 import logging
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from moejax.config import ExperimentConfig, with_overrides
 from moejax.errors import ConfigError
-from moejax.models import Transformer
+from moejax.training.state import abstract_params
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +45,7 @@ def changed_fields(old, new) -> dict[str, tuple]:
 
 def param_shapes(config) -> dict[str, tuple]:
   """{param path: shape} of the model of an experiment config, without allocating."""
-  cfg = ExperimentConfig.from_config(config)
-  tokens = jnp.zeros((cfg.data.global_batch_size, cfg.data.seq_len), jnp.int32)
-  tree = jax.eval_shape(lambda: Transformer(cfg.model).init(jax.random.key(0), tokens))
+  tree = abstract_params(ExperimentConfig.from_config(config).model)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(p, simple=True, separator="/"): x.shape for p, x in leaves}
 

@@ -43,7 +43,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax
 
 
 def _forward(model: nn.Module, params, batch: Batch):
-  logits, aux = model.apply({"params": params}, batch["inputs"], batch.get("task_id"))
+  logits, aux = model.apply({"params": params}, batch["inputs"], task_id=batch.get("task_id"))
   ce = cross_entropy(logits, batch["targets"], batch["mask"])
   aux_total = sum(aux["aux_losses"].values(), jnp.zeros((), jnp.float32))
   return ce + aux_total, (ce, aux)
@@ -88,7 +88,7 @@ def _accumulated_grads(model: nn.Module, params, batch: Batch, k: int):
   micro = split_microbatches(batch, k, getattr(model, "mesh", None))
 
   def loss_fn(p, mb):
-    logits, aux = model.apply({"params": p}, mb["inputs"], mb.get("task_id"))
+    logits, aux = model.apply({"params": p}, mb["inputs"], task_id=mb.get("task_id"))
     per_token = token_cross_entropy(logits, mb["targets"])
     ce = jnp.sum(per_token * mb["mask"]) / tokens
     aux_total = sum(aux["aux_losses"].values(), jnp.zeros((), jnp.float32))
@@ -159,7 +159,7 @@ def make_eval_step(model: nn.Module) -> Callable:
   the token count, so that averages over batches and hosts are exact."""
 
   def eval_step(params, batch: Batch):
-    logits, _ = model.apply({"params": params}, batch["inputs"], batch.get("task_id"))
+    logits, _ = model.apply({"params": params}, batch["inputs"], task_id=batch.get("task_id"))
     per_token = token_cross_entropy(logits, batch["targets"])
     return {"ce_sum": jnp.sum(per_token * batch["mask"]), "tokens": jnp.sum(batch["mask"])}
 
