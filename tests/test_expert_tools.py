@@ -146,6 +146,7 @@ def test_sums_match_a_per_token_reference_with_padding_masked(source):
     ("expert_choice", dict(capacity_factor=1.5)),
     ("null_experts", dict(num_null_experts=2, capacity_factor=1.0)),
     ("shared_experts", dict(num_shared_experts=1, capacity_factor=1.0)),
+    ("deepseek_v3", dict(dropless=True)),
   ],
 )
 def test_layer_sums_of_every_router_match_its_metrics(router, extra):
@@ -159,8 +160,13 @@ def test_layer_sums_of_every_router_match_its_metrics(router, extra):
     "wi_up": rng.normal(size=(4, 16, 8)).astype(np.float32) / 4,
     "wo": rng.normal(size=(4, 8, 16)).astype(np.float32) / 3,
   }
+  bias = None
+  if router == "deepseek_v3":  # a selection bias that changes the choices: the stats follow it
+    bias = ffn["router_bias"] = np.asarray([3.0, 0.0, 0.0, -3.0], np.float32)
   sums = jax.device_get(jax.jit(layer_sums, static_argnums=3)(x, jnp.ones((1, 24)), ffn, cfg))
-  _, _, metrics = moe_forward(x, ffn["router"], ffn["wi_gate"], ffn["wi_up"], ffn["wo"], cfg)
+  _, _, metrics = moe_forward(
+    x, ffn["router"], ffn["wi_gate"], ffn["wi_up"], ffn["wo"], cfg, router_bias=bias
+  )
   layer = layer_report(
     {k: np.asarray(v, np.float64) for k, v in sums.items()}, ModelConfig(moe_every=1, moe=cfg)
   )

@@ -61,6 +61,7 @@ def selected_experts(routing, processed: jax.Array, cfg: MoEConfig) -> jax.Array
 def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict[str, jax.Array]:
   """Per-batch sums of one MoE layer, over tokens t with mask m_t: A_{t,e} = t holds a valid
   slot of real expert e, S_{t,e} = the router chose e before capacity, p_t = softmax(l_t)
+  (deepseek_v3: sigmoid(l_t) / sum sigmoid(l_t), its own distribution)
   over all R router logits, g_{t,e} the combine weight, y_{t,e} = FFN_e(x_t):
 
     tokens sum_t m_t;  processed [E] sum_t m_t A_{t,e};  selected [E] sum_t m_t S_{t,e}
@@ -82,7 +83,8 @@ def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict
   logits = jnp.einsum(
     "gsd,dr->gsr", xg.astype(jnp.float32), jnp.asarray(ffn["router"], jnp.float32)
   )  # [G, S, R]
-  routing = route(logits, cfg)
+  bias = ffn.get("router_bias")  # DeepSeek-V3 selection bias: the run's real routing
+  routing = route(logits, cfg, bias=None if bias is None else jnp.asarray(bias, jnp.float32))
   di, valid, w = routing.dispatch_index, routing.slot_valid, routing.combine_weight  # [G,E,C]
   c = di.shape[-1]
   gi = jnp.arange(g)[:, None, None]
@@ -110,7 +112,11 @@ def layer_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg: MoEConfig) -> dict
   y_max = jnp.max(jnp.abs(y), axis=-1)  # [G, E, C]
 
   a = processed.astype(jnp.float32) * m[..., None]  # [G, S, E]
-  probs = jax.nn.softmax(logits, axis=-1)
+  if cfg.router == "deepseek_v3":  # its distribution: normalised sigmoid affinities
+    scores = jax.nn.sigmoid(logits)
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  else:
+    probs = jax.nn.softmax(logits, axis=-1)
   token_entropy = entropy(probs)  # [G, S]
   real = logits[..., :e]
   return {
@@ -169,6 +175,12 @@ def collect_sums(
   """
   if model_cfg.moe is None:
     raise ValueError("the model has no MoE layers (model.moe_every=0): nothing to analyse")
+  if model_cfg.moe.router in ("multigate", "pregate"):
+    raise ValueError(
+      f"model.moe.router={model_cfg.moe.router!r}: expert statistics (stats, prune, merge, "
+      "compress) route from each layer's own router kernel; multi-gate and pre-gating runs "
+      "are not supported"
+    )
   fn = batch_sums_fn(model_cfg)
   params = jax.device_put(params)  # once, not per batch
   total = None
