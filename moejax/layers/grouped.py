@@ -33,7 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.ffn import ACTIVATIONS, expert_ffn
+from moejax.layers.ffn import ACTIVATIONS, expert_ffn, gated_ffn
 
 
 def rank_in_group(group: jax.Array, valid: jax.Array, num_groups: int):
@@ -209,8 +209,16 @@ def window_slots(
 def window_ffn(
   rows: jax.Array, window: int, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation
 ) -> jax.Array:
-  """Expert e's FFN on rows [e L, (e + 1) L): [E * L, d] -> [E * L, d] ('eld,edf->elf')."""
+  """Expert e's FFN on rows [e L, (e + 1) L): [E * L, d] -> [E * L, d] ('eld,edf->elf').
+
+  On CPU with few experts, one 2-D matmul per expert ('ld,df->lf'): XLA:CPU runs 2-D weight
+  gradients faster than batched ones (measured 13% faster for 8 experts, 50% slower for 64).
+  """
   e = w_gate.shape[0]
+  if e <= 16 and jax.default_backend() == "cpu":
+    windows = rows.reshape(e, window, rows.shape[-1])
+    out = [gated_ffn(windows[i], w_gate[i], w_up[i], w_down[i], activation) for i in range(e)]
+    return jnp.concatenate(out, axis=0)
   out = expert_ffn(rows.reshape(1, e, window, rows.shape[-1]), w_gate, w_up, w_down, activation)
   return out.reshape(e * window, -1)
 
@@ -235,6 +243,7 @@ def grouped_ffn(
   block_size: int | None = None,
   windows: tuple = (),
   expected_rows: int | None = None,
+  branch_axes: tuple = (),
 ) -> jax.Array:
   """Runs each valid assignment's input through its expert; no work for invalid ones.
 
@@ -245,6 +254,9 @@ def grouped_ffn(
     windows: the fast path's factors c_i (module docstring); () disables it.
     expected_rows: A_expected, the mean number of valid rows the windows are sized for
       (default A; the expert-parallel layer passes its local assignment count).
+    branch_axes: inside ``shard_map``, every mesh axis: all devices then take the same
+      branch (the largest any needs), so collectives XLA or JAX's transpose place inside a
+      branch are entered by every device (different branches deadlock).
   Returns:
     [A, d]: FFN_{expert[a]}(x[a]) where valid, 0 elsewhere.
   """
@@ -273,6 +285,8 @@ def grouped_ffn(
     return permute_rows(kernel(rows, w_gate, w_up, w_down), dest, source)
   n = max(source.shape[0] for source, _ in layouts)
   branch = fast_path_branch(counts, sizes)
+  if branch_axes:
+    branch = jax.lax.pmax(branch, branch_axes)
   source = jnp.stack([_pad_index(s, n, a) for s, _ in layouts])[branch]  # [n]
   dest = jnp.where(valid, jnp.stack([d for _, d in layouts])[branch], n)  # [A]
   rows = permute_rows(x, source, dest)  # [n, d]
