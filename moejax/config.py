@@ -722,15 +722,6 @@ def base_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def validate_train_config(train_cfg: Any, path: str = "train") -> TrainConfig:
-  return TrainConfig.from_config(train_cfg, path)
-
-
-def validate_config(config: Any) -> ModelConfig:
-  """``ExperimentConfig.from_config(config).model`` (kept for callers of the old API)."""
-  return ExperimentConfig.from_config(config).model
-
-
 def with_overrides(
   cd: ml_collections.ConfigDict, overrides: dict[str, Any]
 ) -> ml_collections.ConfigDict:

@@ -26,6 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.data import make_eval_iterator
+from moejax.data.tokenizer import load_tokenizer, token_byte_lengths
+from moejax.errors import ConfigError
+from moejax.inference.run import load_run
+from moejax.training.step import token_cross_entropy
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
@@ -64,8 +70,6 @@ def _span(values: list) -> str:
 
 def make_score_step(model, byte_lengths: np.ndarray):
   """score(params, batch) -> ce_sum, tokens, bytes and the per-layer router metrics."""
-  from moejax.training.step import token_cross_entropy
-
   table = jnp.asarray(byte_lengths, jnp.float32)  # [V_tok]
 
   def score(params, batch):
@@ -86,9 +90,6 @@ def make_score_step(model, byte_lengths: np.ndarray):
 def evaluate_params(exp, params, split: str | None = None, num_batches: int | None = None):
   """EvalResult of `params` (laid out for ``exp``) on ``split`` (default data.eval_split)
   over the first `num_batches` batches (default train.eval_steps; 0 = all)."""
-  from moejax.data import make_eval_iterator
-  from moejax.data.tokenizer import load_tokenizer, token_byte_lengths
-
   cfg = exp.config
   split = split or cfg.data.eval_split
   num_batches = cfg.train.eval_steps if num_batches is None else num_batches
@@ -140,8 +141,6 @@ def evaluate_run(
 ) -> tuple[EvalResult, int]:
   """(EvalResult, step) of a run directory's checkpoint (newest unless `step`); `data`
   overrides fields of the run's ``data`` section."""
-  from moejax.inference.run import load_run
-
   exp, params, step = load_run(workdir, step, one_device, data=data)
   return evaluate_params(exp, params, split, num_batches), step
 
@@ -185,8 +184,6 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--data_dir", default=None, help="Override data.data_dir.")
   args = p.parse_args(argv)
   data = {"tokenizer": args.tokenizer, "name": args.data_name, "data_dir": args.data_dir}
-  from moejax.errors import ConfigError
-
   try:
     result, step = evaluate_run(
       args.workdir, args.step, args.split, args.batches, args.one_device, data

@@ -80,10 +80,10 @@ def section_from_config(
   names = field_names(cls)
   reject_unknown(values, names, path)
   if required:
-    defaults = cls()
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # no throwaway cls()
     for name in names:
       if name not in values and name not in optional:
-        raise ConfigError(f"{path}.{name} is missing (default {getattr(defaults, name)!r})")
+        raise ConfigError(f"{path}.{name} is missing (default {defaults[name]!r})")
   return cls(**values, **extra, config_path=path)
 
 

@@ -20,6 +20,22 @@ import argparse
 import json
 import sys
 
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.data.tokenizer import load_tokenizer
+from moejax.errors import ConfigError
+from moejax.inference import (
+  ContrastConfig,
+  SamplingConfig,
+  generate_tokens,
+  inference_model_config,
+)
+from moejax.inference.run import load_run
+from moejax.models import Transformer
+from moejax.models.transformer import pregate_choices
+from moejax.routers.pregate import distinct_experts
+
 
 def _parse_ids(text: str) -> list[int]:
   try:
@@ -76,12 +92,6 @@ def expert_lookahead_report(model_cfg, params, prompts, new, pad_id: int) -> dic
   are known when its input token is. Returns ``routers.pregate.distinct_experts`` of the
   generated tokens' choices [T, B, M, K] (steps past a sequence's end do not count), as
   lists: per_step [T][M], per_batch [M], per_token [M]."""
-  import jax.numpy as jnp
-  import numpy as np
-
-  from moejax.models.transformer import pregate_choices
-  from moejax.routers.pregate import distinct_experts
-
   steps = max((len(n) for n in new), default=0)
   if steps == 0:
     return {"per_step": [], "per_batch": [], "per_token": []}
@@ -107,17 +117,6 @@ def main(argv: list[str] | None = None) -> int:
   if bool(args.prompt) == bool(args.prompt_ids):
     print("error: give --prompt or --prompt_ids (one kind)", file=sys.stderr)
     return 2
-  from moejax.data.tokenizer import load_tokenizer
-  from moejax.errors import ConfigError
-  from moejax.inference import (
-    ContrastConfig,
-    SamplingConfig,
-    generate_tokens,
-    inference_model_config,
-  )
-  from moejax.inference.run import load_run
-  from moejax.models import Transformer
-
   try:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     contrast = None

@@ -20,8 +20,19 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+# Importing these initialises no backend, so jax.distributed.initialize() below still runs
+# before any computation.
+from moejax.config import base_config
+from moejax.errors import ConfigError
+from moejax.training.checkpoint import CheckpointError
+from moejax.training.lock import WorkdirLocked
+from moejax.training.paths import as_path
+from moejax.training.trainer import TrainingDiverged, train
+from moejax.training.workdir import load_config_file, load_run_config
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -60,8 +71,6 @@ _REPORT_LOSSES = flags.DEFINE_bool(
 
 def initialize_runtime() -> None:
   """Debug switches and multi-process initialisation, before any computation."""
-  import jax
-
   if _DEBUG_NANS.value:
     jax.config.update("jax_debug_nans", True)
   if _DISABLE_JIT.value:
@@ -97,25 +106,16 @@ def main(argv) -> int:
   if _WORKDIR.value is None:
     print("error: --workdir is required", file=sys.stderr)
     return 2
-  from moejax.errors import ConfigError
-  from moejax.training.checkpoint import CheckpointError
-  from moejax.training.lock import WorkdirLocked
-
   try:
     profile_steps = parse_profile_steps(_PROFILE_STEPS.value)
     config = _CONFIG.value
     if config is None:  # continue a run (e.g. one written by tools/) with its own config
-      from moejax.training.paths import as_path
-      from moejax.training.workdir import load_run_config
-
       own = (as_path(_WORKDIR.value) / "config.json").exists() or not _INIT_FROM.value
       config = load_run_config(_WORKDIR.value if own else _INIT_FROM.value)
   except (ConfigError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   initialize_runtime()
-  from moejax.training.trainer import TrainingDiverged, train
-
   try:
     result = train(
       config,
@@ -162,9 +162,6 @@ def _json_config_argv(argv: list[str]) -> list[str]:
 
 def _unknown_override(argv: list[str]) -> str | None:
   """The first ``--config.a.b`` override naming no field of the config file (or None)."""
-  from moejax.config import base_config
-  from moejax.training.workdir import load_config_file
-
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   try:
     config = load_config_file(path.split(":", 1)[-1] if path else None) if path else base_config()

@@ -24,8 +24,6 @@ from moejax.config import (
   TrainConfig,
   base_config,
   default_train_config,
-  validate_config,
-  validate_train_config,
   with_overrides,
 )
 from moejax.errors import ConfigError
@@ -96,7 +94,7 @@ def test_all_expected_config_files_exist():
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_file_loads_validates_and_builds_abstractly(name):
   cfg = load(name)
-  model_cfg = validate_config(cfg)
+  model_cfg = ExperimentConfig.from_config(cfg).model
   assert model_cfg == ModelConfig.from_config(cfg.model)
   assert hash(model_cfg) == hash(ModelConfig.from_config(cfg.model))
   tokens = jax.ShapeDtypeStruct((1, cfg.data.seq_len), jnp.int32)
@@ -112,7 +110,7 @@ def test_config_file_loads_validates_and_builds_abstractly(name):
 
 
 def test_mixtral_like_has_mixtral_8x7b_parameter_count():
-  m = validate_config(load("mixtral_like"))
+  m = ExperimentConfig.from_config(load("mixtral_like")).model
   v, d, layers, e, f = 32000, 4096, 32, 8, 14336
   per_layer = (
     2 * d * 32 * 128
@@ -132,14 +130,14 @@ def test_mixtral_like_has_mixtral_8x7b_parameter_count():
 
 
 def test_deepseek_like_shape():
-  m = validate_config(load("deepseek_like"))
+  m = ExperimentConfig.from_config(load("deepseek_like")).model
   assert m.moe.router == "shared_experts" and m.moe.num_shared_experts == 2
   assert m.moe.num_experts == 64 and m.moe.top_k == 6
   assert m.moe_layers == tuple(range(1, m.num_layers))  # layer 0 dense
 
 
 def test_deepseek_like_has_deepseek_v2_lite_parameter_count():
-  m = validate_config(load("deepseek_like"))
+  m = ExperimentConfig.from_config(load("deepseek_like")).model
   v, d, layers, h = 102400, 2048, 27, 16
   attn = (
     d * h * (128 + 64)  # q_proj
@@ -161,7 +159,7 @@ def test_deepseek_like_has_deepseek_v2_lite_parameter_count():
 
 
 def test_switch_base_shape():
-  m = validate_config(load("switch_base"))
+  m = ExperimentConfig.from_config(load("switch_base")).model
   assert m.moe.top_k == 1 and m.moe.capacity_factor == 1.25 and m.moe.activation == "gelu"
   assert 8 <= m.moe.num_experts <= 128
   assert m.moe_layers == tuple(range(1, m.num_layers, 2))
@@ -175,7 +173,7 @@ def test_command_line_overrides():
     "--config.train.steps=7",
     "--config.model.dtype=bfloat16",
   )
-  m = validate_config(cfg)
+  m = ExperimentConfig.from_config(cfg).model
   assert m.moe.num_experts == 16 and m.moe.group_size == 64 and m.dtype == "bfloat16"
   assert cfg.train.steps == 7
 
@@ -203,18 +201,18 @@ def test_is_moe_layer(moe_every, first, layers, expected):
 def test_dense_model_ignores_but_validates_moe_section():
   cfg = base_config()
   cfg.model.moe_every = 0
-  assert validate_config(cfg).moe is None
+  assert ExperimentConfig.from_config(cfg).model.moe is None
   cfg.model.moe.top_k = 99
   with pytest.raises(ConfigError, match=r"^model\.moe\.top_k=99"):
-    validate_config(cfg)
+    ExperimentConfig.from_config(cfg)
   del cfg.model["moe"]
   cfg.model.moe_every = 0
-  assert validate_config(cfg).moe is None
+  assert ExperimentConfig.from_config(cfg).model.moe is None
 
 
 def test_base_config_and_train_defaults_are_valid():
-  validate_config(base_config())
-  validate_train_config(default_train_config())
+  assert ExperimentConfig.from_config(base_config()).train == TrainConfig()
+  assert TrainConfig.from_config(default_train_config()) == TrainConfig()
 
 
 # (dotted field to set, value, field the error must name)
@@ -279,14 +277,14 @@ INVALID = [
 def test_invalid_value_raises_config_error_naming_field(dotted, value, field):
   cfg = with_overrides(load("tiny_cpu"), {dotted: value})
   with pytest.raises(ConfigError) as err:
-    validate_config(cfg)
+    ExperimentConfig.from_config(cfg)
   assert str(err.value).startswith(f"{field}="), str(err.value)
 
 
 def test_heads_not_divisible_by_kv_heads_message():
   cfg = load("tiny_cpu", "--config.model.num_heads=3")
   with pytest.raises(ConfigError) as err:
-    validate_config(cfg)
+    ExperimentConfig.from_config(cfg)
   assert str(err.value) == (
     "model.num_heads=3 is invalid: must be divisible by model.num_kv_heads=2"
   )
@@ -300,7 +298,7 @@ def test_missing_required_field(section, field):
   with cfg.unlocked():
     del cfg[section][field]
   with pytest.raises(ConfigError, match=rf"^{section}\.{field} is missing"):
-    validate_config(cfg)
+    ExperimentConfig.from_config(cfg)
 
 
 def test_missing_section():
@@ -308,12 +306,12 @@ def test_missing_section():
   with cfg.unlocked():
     del cfg["train"]
   with pytest.raises(ConfigError, match=r"^train is missing"):
-    validate_config(cfg)
+    ExperimentConfig.from_config(cfg)
 
 
 def test_group_size_dividing_batch_tokens_is_accepted():
   cfg = load("tiny_cpu", "--config.model.moe.group_size=256")  # 16 * 128 tokens
-  assert validate_config(cfg).moe.group_size == 256
+  assert ExperimentConfig.from_config(cfg).model.moe.group_size == 256
 
 
 def test_model_config_direct_construction_validates():

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moejax.config import ExperimentConfig, MeshConfig, base_config
 from moejax.errors import ConfigError
 from moejax.layers import DenseFFN
 from moejax.layers.moe import MoELayer
@@ -89,13 +90,28 @@ def test_mesh_config_errors_name_the_field(cfg, pattern):
 
 
 def test_resolve_mesh_shape_custom_path():
-  assert resolve_mesh_shape({"data": -1, "expert": 4, "model": 1}, 16) == {
-    "data": 4,
-    "expert": 4,
-    "model": 1,
-  }
+  sizes = MeshConfig.from_config({"data": -1, "expert": 4, "model": 1})
+  assert resolve_mesh_shape(sizes, 16) == {"data": 4, "expert": 4, "model": 1}
+  run_mesh = MeshConfig.from_config({"data": 1, "expert": 5, "model": -1}, path="run.mesh")
   with pytest.raises(ConfigError, match=r"^run\.mesh\.expert=5 is invalid"):
-    resolve_mesh_shape({"data": 1, "expert": 5, "model": -1}, 8, path="run.mesh")
+    resolve_mesh_shape(run_mesh, 8)
+  with pytest.raises(ConfigError, match=r"^run\.mesh\.expert=5 is invalid"):
+    make_mesh(run_mesh)  # the MeshConfig's own path, not make_mesh's default
+  with pytest.raises(TypeError, match="MeshConfig"):
+    resolve_mesh_shape({"data": -1, "expert": 4, "model": 1}, 16)  # parsed at the edge only
+
+
+def test_mesh_is_validated_once_per_experiment(monkeypatch):
+  """ExperimentConfig.from_config validates the mesh; make_mesh uses that MeshConfig as is."""
+  cfg = base_config()
+  cfg.mesh.expert, cfg.mesh.model = 2, 2
+  checks = []
+  post_init = MeshConfig.__post_init__
+  monkeypatch.setattr(MeshConfig, "__post_init__", lambda self: checks.append(post_init(self)))
+  exp = ExperimentConfig.from_config(cfg)
+  assert len(checks) == 1
+  assert shape_of(make_mesh(exp.mesh)) == (2, 2, 2)
+  assert len(checks) == 1
 
 
 def test_mesh_shape_of():

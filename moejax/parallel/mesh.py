@@ -30,15 +30,22 @@ MESH_AXES: tuple[str, str, str] = ("data", "expert", "model")
 TOKEN_AXES: tuple[str, str] = ("data", "expert")
 
 
-def resolve_mesh_shape(mesh_cfg: Any, num_devices: int, path: str = "mesh") -> dict[str, int]:
-  """Validates the configured axis sizes and fills a single -1 with the remaining devices.
+def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+  """Fills a single -1 axis of the validated `mesh_cfg` with the remaining devices.
 
-  Rules: every size is an int >= 1 or -1; at most one -1 (``moejax.config.MeshConfig``
-  checks those); data * expert * model must equal
-  `num_devices` exactly (the -1 axis gets num_devices / product(others), which must be an
-  integer). Returns {'data': int, 'expert': int, 'model': int}. Raises ConfigError.
+  `mesh_cfg` is the ``MeshConfig`` parsed once at the edge (``ExperimentConfig.from_config``
+  or ``MeshConfig.from_config``: ints >= 1 or -1, at most one -1); nothing is re-parsed here.
+  data * expert * model must equal `num_devices` exactly (the -1 axis gets
+  num_devices / product(others), which must be an integer). Returns {'data': int,
+  'expert': int, 'model': int}. Raises ConfigError naming ``<mesh_cfg.config_path>.<axis>``.
   """
-  sizes = MeshConfig.from_config(mesh_cfg, path).sizes()  # types, unknown/missing axes
+  if not isinstance(mesh_cfg, MeshConfig):
+    raise TypeError(
+      f"resolve_mesh_shape takes a MeshConfig (parse it with MeshConfig.from_config), "
+      f"got {type(mesh_cfg).__name__}"
+    )
+  path = mesh_cfg.config_path
+  sizes = mesh_cfg.sizes()
   fill = next((name for name, v in sizes.items() if v == -1), None)
   fixed = math.prod(v for v in sizes.values() if v != -1)
   product = "*".join(MESH_AXES) + " = " + "*".join(str(sizes[a]) for a in MESH_AXES)
@@ -77,15 +84,19 @@ def _first_non_divisor(sizes: dict[str, int], n: int, skip: str | None = None) -
 
 
 def make_mesh(
-  mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, path: str = "mesh"
+  mesh_cfg: MeshConfig | Mapping[str, int],
+  devices: Sequence[jax.Device] | None = None,
+  path: str = "mesh",
 ) -> Mesh:
   """Builds the ('data', 'expert', 'model') mesh from a config with int fields of those names.
 
   Args:
-    mesh_cfg: a ``MeshConfig`` (or a mapping {'data', 'expert', 'model'}); at most one may
-      be -1 (= all remaining devices).
+    mesh_cfg: the validated ``MeshConfig`` (what the trainer and tools pass:
+      ``ExperimentConfig.mesh``, used as is), or a mapping {'data', 'expert', 'model'}
+      parsed here with ``MeshConfig.from_config`` (tests, direct library use); at most one
+      size may be -1 (= all remaining devices).
     devices: the devices to span (default ``jax.devices()``, i.e. all processes' devices).
-    path: dotted config path used in error messages.
+    path: dotted config path of a mapping, used in error messages.
   Returns:
     A Mesh whose axes are all ``AxisType.Auto``. ``jax.make_mesh`` defaults to
     ``AxisType.Explicit`` in jax >= 0.7 (sharding in types); the layers here rely on the
@@ -95,7 +106,9 @@ def make_mesh(
     ConfigError naming the field, before anything is compiled.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = resolve_mesh_shape(mesh_cfg, len(devices), path)
+  if not isinstance(mesh_cfg, MeshConfig):
+    mesh_cfg = MeshConfig.from_config(mesh_cfg, path)
+  sizes = resolve_mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   try:

@@ -15,6 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moejax.training.experiment import build_experiment
+from moejax.training.step import make_train_step
+
 # Per-chip accelerator memory (GiB) a plan is checked against.
 TARGETS_GIB: dict[str, float] = {
   "TPU v5e": 16,
@@ -49,13 +52,10 @@ def plan_memory(config) -> dict:
   Keys: devices, mesh, backend, params_bytes, optimizer_bytes, gradient_bytes,
   temp_bytes, total_bytes, compile_s, fits {target: bool}, note.
   """
-  from moejax.training.experiment import build_experiment
-  from moejax.training.step import make_train_step
-
-  exp = build_experiment(config)
-  tcfg = config.train
+  exp = build_experiment(config)  # config parsed once, here; only exp.config is read below
+  tcfg = exp.config.train
   step = make_train_step(
-    exp.model, exp.tx, exp.schedule, tcfg.nan_policy, microbatches=tcfg.get("microbatches", 1)
+    exp.model, exp.tx, exp.schedule, tcfg.nan_policy, microbatches=tcfg.microbatches
   )
   jitted = jax.jit(
     step,
@@ -64,7 +64,9 @@ def plan_memory(config) -> dict:
     donate_argnums=(0,),
   )
   start = time.perf_counter()
-  compiled = jitted.lower(exp.abstract_state, abstract_batch(config, exp.batch_sharding)).compile()
+  compiled = jitted.lower(
+    exp.abstract_state, abstract_batch(exp.config, exp.batch_sharding)
+  ).compile()
   compile_s = time.perf_counter() - start
   stats = compiled.memory_analysis()
   params_bytes = sharded_bytes(exp.abstract_state.params)
