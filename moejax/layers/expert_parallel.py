@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.errors import config_error
 from moejax.layers.ffn import expert_ffn
-from moejax.layers.grouped import grouped_ffn, permute_rows, rank_in_group
+from moejax.layers.grouped import grouped_ffn, permute_rows, rank_in_group, row_sources
 from moejax.layers.routed import (
   combine_assignments,
   compressed_output,
@@ -255,9 +255,7 @@ def dropless_expert_parallel(
   rank, _ = rank_in_group(dest, valid, p)
   kept = valid & (rank < r)
   slot = jnp.where(kept, dest * r + rank, p * r)  # [A]; p * r: not sent
-  send_assign = (
-    jnp.full((p * r,), a, jnp.int32).at[slot].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
-  )  # assignment of each send row; a: none
+  send_assign = row_sources(slot, p * r)  # assignment of each send row; a: none
   send_expert = jnp.full((p * r,), e_loc, jnp.int32).at[slot].set(expert % e_loc, mode="drop")
   send_sizes = jnp.zeros((p,), jnp.int32).at[jnp.where(kept, dest, p)].add(1, mode="drop")
   x_assign = jnp.broadcast_to(x[:, :, None], (g, s, k, d)).reshape(a, d)

@@ -55,6 +55,15 @@ def rank_in_group(group: jax.Array, valid: jax.Array, num_groups: int):
   return jnp.where(valid, rank, 0), counts[:num_groups]
 
 
+def row_sources(row: jax.Array, num_rows: int) -> jax.Array:
+  """The inverse of an injective placement: i32[num_rows], the item a with row[a] = j in row
+  j, len(row) where none (items whose row is out of range are placed nowhere)."""
+  a = row.shape[0]
+  return (
+    jnp.full((num_rows,), a, jnp.int32).at[row].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
+  )
+
+
 @flax.struct.dataclass
 class SortedRows:
   """Where each assignment's row lives in the expert-sorted (block-padded) row buffer.
@@ -99,9 +108,7 @@ def sort_rows(
   num_blocks = (a + e * (block - 1)) // block
   num_rows = num_blocks * block
   row = jnp.where(valid, padded_start[jnp.where(valid, expert, 0)] + rank, num_rows)
-  row_source = (
-    jnp.full((num_rows,), a, jnp.int32).at[row].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
-  )
+  row_source = row_sources(row, num_rows)
   block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block
   block_expert = jnp.searchsorted(jnp.cumsum(padded), block_start, side="right")
   block_expert = jnp.minimum(block_expert, e - 1).astype(jnp.int32)  # unused blocks: E-1
@@ -198,12 +205,8 @@ def window_slots(
   Returns (slot i32[A] (E * L for invalid assignments), slot_source i32[E * L] (the
   assignment in each row, A where empty)). Exact only when every count is <= L.
   """
-  a, e = expert.shape[0], num_experts
-  slot = jnp.where(valid, expert * window + rank, e * window).astype(jnp.int32)
-  slot_source = (
-    jnp.full((e * window,), a, jnp.int32).at[slot].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
-  )
-  return slot, slot_source
+  slot = jnp.where(valid, expert * window + rank, num_experts * window).astype(jnp.int32)
+  return slot, row_sources(slot, num_experts * window)
 
 
 def window_ffn(
@@ -283,6 +286,12 @@ def grouped_ffn(
     (source, dest), kernel = layouts[0], kernels[0]
     rows = permute_rows(x, source, dest)
     return permute_rows(kernel(rows, w_gate, w_up, w_down), dest, source)
+  # Inside a ``switch`` JAX (not XLA) picks the residuals, and each branch's residuals are
+  # outputs every branch must fill: the windows save only their matmul outputs (not every
+  # elementwise intermediate), the exact kernel only its inputs (its forward is recomputed).
+  kernels = [
+    jax.checkpoint(k, policy=jax.checkpoint_policies.dots_saveable) for k in kernels[: len(sizes)]
+  ] + [jax.checkpoint(k) for k in kernels[len(sizes) :]]
   n = max(source.shape[0] for source, _ in layouts)
   branch = fast_path_branch(counts, sizes)
   if branch_axes:
@@ -295,26 +304,18 @@ def grouped_ffn(
 
 
 def _window_kernel(size: int, activation: str):
-  """Branch of the fast path: rows [n, d] -> [n, d], the first E * size rows in windows.
-
-  ``jax.checkpoint`` saving only matmul outputs: inside a ``switch`` JAX (not XLA) picks the
-  residuals, and without it every elementwise intermediate would be saved.
-  """
+  """Branch of the fast path: rows [n, d] -> [n, d], the first E * size rows in windows."""
 
   def kernel(rows, w_gate, w_up, w_down):
     e = w_gate.shape[0]
     out = window_ffn(rows[: e * size], size, w_gate, w_up, w_down, activation)
     return _pad_rows(out, rows.shape[0])
 
-  return jax.checkpoint(kernel, policy=jax.checkpoint_policies.dots_saveable)
+  return kernel
 
 
 def _exact_kernel(sorted_rows: SortedRows, impl: str, activation: str):
-  """Branch of the exact grouped kernel: rows [n, d] -> [n, d], the first NB * B used.
-
-  Recomputed in the backward pass (``jax.checkpoint``): its residuals are then its inputs,
-  instead of buffers the other branches would fill with zeros on every step.
-  """
+  """Branch of the exact grouped kernel: rows [n, d] -> [n, d], the first NB * B used."""
   n_rows = sorted_rows.row_source.shape[0]
 
   def kernel(rows, w_gate, w_up, w_down):
@@ -325,4 +326,4 @@ def _exact_kernel(sorted_rows: SortedRows, impl: str, activation: str):
       out = ragged_ffn(rows_in, sorted_rows.counts, w_gate, w_up, w_down, activation)
     return _pad_rows(out, rows.shape[0])
 
-  return jax.checkpoint(kernel)
+  return kernel
