@@ -26,7 +26,7 @@ from moejax.layers.moe import to_groups
 from moejax.layers.routed import router_logits
 from moejax.models import Transformer
 from moejax.routers import route
-from moejax.training.step import make_eval_step
+from moejax.training.step import make_eval_step, mean_eval_loss
 
 
 def expert_output_sums(x: jax.Array, mask: jax.Array, ffn: dict, cfg) -> dict:
@@ -148,11 +148,7 @@ def compress_model(config, model_cfg: ModelConfig, params, sums, vectors, num_co
 def eval_loss(model_cfg: ModelConfig, params, batches) -> float:
   """Mean masked next-token cross-entropy of the single-device model over `batches`."""
   step = jax.jit(make_eval_step(Transformer(model_cfg)))
-  total, count = 0.0, 0.0
-  for batch in batches:
-    out = jax.device_get(step(params, {k: jnp.asarray(v) for k, v in batch.items()}))
-    total, count = total + float(out["ce_sum"]), count + float(out["tokens"])
-  return total / max(count, 1.0)
+  return mean_eval_loss(step, params, ({k: jnp.asarray(v) for k, v in b.items()} for b in batches))
 
 
 def compress_run(

@@ -15,7 +15,7 @@ and their gradients: the cross-entropy part is exactly the big batch's; the aux 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -164,3 +164,13 @@ def make_eval_step(model: nn.Module) -> Callable:
     return {"ce_sum": jnp.sum(per_token * batch["mask"]), "tokens": jnp.sum(batch["mask"])}
 
   return eval_step
+
+
+def mean_eval_loss(eval_step: Callable, params, batches: Iterable) -> float:
+  """sum ce_sum / sum tokens of ``eval_step`` over `batches`: the exact token mean."""
+  ce_sum, tokens = 0.0, 0.0
+  for batch in batches:
+    out = jax.device_get(eval_step(params, batch))
+    ce_sum += float(out["ce_sum"])
+    tokens += float(out["tokens"])
+  return ce_sum / max(tokens, 1.0)

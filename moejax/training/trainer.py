@@ -15,6 +15,7 @@ The workdir may be a local folder or an object-store URI (``paths``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -38,7 +39,7 @@ from moejax.training.paths import as_path
 from moejax.training.preemption import PreemptionGuard
 from moejax.training.resume import check_compatible
 from moejax.training.state import count_params, create_train_state
-from moejax.training.step import make_eval_step, make_train_step
+from moejax.training.step import make_eval_step, make_train_step, mean_eval_loss
 from moejax.training.workdir import (
   CONFIG_FILE,
   fresh_state,
@@ -124,14 +125,8 @@ def _diverged_message(step: int, metrics: dict) -> str:
 def evaluate(eval_step, params, data_cfg, batch_spec, num_batches: int) -> float:
   """Mean token cross-entropy over the first `num_batches` eval batches."""
   it = make_eval_iterator(data_cfg, jax.process_index(), jax.process_count())
-  ce_sum, tokens = 0.0, 0.0
-  for i, local in enumerate(it):
-    if i >= num_batches:
-      break
-    out = jax.device_get(eval_step(params, _global_batch(local, batch_spec)))
-    ce_sum += float(out["ce_sum"])
-    tokens += float(out["tokens"])
-  return ce_sum / max(tokens, 1.0)
+  batches = (_global_batch(local, batch_spec) for local in itertools.islice(it, num_batches))
+  return mean_eval_loss(eval_step, params, batches)
 
 
 @dataclasses.dataclass(frozen=True)
