@@ -201,16 +201,23 @@ def test_greedy_decoding_of_an_imported_model_matches_transformers_generate(tmp_
   assert ours == theirs
 
 
-@pytest.mark.slow
-def test_generate_cli_prints_the_greedy_continuation(data_dir, tmp_path, capsys):
-  from moejax.generate import main as generate_main
+def random_run(data_dir, tmp_path, seed: int = 5):
+  """A tiny run directory holding `random_params` at step 0: (workdir, model cfg, params)."""
   from moejax.training.workdir import write_run
 
   config = tiny_config(data_dir, mesh=(-1, 1, 1))
   cfg = build_experiment(config).model_cfg
-  params = random_params(cfg, seed=5)
+  params = random_params(cfg, seed=seed)
   workdir = str(tmp_path / "run")
   write_run(config, workdir, params)
+  return workdir, cfg, params
+
+
+@pytest.mark.slow
+def test_generate_cli_prints_the_greedy_continuation(data_dir, tmp_path, capsys):
+  from moejax.generate import main as generate_main
+
+  workdir, cfg, params = random_run(data_dir, tmp_path)
   capsys.readouterr()  # TFDS's preparation messages
   argv = ["--workdir", workdir, "--max_new_tokens", "6"]
   assert generate_main(argv + ["--prompt_ids", "1,72,101", "--prompt_ids", "1,99"]) == 0

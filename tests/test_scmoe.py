@@ -15,7 +15,7 @@ from moejax.models import Transformer
 from moejax.moe_config import MoEConfig
 from moejax.routers import route
 from tests.helpers import make_moe_cfg
-from tests.test_generate import PROMPTS, full_forward_logits, random_params, small_cfg
+from tests.test_generate import PROMPTS, full_forward_logits, random_params, random_run, small_cfg
 
 
 def _softmax(x):
@@ -124,15 +124,8 @@ def test_cli_rejects_bad_scmoe_flags_with_rc_2(capsys):
 def test_generate_cli_scmoe_prints_the_contrast_greedy_continuation(data_dir, tmp_path, capsys):
   from moejax.generate import main as generate_main
   from moejax.inference.contrast import weak_model_config
-  from moejax.training.experiment import build_experiment
-  from moejax.training.workdir import write_run
-  from tests.helpers import tiny_config
 
-  config = tiny_config(data_dir, mesh=(-1, 1, 1))
-  cfg = build_experiment(config).model_cfg
-  params = random_params(cfg, seed=5)
-  workdir = str(tmp_path / "run")
-  write_run(config, workdir, params)
+  workdir, cfg, params = random_run(data_dir, tmp_path)
   capsys.readouterr()
   argv = ["--workdir", workdir, "--max_new_tokens", "5", "--prompt_ids", "1,72,101"]
   argv += ["--decoding", "scmoe", "--scmoe_beta", "0.8", "--scmoe_alpha", "0.1"]
