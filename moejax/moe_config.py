@@ -18,6 +18,7 @@ ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 ACTIVATIONS = ("silu", "gelu")
 EXPERT_IMPLS = ("auto", "ragged_dot", "blocked", "capacity")
 EP_EXCHANGES = ("auto", "ragged_all_to_all", "padded_all_to_all")
+VARIABLE_K_ROUTERS = ("null_experts", "top_p")
 COMPRESSED_ROUTERS = ("topk", "shared_experts", "top_p", "multigate", "pregate")
 
 
@@ -74,7 +75,9 @@ class MoEConfig:
       L_i = ceil(c_i * A / E) rows per expert (A assignments on the device), the experts
       run as one dense [E, L_i, d] batched matmul for the smallest L_i that holds every
       expert's load, and `expert_impl` runs when none does (``jax.lax.switch``: one branch
-      executes; always exact). () disables it.
+      executes; always exact). () disables it. Factors below 1 serve routers whose number
+      of real experts per token varies (null experts, top-p, compressed experts); the
+      others always have a load >= A / E, so ``resolved_dropless_windows`` drops them.
     ep_exchange: dropless expert-parallel exchange. 'ragged_all_to_all': exactly the routed
       rows (gpu/tpu only; XLA:CPU rejects the op); 'padded_all_to_all': a fixed
       [devices, rows_per_device] buffer per device (the CPU fallback); 'auto' picks by backend.
@@ -122,7 +125,7 @@ class MoEConfig:
   bias_update_rate: float = 0.0
   expert_impl: str = "auto"
   expert_block_size: int | None = None
-  dropless_windows: tuple = (1.125, 1.25, 1.5)
+  dropless_windows: tuple = (0.5, 0.625, 0.75, 0.875, 1.125, 1.25, 1.5)
   ep_exchange: str = "auto"
   ragged_buffer_factor: float = 1.25
   ragged_buffer_min_rows: int = 128
@@ -158,6 +161,24 @@ class MoEConfig:
   def sorted_dropless(self) -> bool:
     """True when the layer runs its experts on expert-sorted assignments (no slots)."""
     return self.dropless and self.is_token_choice and self.resolved_expert_impl() != "capacity"
+
+  @property
+  def variable_k(self) -> bool:
+    """True when some (token, choice) picks run no expert FFN: null experts, top-p's
+    unselected choices, compressed-expert columns."""
+    return (
+      self.router in VARIABLE_K_ROUTERS
+      or self.num_null_experts > 0
+      or self.num_compressed_experts > 0
+    )
+
+  def resolved_dropless_windows(self) -> tuple:
+    """dropless_windows without the factors < 1 for fixed-k routers: their A assignments
+    all run, so the largest of E loads is >= A / E and a window below the mean never
+    holds it (it would only be compiled)."""
+    if self.variable_k:
+      return self.dropless_windows
+    return tuple(c for c in self.dropless_windows if c >= 1)
 
   def resolved_expert_impl(self) -> str:
     """expert_impl with 'auto' resolved by ``jax.default_backend()``."""

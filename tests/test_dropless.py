@@ -153,15 +153,17 @@ def test_grouped_ffn_matches_per_row_loop():
     )
 
 
-@pytest.mark.parametrize("load", ["balanced", "skewed"])
+@pytest.mark.parametrize("load", ["balanced", "sparse", "skewed"])
 def test_fast_path_windows_equal_the_exact_kernel(load):
   """The fast path (dense windows for the smallest L_i holding every load, else the exact
   kernel) == the exact kernel alone, outputs and gradients; balanced loads take a window,
-  a load past the largest window takes the exact kernel."""
+  sparse ones (few valid picks, as under null experts or top-p) a window below the mean
+  A / E, a load past the largest window the exact kernel."""
   rng = np.random.default_rng(1)
   a, e, d, f = 96, 4, 6, 8
-  expert = rng.integers(0, e, a) if load == "balanced" else np.where(rng.random(a) < 0.7, 2, 0)
-  expert, valid = jnp.asarray(expert, jnp.int32), jnp.asarray(rng.random(a) < 0.9)
+  expert = rng.integers(0, e, a) if load != "skewed" else np.where(rng.random(a) < 0.7, 2, 0)
+  expert = jnp.asarray(expert, jnp.int32)
+  valid = jnp.asarray(rng.random(a) < (0.4 if load == "sparse" else 0.9))
   x, ct = (jnp.asarray(rng.standard_normal((a, d)), jnp.float32) for _ in range(2))
   w = [jnp.asarray(rng.standard_normal(s) / 3, jnp.float32) for s in ((e, d, f),) * 2]
   w.append(jnp.asarray(rng.standard_normal((e, f, d)) / 3, jnp.float32))
@@ -173,13 +175,28 @@ def test_fast_path_windows_equal_the_exact_kernel(load):
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, *w)
 
-  windows = (1.125, 1.25, 1.5)
+  windows = MoEConfig().dropless_windows
   sizes = window_sizes(windows, a, e, a)
   branch = int(fast_path_branch(rank_in_group(expert, valid, e)[1], sizes))
-  assert branch < len(sizes) if load == "balanced" else branch == len(sizes)
+  if load == "skewed":
+    assert branch == len(sizes)
+  else:
+    assert branch < len(sizes) and (sizes[branch] < a / e) == (load == "sparse")
   want = run(())
   assert_close(run(windows), want)
   assert_close(run((float(e),)), want)  # a window of A rows: always the fast path
+
+
+def test_windows_below_the_mean_serve_only_variable_k_routers():
+  """Factors < 1 are kept for routers with null or unselected picks, dropped for fixed k
+  (whose largest load is >= A / E, so such a window would never run)."""
+  default = MoEConfig().dropless_windows
+  assert min(default) < 1
+  assert make_cfg("topk").resolved_dropless_windows() == tuple(c for c in default if c >= 1)
+  assert make_cfg("shared_experts").resolved_dropless_windows() == (1.125, 1.25, 1.5)
+  for name in ("null_experts", "top_p"):
+    assert make_cfg(name).resolved_dropless_windows() == default
+  assert make_cfg("topk", num_compressed_experts=2).resolved_dropless_windows() == default
 
 
 def test_sort_rows_layout():

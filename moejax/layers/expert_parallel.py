@@ -275,7 +275,7 @@ def dropless_expert_parallel(
     cfg.activation,
     cfg.resolved_expert_impl(),
     cfg.expert_block_size,
-    cfg.dropless_windows,
+    cfg.resolved_dropless_windows(),
     expected_rows=a,
     branch_axes=TOKEN_AXES + ((model_axis,) if model_axis is not None else ()),
   )  # [P_src * R, d]

@@ -27,13 +27,14 @@ not a scatter-add, which is slow on XLA:CPU).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.ffn import ACTIVATIONS, expert_ffn, gated_ffn
+from moejax.layers.ffn import ACTIVATIONS
 
 
 def rank_in_group(group: jax.Array, valid: jax.Array, num_groups: int):
@@ -209,23 +210,6 @@ def window_slots(
   return slot, row_sources(slot, num_experts * window)
 
 
-def window_ffn(
-  rows: jax.Array, window: int, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation
-) -> jax.Array:
-  """Expert e's FFN on rows [e L, (e + 1) L): [E * L, d] -> [E * L, d] ('eld,edf->elf').
-
-  On CPU with few experts, one 2-D matmul per expert ('ld,df->lf'): XLA:CPU runs 2-D weight
-  gradients faster than batched ones (measured 13% faster for 8 experts, 50% slower for 64).
-  """
-  e = w_gate.shape[0]
-  if e <= 16 and jax.default_backend() == "cpu":
-    windows = rows.reshape(e, window, rows.shape[-1])
-    out = [gated_ffn(windows[i], w_gate[i], w_up[i], w_down[i], activation) for i in range(e)]
-    return jnp.concatenate(out, axis=0)
-  out = expert_ffn(rows.reshape(1, e, window, rows.shape[-1]), w_gate, w_up, w_down, activation)
-  return out.reshape(e * window, -1)
-
-
 def _pad_rows(x: jax.Array, n: int) -> jax.Array:
   return jnp.pad(x, ((0, n - x.shape[0]), (0, 0))) if n > x.shape[0] else x
 
@@ -272,26 +256,18 @@ def grouped_ffn(
     raise ValueError(f"grouped_ffn: unknown impl {impl!r} (allowed: 'blocked', 'ragged_dot')")
   rank, counts = ranked = rank_in_group(expert, valid, e)
   sizes = window_sizes(windows, expected_rows or a, e, a)
-  # One layout per branch, all indexing one row buffer of n rows: (source [n], dest [A]).
-  layouts, kernels = [], []
-  for size in sizes:
-    slot, slot_source = window_slots(expert, valid, rank, size, e)
-    layouts.append((slot_source, slot))
-    kernels.append(_window_kernel(size, activation))
-  if not sizes or sizes[-1] < a:
+  if not sizes:  # the exact kernel alone
     sorted_rows = sort_rows(expert, valid, e, block, ranked)
-    layouts.append((sorted_rows.row_source, sorted_rows.row))
-    kernels.append(_exact_kernel(sorted_rows, impl, activation))
-  if len(kernels) == 1:
-    (source, dest), kernel = layouts[0], kernels[0]
+    source, dest = sorted_rows.row_source, sorted_rows.row
     rows = permute_rows(x, source, dest)
-    return permute_rows(kernel(rows, w_gate, w_up, w_down), dest, source)
-  # Inside a ``switch`` JAX (not XLA) picks the residuals, and each branch's residuals are
-  # outputs every branch must fill: the windows save only their matmul outputs (not every
-  # elementwise intermediate), the exact kernel only its inputs (its forward is recomputed).
-  kernels = [
-    jax.checkpoint(k, policy=jax.checkpoint_policies.dots_saveable) for k in kernels[: len(sizes)]
-  ] + [jax.checkpoint(k) for k in kernels[len(sizes) :]]
+    out = _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
+    return permute_rows(out, dest, source)
+  # One layout per branch, all indexing one row buffer of n rows: (source [n], dest [A]).
+  layouts = [window_slots(expert, valid, rank, size, e)[::-1] for size in sizes]
+  exact = None
+  if sizes[-1] < a:  # a load no window holds is possible: the exact kernel is a branch
+    exact = sort_rows(expert, valid, e, block, ranked)
+    layouts.append((exact.row_source, exact.row))
   n = max(source.shape[0] for source, _ in layouts)
   branch = fast_path_branch(counts, sizes)
   if branch_axes:
@@ -299,31 +275,182 @@ def grouped_ffn(
   source = jnp.stack([_pad_index(s, n, a) for s, _ in layouts])[branch]  # [n]
   dest = jnp.where(valid, jnp.stack([d for _, d in layouts])[branch], n)  # [A]
   rows = permute_rows(x, source, dest)  # [n, d]
-  out = jax.lax.switch(branch, kernels, rows, w_gate, w_up, w_down)
+  rows, w_gate, w_up, w_down = _vary_alike(rows, w_gate, w_up, w_down)
+  out = switched_ffn(tuple(sizes), impl, activation, branch, rows, w_gate, w_up, w_down, exact)
   return permute_rows(out, dest, source)
 
 
-def _window_kernel(size: int, activation: str):
-  """Branch of the fast path: rows [n, d] -> [n, d], the first E * size rows in windows."""
+# ------------------------------------------------------------------------------------------
+# The fast path's switch, with one backward for all branches.
+#
+# Differentiating ``lax.switch`` makes every branch's residuals outputs that every branch
+# must fill (zeros when not taken): with three windows that is three sets of [E L_i, f]
+# activations written per step. ``switched_ffn`` instead saves one set, the taken window's
+# pre-activations a_gate, a_up in a common [E L_max, f] buffer, and its backward is a
+# second switch over hand-written gated-FFN gradients (the exact kernel recomputes).
+# ------------------------------------------------------------------------------------------
 
-  def kernel(rows, w_gate, w_up, w_down):
-    e = w_gate.shape[0]
-    out = window_ffn(rows[: e * size], size, w_gate, w_up, w_down, activation)
-    return _pad_rows(out, rows.shape[0])
 
-  return kernel
+def _vary_alike(*arrays):
+  """Inside ``shard_map``: each array cast to vary over the union of the arrays' varying
+  mesh axes (no-op outside). A custom VJP's gradients must have its inputs' types, and
+  these products vary over all of them; the casts' transposes (psums) then sum the partial
+  gradients, as autodiff would (e.g. dx over a model-sharded expert width)."""
+  vma = lambda a: jax.typeof(a).mat.varying
+  axes = frozenset().union(*map(vma, arrays))
+  cast = lambda a: jax.lax.pcast(a, tuple(sorted(axes - vma(a))), to="varying")
+  return tuple(cast(a) if axes - vma(a) else a for a in arrays)
 
 
-def _exact_kernel(sorted_rows: SortedRows, impl: str, activation: str):
-  """Branch of the exact grouped kernel: rows [n, d] -> [n, d], the first NB * B used."""
-  n_rows = sorted_rows.row_source.shape[0]
+def _ffn_forward(x, w_gate, w_up, w_down, activation):
+  """One expert, 2-D: y = (act(x W_g) * (x W_u)) W_d; also returns a_g = x W_g, a_u = x W_u."""
+  a_gate = jnp.einsum("ld,df->lf", x, w_gate)
+  a_up = jnp.einsum("ld,df->lf", x, w_up)
+  h = ACTIVATIONS[activation](a_gate) * a_up
+  return jnp.einsum("lf,fd->ld", h, w_down), a_gate, a_up
 
-  def kernel(rows, w_gate, w_up, w_down):
-    rows_in = rows[:n_rows]
-    if impl == "blocked":
-      out = blocked_ffn(rows_in, sorted_rows, w_gate, w_up, w_down, activation)
-    else:
-      out = ragged_ffn(rows_in, sorted_rows.counts, w_gate, w_up, w_down, activation)
-    return _pad_rows(out, rows.shape[0])
 
-  return kernel
+def _ffn_backward(x, a_gate, a_up, w_gate, w_up, w_down, dy, activation):
+  """Gradients of one expert's gated FFN from its saved pre-activations (6 matmuls):
+  dh = dy W_d^T,  da_u = dh * act(a_g),  da_g = dh * a_u * act'(a_g),
+  dW_d = h^T dy,  dW_g = x^T da_g,  dW_u = x^T da_u,  dx = da_g W_g^T + da_u W_u^T.
+  """
+  act_gate, act_vjp = jax.vjp(ACTIVATIONS[activation], a_gate)
+  h = act_gate * a_up
+  dh = jnp.einsum("ld,fd->lf", dy, w_down)
+  (da_gate,) = act_vjp(dh * a_up)
+  da_up = dh * act_gate
+  dx = jnp.einsum("lf,df->ld", da_gate, w_gate) + jnp.einsum("lf,df->ld", da_up, w_up)
+  dw_gate = jnp.einsum("ld,lf->df", x, da_gate)
+  dw_up = jnp.einsum("ld,lf->df", x, da_up)
+  dw_down = jnp.einsum("lf,ld->fd", h, dy)
+  return dx, dw_gate, dw_up, dw_down
+
+
+def _over_experts(fn, *args):
+  """fn applied to each expert's slice of args (leading axis E), outputs stacked on axis 0.
+
+  On CPU with few experts, one 2-D matmul per expert: XLA:CPU runs 2-D weight gradients
+  faster than batched ones (measured 13% faster for 8 experts, 50% slower for 64);
+  elsewhere one batched matmul per einsum ('eld,edf->elf', via vmap).
+  """
+  e = args[0].shape[0]
+  if e <= 16 and jax.default_backend() == "cpu":
+    outs = [fn(*(arg[i] for arg in args)) for i in range(e)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  return jax.vmap(fn)(*args)
+
+
+def _windows(rows, e, size):
+  """The first E * size rows [.., d] as per-expert windows [E, size, d]."""
+  return rows[: e * size].reshape(e, size, rows.shape[-1])
+
+
+def _flat_padded(x, n):
+  """[E, L, c] -> [n, c], zero rows past E * L."""
+  return _pad_rows(x.reshape(-1, x.shape[-1]), n)
+
+
+def _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation):
+  """The exact grouped kernel on the first NB * B of rows [n, d] -> [n, d]."""
+  rows_in = rows[: sorted_rows.row_source.shape[0]]
+  if impl == "blocked":
+    out = blocked_ffn(rows_in, sorted_rows, w_gate, w_up, w_down, activation)
+  else:
+    out = ragged_ffn(rows_in, sorted_rows.counts, w_gate, w_up, w_down, activation)
+  return _pad_rows(out, rows.shape[0])
+
+
+def _switched_forward(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):
+  """(out [n, d], a_gate [E L_max, f], a_up [E L_max, f]) of the taken branch: window
+  i < len(sizes) (the pre-activations saved), else the exact kernel (zeros saved)."""
+  e, f, n = w_gate.shape[0], w_gate.shape[-1], rows.shape[0]
+  saved = e * sizes[-1]
+
+  def window(size):
+    def run(rows, w_gate, w_up, w_down):
+      y, a_gate, a_up = _over_experts(
+        functools.partial(_ffn_forward, activation=activation),
+        _windows(rows, e, size),
+        w_gate,
+        w_up,
+        w_down,
+      )
+      return _flat_padded(y, n), _flat_padded(a_gate, saved), _flat_padded(a_up, saved)
+
+    return run
+
+  def exact(rows, w_gate, w_up, w_down):
+    out = _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
+    zeros, _ = _vary_alike(jnp.zeros((saved, f), out.dtype), out)
+    return out, zeros, zeros
+
+  branches = [window(size) for size in sizes] + ([exact] if sorted_rows is not None else [])
+  return jax.lax.switch(branch, branches, rows, w_gate, w_up, w_down)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def switched_ffn(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):
+  """The fast path's kernels on rows [n, d] laid out for `branch`: window i < len(sizes)
+  runs expert e on rows [e L_i, (e + 1) L_i); len(sizes) runs the exact kernel over
+  `sorted_rows` (None when a window holds any load). -> [n, d], zero rows unused."""
+  e, n = w_gate.shape[0], rows.shape[0]
+
+  def window(size):
+    def run(rows, w_gate, w_up, w_down):
+      y, _, _ = _over_experts(
+        functools.partial(_ffn_forward, activation=activation),
+        _windows(rows, e, size),
+        w_gate,
+        w_up,
+        w_down,
+      )
+      return _flat_padded(y, n)
+
+    return run
+
+  def exact(rows, w_gate, w_up, w_down):
+    return _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
+
+  branches = [window(size) for size in sizes] + ([exact] if sorted_rows is not None else [])
+  return jax.lax.switch(branch, branches, rows, w_gate, w_up, w_down)
+
+
+def _switched_fwd(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):
+  out, a_gate, a_up = _switched_forward(
+    sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows
+  )
+  return out, (branch, rows, a_gate, a_up, w_gate, w_up, w_down, sorted_rows)
+
+
+def _switched_bwd(sizes, impl, activation, res, dout):
+  branch, rows, a_gate, a_up, w_gate, w_up, w_down, sorted_rows = res
+  e, n = w_gate.shape[0], rows.shape[0]
+
+  def window(size):
+    def run(rows, a_gate, a_up, w_gate, w_up, w_down, dout):
+      dx, dw_gate, dw_up, dw_down = _over_experts(
+        functools.partial(_ffn_backward, activation=activation),
+        _windows(rows, e, size),
+        _windows(a_gate, e, size),
+        _windows(a_up, e, size),
+        w_gate,
+        w_up,
+        w_down,
+        _windows(dout, e, size),
+      )
+      return _flat_padded(dx, n), dw_gate, dw_up, dw_down
+
+    return run
+
+  def exact(rows, a_gate, a_up, w_gate, w_up, w_down, dout):
+    fn = functools.partial(_exact_ffn, sorted_rows=sorted_rows, impl=impl, activation=activation)
+    _, vjp = jax.vjp(fn, rows, w_gate, w_up, w_down)
+    return vjp(dout)
+
+  branches = [window(size) for size in sizes] + ([exact] if sorted_rows is not None else [])
+  grads = jax.lax.switch(branch, branches, rows, a_gate, a_up, w_gate, w_up, w_down, dout)
+  return (None, *grads, None)
+
+
+switched_ffn.defvjp(_switched_fwd, _switched_bwd)

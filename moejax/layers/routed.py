@@ -60,7 +60,7 @@ def sorted_experts(
     cfg.activation,
     cfg.resolved_expert_impl(),
     cfg.expert_block_size,
-    cfg.dropless_windows,
+    cfg.resolved_dropless_windows(),
   )
   return combine_assignments(y_assign.reshape(g, s, k, d), routing, routing.valid)
 
