@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.analysis.collect import moe_layer_inputs
+from moejax.analysis.collect import moe_layer_inputs, split_batches
+from moejax.analysis.workflows import collect_run, load_params, run_config
 from moejax.compress.merge import EXPERT_PARAMS
 from moejax.compress.prune import SCORERS, top_experts
+from moejax.compress.workflows import _write_new_run, target_config
 from moejax.config import ExperimentConfig, ModelConfig
 from moejax.errors import config_error
 from moejax.layers.ffn import expert_ffn
@@ -180,10 +182,6 @@ def compress_run(
   """Compresses every MoE layer's `num_compressed` least important experts (scored and
   averaged on `num_batches` batches of `split`); writes run `out`; returns a summary with
   the eval loss on `eval_batches` batches of `eval_split` before and after."""
-  from moejax.analysis.collect import split_batches
-  from moejax.analysis.workflows import collect_run, load_params, run_config
-  from moejax.compress.workflows import _write_new_run, target_config
-
   config, model_cfg = run_config(workdir)
   check_compressible(num_compressed, model_cfg)
   if method not in SCORERS:
