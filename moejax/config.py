@@ -674,6 +674,12 @@ class ExperimentConfig:
           "selects each token's gate by the batch's task_id)",
         )
 
+  def replace_fields(self, fields: dict[str, Any]) -> ExperimentConfig:
+    """A new validated config with dotted fields set, e.g. ``{"model.moe.num_experts": 4,
+    "mesh.expert": 2}``; a section that is None (a dense model's ``model.moe``) starts
+    from its defaults. An unknown or invalid field is a ConfigError naming it."""
+    return ExperimentConfig.from_config(with_overrides(self.to_config_dict(), fields))
+
   def to_config_dict(self) -> ml_collections.ConfigDict:
     """The ConfigDict form (what ``config.json`` of a run holds)."""
     cd = ml_collections.ConfigDict()
@@ -726,16 +732,20 @@ def with_overrides(
   cd: ml_collections.ConfigDict, overrides: dict[str, Any]
 ) -> ml_collections.ConfigDict:
   """A copy of the ConfigDict `cd` with dotted fields set, e.g. {'mesh.expert': 2,
-  'model.moe.top_k': 1}; missing sub-sections are created. The only place tools edit
-  configs (the trainer's command line uses ``--config.a.b=v``)."""
+  'model.moe.top_k': 1}; missing sub-sections are created. For ConfigDicts before they are
+  parsed (``configs/*.py``, command-line style overrides); a parsed config uses
+  ``ExperimentConfig.replace_fields``."""
   new = copy.deepcopy(cd)
   with new.unlocked():
     for dotted, value in overrides.items():
       *parents, leaf = dotted.split(".")
       node = new
-      for p in parents:
+      for i, p in enumerate(parents):
         if node.get(p) is None:
           node[p] = ml_collections.ConfigDict()
+        elif not isinstance(node[p], ml_collections.ConfigDict):
+          path = ".".join(parents[: i + 1])
+          raise config_error(dotted, value, f"{path}={node[p]!r} is not a config section")
         node = node[p]
       with node.ignore_type():
         node[leaf] = value

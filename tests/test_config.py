@@ -384,3 +384,28 @@ def test_with_overrides_copies_and_sets_dotted_fields():
 def test_mesh_config_fields_are_the_mesh_axes():
   assert tuple(field_names(MeshConfig)) == MESH_AXES  # one field per axis, in mesh order
   assert MeshConfig.from_config(base_config().mesh).sizes() == {"data": -1, "expert": 1, "model": 1}
+
+
+def test_replace_fields_returns_a_new_validated_config_naming_bad_fields():
+  exp = ExperimentConfig.from_config(load("tiny_cpu"))
+  new = exp.replace_fields({"model.moe.num_experts": 2, "mesh.expert": 2, "data.data_dir": "/d"})
+  assert (new.model.moe.num_experts, new.mesh.expert, new.data.data_dir) == (2, 2, "/d")
+  assert new == dataclasses.replace(
+    exp,
+    model=dataclasses.replace(exp.model, moe=dataclasses.replace(exp.model.moe, num_experts=2)),
+    mesh=dataclasses.replace(exp.mesh, expert=2),
+    data=dataclasses.replace(exp.data, data_dir="/d"),
+  )
+  dense = exp.replace_fields({"model.moe_every": 0})
+  assert dense.model.moe is None
+  # a dense model's absent moe section starts from MoEConfig's defaults
+  moe = dense.replace_fields({"model.moe_every": 1, "model.moe.top_k": 1}).model.moe
+  assert moe == dataclasses.replace(MoEConfig(), top_k=1, config_path="model.moe")
+  for fields, match in (
+    ({"model.moe.top_kk": 1}, r"model\.moe\.top_kk=1 is invalid: unknown field"),
+    ({"model.d_model.x": 1}, r"model\.d_model\.x=1 is invalid: model\.d_model=128 is not a config"),
+    ({"mesh.expert": 0}, r"mesh\.expert=0 is invalid"),
+    ({"data.seq_len": 10**6}, r"data\.seq_len=1000000 is invalid: must be <= model\.max_len"),
+  ):
+    with pytest.raises(ConfigError, match=match):
+      exp.replace_fields(fields)

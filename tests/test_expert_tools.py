@@ -25,7 +25,7 @@ from moejax.analysis import (
 from moejax.analysis.workflows import load_params, run_config
 from moejax.compress import dominant_experts, mc_smoe_groups, prune_model, router_logit_similarity
 from moejax.compress.workflows import merge_run, prune_run
-from moejax.config import ModelConfig
+from moejax.config import ExperimentConfig, ModelConfig
 from moejax.convert import hf
 from moejax.errors import ConfigError
 from moejax.layers import moe_forward
@@ -320,8 +320,7 @@ def test_pruning_keeps_top_experts_restores_trains_and_exports(run, source, sums
     removed += before["router"].shape[0]
   assert count_params(pruned) == count_params(params) - removed
 
-  with config.unlocked():
-    config.train.eval_every = 0  # (saves a compile)
+  config = config.replace_fields({"train.eval_every": 0})  # (saves a compile)
   result = train(config, out, show_progress=False)  # resumes the step-0 checkpoint
   assert result.final_step == config.train.steps
   assert all(math.isfinite(v) for v in result.losses.values())
@@ -333,8 +332,10 @@ def test_pruning_keeps_top_experts_restores_trains_and_exports(run, source, sums
 
 
 def test_prune_model_keeps_null_columns_and_shared_experts():
-  cfg = tiny_config("/unused", router="null_experts", num_null_experts=2, top_k=3)
-  model_cfg = ModelConfig.from_config(cfg.model)
+  cfg = ExperimentConfig.from_config(
+    tiny_config("/unused", router="null_experts", num_null_experts=2, top_k=3)
+  )
+  model_cfg = cfg.model
   assert model_cfg.moe_layers == (1,)
   rng = np.random.default_rng(2)
   ffn = {
@@ -377,9 +378,7 @@ def test_prune_rejects_bad_requests_before_any_work(run, tmp_path):
   with pytest.raises(ConfigError, match=r"mesh\.expert"):  # 3 experts do not split over 2
     prune_run(run, str(tmp_path / "a"), keep=3, mesh={"data": -1, "expert": 2})
   assert not os.path.exists(tmp_path / "a" / "checkpoints")
-  dense = load_run_config(run)
-  with dense.unlocked():
-    dense.model.moe_every = 0
+  dense = load_run_config(run).replace_fields({"model.moe_every": 0})
   save_run_config(dense, str(tmp_path / "dense"))  # a config is all it needs to refuse
   with pytest.raises(ConfigError, match=r"model\.moe_every=0 is invalid"):
     prune_run(str(tmp_path / "dense"), str(tmp_path / "a"), keep=2)

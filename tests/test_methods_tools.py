@@ -10,7 +10,7 @@ import pytest
 from moejax.analysis.collect import moe_layer_inputs
 from moejax.compress.compressed import compress_model, expected_outputs
 from moejax.compress.readme_split import activation_patterns, balanced_kmeans, readme_split_params
-from moejax.config import ModelConfig
+from moejax.config import ExperimentConfig, ModelConfig
 from moejax.data.pipeline import LMBatchIterator, document_task
 from moejax.data.tokenizer import ByteTokenizer
 from moejax.models import Transformer
@@ -69,7 +69,7 @@ def test_compressed_vectors_are_mean_outputs_and_other_tokens_are_unchanged():
   sums = {1: {"gate_norm": np.array([4.0, 1.0, 3.0, 2.0])}}  # easy_ep scores: drop 1 and 3
   all_vectors = {1: vectors}
   new_config, new_params, kept, _ = compress_model(
-    config, model_cfg, params, sums, all_vectors, 2, "easy_ep"
+    ExperimentConfig.from_config(config), model_cfg, params, sums, all_vectors, 2, "easy_ep"
   )
   assert kept == {1: [0, 2]}
   new_ffn = new_params["layers_1"]["ffn"]
@@ -177,8 +177,7 @@ def test_compress_cli_writes_a_trainable_run(tmp_path, data_dir, capsys):
   assert "eval loss" in capsys.readouterr().out
   cfg = load_run_config(out)
   assert cfg.model.moe.num_experts == 2 and cfg.model.moe.num_compressed_experts == 2
-  with cfg.unlocked():
-    cfg.train.steps = 2
+  cfg = cfg.replace_fields({"train.steps": 2})
   result = train(cfg, out, show_progress=False, devices=jax.devices()[:1])
   assert result.final_step == 2 and np.all(np.isfinite(list(result.losses.values())))
 
@@ -199,8 +198,7 @@ def test_readme_split_cli_writes_a_trainable_run(tmp_path, data_dir, capsys):
   assert "eval loss" in capsys.readouterr().out
   cfg = load_run_config(out)
   assert cfg.model.moe_every == 1 and cfg.model.moe.expert_d_ff == dense.model.d_ff // 4
-  with cfg.unlocked():
-    cfg.train.steps = 2
+  cfg = cfg.replace_fields({"train.steps": 2})
   result = train(cfg, out, show_progress=False, devices=jax.devices()[:1])
   assert result.final_step == 2
   assert (

@@ -55,9 +55,8 @@ def _run(cfg, batches, devices=None):
   """(losses, final params (unrolled), experiment) after len(batches) steps."""
   exp = build_experiment(cfg, devices=devices)
   # The same initial params for every run: the unrolled model's, stacked when scanned.
-  ref_cfg = unrolled_config(cfg)
-  with ref_cfg.unlocked():
-    ref_cfg.mesh.data, ref_cfg.mesh.expert, ref_cfg.mesh.model = 1, 1, 1
+  one_device = {"mesh.data": 1, "mesh.expert": 1, "mesh.model": 1}
+  ref_cfg = unrolled_config(exp.config).replace_fields(one_device)
   ref = build_experiment(ref_cfg, devices=jax.devices()[:1])
   init = create_train_state(
     ref.model, ref.tx, cfg.data.seq_len, cfg.train.seed, ref.state_shardings

@@ -16,6 +16,7 @@ from moejax.config import ModelConfig
 from moejax.convert import hf, hf_deepseek
 from moejax.convert.safetensors_io import ConversionError
 from moejax.errors import ConfigError
+from moejax.fields import as_dict
 from moejax.models.rope import yarn_inv_freq, yarn_rope_angles
 from moejax.models.transformer import mla_rope_angles, mla_softmax_scale
 from tests.helpers import assert_same_safetensors
@@ -170,7 +171,7 @@ def test_config_json_round_trip():
   legacy = dict(config, rope_parameters=None, rope_theta=300.0)
   legacy["rope_scaling"] = {**scaling, "type": "yarn"}
   assert hf_deepseek.rope_fields_from_hf(legacy) == YARN
-  assert hf_deepseek.model_section_from_hf(legacy).rope_theta == 300.0
+  assert hf_deepseek.model_config_from_hf(legacy).rope_theta == 300.0
 
 
 @pytest.mark.parametrize(
@@ -223,7 +224,7 @@ def test_transformers_yarn_model_imports_with_same_logits_and_exports_bit_identi
   assert np.abs(ours).max() > 0.1
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
   # YaRN changes the model: the same weights with plain RoPE give other logits
-  plain = ModelConfig.from_config({**section.to_dict(), "rope_scaling": "none"})
+  plain = ModelConfig.from_config({**as_dict(section), "rope_scaling": "none"})
   assert np.abs(moejax_logits(plain, params, tokens) - theirs).max() > 1e-3
 
   hf.export_hf(params, cfg, str(tmp_path / "again"))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from moejax.config import DataConfig, ModelConfig
+from moejax.config import ExperimentConfig, ModelConfig
 from moejax.data import make_eval_iterator
 from moejax.layers.dispatch import dispatch
 from moejax.layers.ffn import expert_ffn
@@ -200,10 +200,10 @@ def collect_sums(
   return total
 
 
-def split_batches(config, split: str, num_batches: int) -> Iterator[dict]:
+def split_batches(config: ExperimentConfig, split: str, num_batches: int) -> Iterator[dict]:
   """The first `num_batches` batches of data split `split`, in order (one host's view of
   the global batch: ``make_eval_iterator`` with ``data.eval_split = split``)."""
-  data = dataclasses.replace(DataConfig.from_config(config.data), eval_split=split)
+  data = dataclasses.replace(config.data, eval_split=split)
   for i, batch in enumerate(make_eval_iterator(data, 0, 1)):
     if i >= num_batches:
       return

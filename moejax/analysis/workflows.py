@@ -11,17 +11,17 @@ import jax
 
 from moejax.analysis import plots, stats
 from moejax.analysis.collect import collect_sums, split_batches
-from moejax.config import ModelConfig
+from moejax.config import ExperimentConfig, ModelConfig
 from moejax.errors import config_error
 from moejax.training.paths import as_path
 from moejax.training.workdir import load_run_config, restore_state
 
 
-def run_config(workdir: str):
-  """(experiment config, ModelConfig) of a run, validated; raises for a dense model."""
+def run_config(workdir: str) -> tuple[ExperimentConfig, ModelConfig]:
+  """(experiment config, its unrolled ModelConfig) of a run; raises for a dense model."""
   config = load_run_config(workdir)
   # Tools work on the unrolled layers_{i} params (restore_state unstacks scanned runs).
-  model_cfg = dataclasses.replace(ModelConfig.from_config(config.model), scan_layers=False)
+  model_cfg = dataclasses.replace(config.model, scan_layers=False)
   if model_cfg.moe is None:
     raise config_error(
       "model.moe_every",
@@ -31,14 +31,14 @@ def run_config(workdir: str):
   return config, model_cfg
 
 
-def load_params(config, workdir: str, step: int | None = None):
+def load_params(config: ExperimentConfig, workdir: str, step: int | None = None):
   """(host params, step) of the newest (or given) checkpoint of the run."""
   state, _, step, _ = restore_state(config, workdir, step)
   return jax.device_get(state.params), step
 
 
 def collect_run(
-  config, model_cfg, params, split: str, num_batches: int, progress: bool = True
+  config: ExperimentConfig, model_cfg, params, split: str, num_batches: int, progress: bool = True
 ) -> dict[int, dict]:
   batches = split_batches(config, split, num_batches)
   return collect_sums(model_cfg, params, batches, num_batches, progress)

@@ -1,5 +1,23 @@
-"""moejax-experts: expert analysis and compression of MoE runs: stats, prune, merge, compress.
+"""moejax-experts: expert analysis and compression of MoE runs (stats, prune, merge,
+compress); ``HELP`` is the --help text."""
 
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from moejax.analysis.workflows import stats_run
+from moejax.cli import parse_mesh, run_subcommand
+from moejax.compress.compressed import compress_run
+from moejax.compress.merge import METHODS
+from moejax.compress.workflows import merge_run, prune_run
+from moejax.evaluate import print_before_after
+
+DESCRIPTION = (
+  "moejax-experts: expert analysis and compression of MoE runs: stats, prune, merge, compress."
+)
+HELP = """\
 Every subcommand reads a run workdir written by ``moejax-train`` (its config.json and
 Orbax checkpoints) and runs the model over the first --batches batches of a data split.
 
@@ -22,19 +40,6 @@ Examples:
   moejax-experts compress --workdir runs/tiny --out runs/tiny_c2 --num_compressed 2
   moejax-train --workdir runs/tiny_r4 ...   # fine-tune the result
 """
-
-from __future__ import annotations
-
-import argparse
-import json
-import os
-
-from moejax.analysis.workflows import stats_run
-from moejax.cli import parse_mesh, run_subcommand
-from moejax.compress.compressed import compress_run
-from moejax.compress.merge import METHODS
-from moejax.compress.workflows import merge_run, prune_run
-from moejax.evaluate import print_before_after
 
 
 def cmd_stats(args) -> None:
@@ -119,9 +124,9 @@ def cmd_compress(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    description=__doc__.split("\n\n")[0],
+    description=DESCRIPTION,
     formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split("\n\n", 1)[1],
+    epilog=HELP,
   )
   sub = parser.add_subparsers(dest="command", required=True)
 

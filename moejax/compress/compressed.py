@@ -9,6 +9,7 @@ Router columns are [kept, compressed], each in their original order.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax
@@ -16,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.analysis.collect import moe_layer_inputs
+from moejax.analysis.collect import moe_layer_inputs, split_batches
+from moejax.analysis.workflows import collect_run, load_params, run_config
 from moejax.compress.merge import EXPERT_PARAMS
 from moejax.compress.prune import SCORERS, top_experts
-from moejax.config import ModelConfig, with_overrides
+from moejax.compress.workflows import _write_new_run, target_config
+from moejax.config import ExperimentConfig, ModelConfig
 from moejax.errors import config_error
 from moejax.layers.ffn import expert_ffn
 from moejax.layers.moe import to_groups
@@ -120,7 +123,26 @@ def check_compressible(num_compressed: int, model_cfg: ModelConfig) -> None:
     raise config_error("num_compressed", num_compressed, f"must be an int in [1, {e - 1}]")
 
 
-def compress_model(config, model_cfg: ModelConfig, params, sums, vectors, num_compressed, method):
+def compressed_config(config: ExperimentConfig, num_compressed: int) -> ExperimentConfig:
+  """The config with `num_compressed` of its E experts compressed: E - J full, J vectors."""
+  e = config.model.moe.num_experts
+  return config.replace_fields(
+    {
+      "model.moe.num_experts": e - num_compressed,
+      "model.moe.num_compressed_experts": num_compressed,
+    }
+  )
+
+
+def compress_model(
+  config: ExperimentConfig,
+  model_cfg: ModelConfig,
+  params,
+  sums,
+  vectors,
+  num_compressed: int,
+  method: str,
+):
   """(new config, params, {layer: kept experts}, {layer: scores}); `sums` from
   ``moejax.analysis.collect`` (for the scores), `vectors` from ``expected_outputs``."""
   check_compressible(num_compressed, model_cfg)
@@ -135,14 +157,7 @@ def compress_model(config, model_cfg: ModelConfig, params, sums, vectors, num_co
     layer = dict(params[f"layers_{i}"])
     layer["ffn"] = compress_ffn(layer["ffn"], kept[i], vectors[i])
     params[f"layers_{i}"] = layer
-  new_config = with_overrides(
-    config,
-    {
-      "model.moe.num_experts": e - num_compressed,
-      "model.moe.num_compressed_experts": num_compressed,
-    },
-  )
-  return new_config, params, kept, scores
+  return compressed_config(config, num_compressed), params, kept, scores
 
 
 def eval_loss(model_cfg: ModelConfig, params, batches) -> float:
@@ -167,24 +182,11 @@ def compress_run(
   """Compresses every MoE layer's `num_compressed` least important experts (scored and
   averaged on `num_batches` batches of `split`); writes run `out`; returns a summary with
   the eval loss on `eval_batches` batches of `eval_split` before and after."""
-  from moejax.analysis.collect import split_batches
-  from moejax.analysis.workflows import collect_run, load_params, run_config
-  from moejax.compress.workflows import _write_new_run, target_config
-  from moejax.config import ModelConfig
-
   config, model_cfg = run_config(workdir)
   check_compressible(num_compressed, model_cfg)
   if method not in SCORERS:
     raise config_error("method", method, f"allowed: {sorted(SCORERS)}")
-  e = model_cfg.moe.num_experts
-  preview = with_overrides(
-    config,
-    {
-      "model.moe.num_experts": e - num_compressed,
-      "model.moe.num_compressed_experts": num_compressed,
-    },
-  )
-  target_config(preview, out, mesh)  # fail before any expensive work
+  target_config(compressed_config(config, num_compressed), out, mesh)  # fail before any work
   params, step = load_params(config, workdir, step)
   sums = collect_run(config, model_cfg, params, split, num_batches, progress)
   vectors = expected_outputs(model_cfg, params, split_batches(config, split, num_batches))
@@ -192,7 +194,7 @@ def compress_run(
     config, model_cfg, params, sums, vectors, num_compressed, method
   )
   new_config = target_config(new_config, out, mesh)
-  new_model_cfg = ModelConfig.from_config(new_config.model)
+  new_model_cfg = dataclasses.replace(new_config.model, scan_layers=False)  # unrolled params
   before = eval_loss(model_cfg, params, split_batches(config, eval_split, eval_batches))
   after = eval_loss(new_model_cfg, new_params, split_batches(config, eval_split, eval_batches))
   summary = {

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import flax
 import numpy as np
 
-from moejax.config import ModelConfig, with_overrides
+from moejax.config import ExperimentConfig, ModelConfig
 from moejax.convert.safetensors_io import ConversionError
 from moejax.errors import config_error
 
@@ -75,21 +75,22 @@ def mc_smoe_groups(
   return [sorted(groups[d]) for d in dominant]
 
 
-def merged_config(config, num_experts: int, top_k: int | None = None):
-  """A copy of the config with num_experts = E' and top_k (default min(top_k, E' + N))."""
+def merged_config(
+  config: ExperimentConfig, num_experts: int, top_k: int | None = None
+) -> ExperimentConfig:
+  """The config with num_experts = E' and top_k (default min(top_k, E' + N))."""
   moe = config.model.moe
-  limit = num_experts + moe.get("num_null_experts", 0)
-  return with_overrides(
-    config,
+  limit = num_experts + moe.num_null_experts
+  return config.replace_fields(
     {
       "model.moe.num_experts": num_experts,
       "model.moe.top_k": min(moe.top_k, limit) if top_k is None else top_k,
-    },
+    }
   )
 
 
 def merge_model(
-  config,
+  config: ExperimentConfig,
   model_cfg: ModelConfig,
   params,
   sums_per_layer: dict[int, dict] | None,

@@ -17,7 +17,7 @@ import flax
 import numpy as np
 
 from moejax.compress.merge import EXPERT_PARAMS
-from moejax.config import ModelConfig, with_overrides
+from moejax.config import ExperimentConfig, ModelConfig
 from moejax.errors import config_error
 
 
@@ -74,20 +74,24 @@ def check_keep(keep: int, model_cfg: ModelConfig) -> None:
     raise config_error("keep", keep, f"must be an int in [1, model.moe.num_experts={e}]")
 
 
-def pruned_config(config, keep: int):
-  """A copy of the experiment config with num_experts = keep, top_k = min(top_k, keep + N)."""
+def pruned_config(config: ExperimentConfig, keep: int) -> ExperimentConfig:
+  """The experiment config with num_experts = keep, top_k = min(top_k, keep + N)."""
   moe = config.model.moe
-  return with_overrides(
-    config,
+  return config.replace_fields(
     {
       "model.moe.num_experts": keep,
-      "model.moe.top_k": min(moe.top_k, keep + moe.get("num_null_experts", 0)),
-    },
+      "model.moe.top_k": min(moe.top_k, keep + moe.num_null_experts),
+    }
   )
 
 
 def prune_model(
-  config, model_cfg: ModelConfig, params, sums_per_layer: dict[int, dict], keep: int, method: str
+  config: ExperimentConfig,
+  model_cfg: ModelConfig,
+  params,
+  sums_per_layer: dict[int, dict],
+  keep: int,
+  method: str,
 ):
   """(new config, pruned params, {layer: kept expert indices}, {layer: scores})."""
   if method not in SCORERS:

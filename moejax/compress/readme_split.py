@@ -16,7 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.analysis.collect import split_batches
+from moejax.compress.compressed import eval_loss
+from moejax.compress.workflows import target_config
+from moejax.config import ExperimentConfig
+from moejax.errors import ConfigError, config_error
 from moejax.layers.ffn import ACTIVATIONS
+from moejax.models import Transformer
+from moejax.training.workdir import load_run_config, restore_state, write_run
 
 
 def balanced_kmeans(features: np.ndarray, num_clusters: int, iters: int = 20, seed: int = 0):
@@ -81,8 +88,6 @@ def hidden_activations(x: jax.Array, ffn: dict, activation: str = "silu") -> jax
 def activation_patterns(model_cfg, params, batches) -> dict[int, np.ndarray]:
   """{layer i: [F, T]} each hidden unit's |activation| on every unmasked calibration token
   of `batches` (the dense model's FFN inputs, captured at ``ffn_norm``)."""
-  from moejax.models import Transformer
-
   model = Transformer(model_cfg)
 
   @jax.jit
@@ -125,6 +130,24 @@ def readme_split_params(
   return params, labels
 
 
+def split_config(config: ExperimentConfig, num_experts: int, top_k: int) -> ExperimentConfig:
+  """The dense `config` as every layer MoE: E experts of d_ff / E units, dropless
+  renormalised top-k (softmax over the selected logits)."""
+  return config.replace_fields(
+    {
+      "model.moe_every": 1,
+      "model.first_moe_layer": 0,
+      "model.moe.num_experts": num_experts,
+      "model.moe.expert_d_ff": config.model.d_ff // num_experts,
+      "model.moe.top_k": top_k,
+      "model.moe.router": "topk",
+      "model.moe.router_order": "topk_softmax",
+      "model.moe.dropless": True,
+      "model.moe.activation": "silu",
+    }
+  )
+
+
 def readme_split_run(
   workdir: str,
   out: str,
@@ -139,13 +162,6 @@ def readme_split_run(
 ) -> dict:
   """Dense run `workdir` -> MoE run `out` (every layer MoE, dropless renormalised top-k);
   returns a summary with the eval loss on `eval_batches` validation batches before/after."""
-  from moejax.analysis.collect import split_batches
-  from moejax.compress.compressed import eval_loss
-  from moejax.compress.workflows import target_config
-  from moejax.config import ModelConfig, with_overrides
-  from moejax.errors import ConfigError, config_error
-  from moejax.training.workdir import load_run_config, restore_state, write_run
-
   config = load_run_config(workdir)
   if config.model.moe_every:
     raise ConfigError(f"{workdir} is an MoE model; readme-split takes a dense run")
@@ -154,29 +170,13 @@ def readme_split_run(
     raise config_error("num_experts", num_experts, f"must be an int >= 2 dividing d_ff={d_ff}")
   if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
     raise config_error("top_k", top_k, f"must be an int in [1, num_experts={num_experts}]")
-  new_config = target_config(
-    with_overrides(
-      config,
-      {
-        "model.moe_every": 1,
-        "model.first_moe_layer": 0,
-        "model.moe.num_experts": num_experts,
-        "model.moe.expert_d_ff": d_ff // num_experts,
-        "model.moe.top_k": top_k,
-        "model.moe.router": "topk",
-        "model.moe.router_order": "topk_softmax",
-        "model.moe.dropless": True,
-        "model.moe.activation": "silu",
-      },
-    ),
-    out,
-  )
+  new_config = target_config(split_config(config, num_experts, top_k), out)
   state, _, step, _ = restore_state(config, workdir, step)
-  dense_cfg = dataclasses.replace(ModelConfig.from_config(config.model), scan_layers=False)
+  dense_cfg = dataclasses.replace(config.model, scan_layers=False)
   params = jax.device_get(state.params)
   patterns = activation_patterns(dense_cfg, params, split_batches(config, split, num_batches))
   new_params, labels = readme_split_params(params, patterns, num_experts, top_k, router_scale, seed)
-  moe_cfg = dataclasses.replace(ModelConfig.from_config(new_config.model), scan_layers=False)
+  moe_cfg = dataclasses.replace(new_config.model, scan_layers=False)
   before = eval_loss(dense_cfg, params, split_batches(config, "validation", eval_batches))
   after = eval_loss(moe_cfg, new_params, split_batches(config, "validation", eval_batches))
   write_run(new_config, out, new_params)

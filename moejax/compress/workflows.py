@@ -16,7 +16,7 @@ from moejax.analysis.workflows import collect_run, load_params, run_config
 from moejax.compress.merge import METHODS, merge_model, merged_config
 from moejax.compress.prune import SCORERS, check_keep, prune_model, pruned_config
 from moejax.compress.upcycle import upcycle_params
-from moejax.config import ExperimentConfig, with_overrides
+from moejax.config import ExperimentConfig
 from moejax.errors import ConfigError, config_error
 from moejax.parallel import make_mesh, validate_mesh_for_moe
 from moejax.training.paths import as_path
@@ -33,19 +33,22 @@ UPCYCLE_MOE_FIELDS = (
 )
 
 
-def target_config(new_config, out: str, mesh: dict | None = None):
+def target_config(
+  new_config: ExperimentConfig, out: str, mesh: dict | None = None
+) -> ExperimentConfig:
   """Applies a mesh override to the new run's config and checks it (and that `out` holds no
   checkpoints) before any expensive work. ConfigError names the failing field."""
   ckpts = as_path(out) / "checkpoints"
   if ckpts.is_dir() and any(ckpts.iterdir()):
     raise FileExistsError(f"{out} already holds checkpoints; choose a fresh --out")
-  new_config = with_overrides(new_config, {f"mesh.{a}": n for a, n in (mesh or {}).items()})
-  cfg = ExperimentConfig.from_config(new_config)
+  cfg = new_config.replace_fields({f"mesh.{a}": n for a, n in (mesh or {}).items()})
   validate_mesh_for_moe(make_mesh(cfg.mesh), cfg.model.moe)
-  return new_config
+  return cfg
 
 
-def _write_new_run(new_config, out: str, params, summary: dict, name: str) -> dict:
+def _write_new_run(
+  new_config: ExperimentConfig, out: str, params, summary: dict, name: str
+) -> dict:
   """write_run (a step-0 checkpoint) plus a JSON summary `name` in the new run."""
   write_run(new_config, out, params)
   (as_path(out) / name).write_text(json.dumps(summary, indent=1))
@@ -136,10 +139,11 @@ def upcycle_run(
   first_moe_layer: int = 0,
   seed: int = 0,
   step: int | None = None,
-  config=None,
+  config: ExperimentConfig | None = None,
 ) -> dict:
   """Sparse upcycling of dense run `workdir` into MoE run `out`: `moe` overrides the
-  ``model.moe`` fields (None values are skipped), expert_d_ff = the dense d_ff."""
+  ``model.moe`` fields (None values are skipped), expert_d_ff = the dense d_ff. `config`:
+  the dense run's config (default: its config.json)."""
   dense_config = load_run_config(workdir) if config is None else config
   state, _, step, exp = restore_state(dense_config, workdir, step)
   if exp.model_cfg.moe_every:
@@ -155,11 +159,9 @@ def upcycle_run(
       "model.first_moe_layer": first_moe_layer,
     }
   )
-  config = with_overrides(dense_config, overrides)
+  config = target_config(dense_config.replace_fields(overrides), out)
   # the unrolled layers_{i} form (write_run stacks it for a scanned config)
-  model_cfg = dataclasses.replace(
-    ExperimentConfig.from_config(target_config(config, out)).model, scan_layers=False
-  )
+  model_cfg = dataclasses.replace(config.model, scan_layers=False)
   params = upcycle_params(
     jax.device_get(state.params), model_cfg, abstract_params(model_cfg), jax.random.key(seed)
   )

@@ -1,5 +1,22 @@
-"""moejax-convert: reshard, export/import Hugging Face, upcycle, readme-split.
+"""moejax-convert: reshard, export/import Hugging Face, upcycle, readme-split (run workdir
+-> new workdir or directory); ``HELP`` is the --help text."""
 
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from moejax.cli import parse_mesh, run_subcommand
+from moejax.compress.readme_split import readme_split_run
+from moejax.compress.workflows import UPCYCLE_MOE_FIELDS, upcycle_run
+from moejax.config import ExperimentConfig, base_config
+from moejax.convert.hf import export_hf, import_hf
+from moejax.convert.reshard import reshard_checkpoint
+from moejax.evaluate import print_before_after
+from moejax.training.workdir import load_config_file, load_run_config, restore_state, write_run
+
+DESCRIPTION = "moejax-convert: reshard, export/import Hugging Face, upcycle, readme-split."
+HELP = """\
 Every subcommand reads a run workdir written by ``moejax-train`` (its config.json and
 Orbax checkpoints) and writes a new workdir or directory; outputs are never partially
 written (a failure leaves no output behind).
@@ -24,26 +41,15 @@ Examples:
       --num_experts 4 --top_k 2
 """
 
-from __future__ import annotations
 
-import argparse
-
-from ml_collections import ConfigDict
-
-from moejax.cli import parse_mesh, run_subcommand
-from moejax.compress.readme_split import readme_split_run
-from moejax.compress.workflows import UPCYCLE_MOE_FIELDS, upcycle_run
-from moejax.config import base_config, with_overrides
-from moejax.convert.hf import export_hf, import_hf
-from moejax.convert.reshard import reshard_checkpoint
-from moejax.evaluate import print_before_after
-from moejax.training.workdir import load_config_file, load_run_config, restore_state, write_run
+def _config_file(args) -> ExperimentConfig | None:
+  """The parsed --config file, or None."""
+  path = getattr(args, "config", None)
+  return ExperimentConfig.from_config(load_config_file(path)) if path else None
 
 
-def _load_config(args) -> ConfigDict:
-  if getattr(args, "config", None):
-    return load_config_file(args.config)
-  return load_run_config(args.workdir)
+def _load_config(args) -> ExperimentConfig:
+  return _config_file(args) or load_run_config(args.workdir)
 
 
 def parse_size(text: str) -> int:
@@ -77,14 +83,16 @@ def cmd_export_hf(args) -> None:
 
 
 def cmd_import_hf(args) -> None:
-  section, params = import_hf(args.hf_dir)
-  config = load_config_file(args.config) if args.config else base_config()
-  step = write_run(with_overrides(config, {"model": section}), args.out, params)
+  model_cfg, params = import_hf(args.hf_dir)
+  config = _config_file(args) or ExperimentConfig.from_config(base_config())
+  config = dataclasses.replace(config, model=model_cfg)
+  config.check_cross_section()
+  step = write_run(config, args.out, params)
   print(f"imported {args.hf_dir} as step {step} of run {args.out}")
 
 
 def cmd_upcycle(args) -> None:
-  config = _load_config(args) if args.config else None
+  config = _config_file(args)
   summary = upcycle_run(
     args.workdir,
     args.out,
@@ -124,9 +132,9 @@ def cmd_readme_split(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    description=__doc__.split("\n\n")[0],
+    description=DESCRIPTION,
     formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split("\n\n", 1)[1],
+    epilog=HELP,
   )
   sub = parser.add_subparsers(dest="command", required=True)
 

@@ -154,8 +154,8 @@ def read_hf_config(hf_dir: str) -> dict:
     return json.load(f)
 
 
-def import_hf(hf_dir: str):
-  """Reads an HF checkpoint directory -> (model config section (ConfigDict), params)."""
+def import_hf(hf_dir: str) -> tuple[ModelConfig, dict]:
+  """Reads an HF checkpoint directory -> (its validated ModelConfig, params)."""
   hf = read_hf_config(hf_dir)
   model_type = hf.get("model_type")
   if model_type not in FAMILIES:
@@ -165,8 +165,7 @@ def import_hf(hf_dir: str):
       f"{sorted(FAMILIES)}"
     )
   module = FAMILIES[model_type]
-  section = module.model_section_from_hf(hf)
-  model_cfg = ModelConfig.from_config(section)
+  model_cfg = module.model_config_from_hf(hf)
   abstract = abstract_params(model_cfg)
   params = module.from_hf_tensors(read_safetensors(hf_dir), abstract, model_cfg)
-  return section, params
+  return model_cfg, params

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_collections
 import numpy as np
 
+from moejax.config import ModelConfig
 from moejax.convert import hf_mapping as mapping
 from moejax.convert.hf_mapping import (
   DECODER_ROWS,
@@ -243,8 +243,14 @@ def _reject(field: str, value, allowed: str) -> None:
   )
 
 
-def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
-  """The ``model`` config section (ConfigDict) equivalent to an HF DeepSeek-V2 config.json."""
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """The validated ModelConfig equivalent to an HF DeepSeek-V2 config.json."""
+  return ModelConfig.from_config(model_dict_from_hf(hf), path="model")
+
+
+def model_dict_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+  """The ``model`` section (a plain dict, unvalidated) of ``model_config_from_hf``; every
+  unsupported option is a ConversionError naming it."""
   if hf.get("model_type") != MODEL_TYPE:
     raise ConversionError(
       f"config.json model_type={hf.get('model_type')!r} is not supported "
@@ -285,29 +291,28 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       f"num_hidden_layers={layers})",
     )
 
-  model = ml_collections.ConfigDict()
-  model.vocab_size = hf["vocab_size"]
-  model.d_model = hf["hidden_size"]
-  model.num_layers = layers
-  model.num_heads = heads
-  model.num_kv_heads = heads  # unused by MLA
-  model.head_dim = hf["qk_rope_head_dim"]  # unused by MLA; transformers' head_dim
-  model.attention = "mla"
-  model.q_lora_rank = hf.get("q_lora_rank") or 0
-  model.kv_lora_rank = hf["kv_lora_rank"]
-  model.qk_nope_head_dim = hf["qk_nope_head_dim"]
-  model.qk_rope_head_dim = hf["qk_rope_head_dim"]
-  model.v_head_dim = hf["v_head_dim"]
-  model.d_ff = hf["intermediate_size"]
-  model.moe_every = 1
-  model.first_moe_layer = first_moe
-  model.rope_theta = theta
-  model.update(rope_fields)
-  model.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-6))
-  model.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
-  model.max_len = hf.get("max_position_embeddings", 4096)
-  model.moe = ml_collections.ConfigDict(
-    dict(
+  return dict(
+    vocab_size=hf["vocab_size"],
+    d_model=hf["hidden_size"],
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=heads,  # unused by MLA
+    head_dim=hf["qk_rope_head_dim"],  # unused by MLA; transformers' head_dim
+    attention="mla",
+    q_lora_rank=hf.get("q_lora_rank") or 0,
+    kv_lora_rank=hf["kv_lora_rank"],
+    qk_nope_head_dim=hf["qk_nope_head_dim"],
+    qk_rope_head_dim=hf["qk_rope_head_dim"],
+    v_head_dim=hf["v_head_dim"],
+    d_ff=hf["intermediate_size"],
+    moe_every=1,
+    first_moe_layer=first_moe,
+    rope_theta=theta,
+    **rope_fields,
+    rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    max_len=hf.get("max_position_embeddings", 4096),
+    moe=dict(
       num_experts=hf["n_routed_experts"],
       expert_d_ff=hf["moe_intermediate_size"],
       router="shared_experts",
@@ -320,9 +325,8 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       load_balance_weight=float(hf.get("aux_loss_alpha", DEFAULT_AUX_LOSS_ALPHA)),
       n_group=(hf.get("n_group") or 1) if grouped else 1,
       topk_group=(hf.get("topk_group") or 1) if grouped else 1,
-    )
+    ),
   )
-  return model
 
 
 # ----------------------------------------------------------------------------- tensors

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_collections
-
+from moejax.config import ModelConfig
 from moejax.convert import hf_deepseek, hf_mapping
 from moejax.convert.hf_options import check_options
 from moejax.convert.safetensors_io import ConversionError
@@ -108,8 +107,8 @@ def hf_config(model_cfg) -> dict[str, Any]:
   return config
 
 
-def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
-  """The ``model`` config section (ConfigDict) equivalent to an HF DeepSeek-V3 config.json."""
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """The validated ModelConfig equivalent to an HF DeepSeek-V3 config.json."""
   if hf.get("model_type") != MODEL_TYPE:
     raise ConversionError(
       f"config.json model_type={hf.get('model_type')!r} is not supported "
@@ -128,26 +127,24 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   v2["rope_theta"] = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 1e4))
   for key in RULES:
     v2.pop(key, None)
-  model = hf_deepseek.model_section_from_hf(v2)
-  model.moe = ml_collections.ConfigDict(
-    dict(
-      num_experts=hf["n_routed_experts"],
-      expert_d_ff=hf["moe_intermediate_size"],
-      router="deepseek_v3",
-      num_shared_experts=hf["n_shared_experts"],
-      top_k=hf["num_experts_per_tok"],
-      n_group=hf.get("n_group") or 1,
-      topk_group=hf.get("topk_group") or 1,
-      norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-      routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-      dropless=True,
-      activation="silu",
-      load_balance_weight=0.0,
-      z_loss_weight=0.0,
-      bias_update_rate=DEFAULT_BIAS_UPDATE_RATE,
-    )
+  model = hf_deepseek.model_dict_from_hf(v2)
+  model["moe"] = dict(
+    num_experts=hf["n_routed_experts"],
+    expert_d_ff=hf["moe_intermediate_size"],
+    router="deepseek_v3",
+    num_shared_experts=hf["n_shared_experts"],
+    top_k=hf["num_experts_per_tok"],
+    n_group=hf.get("n_group") or 1,
+    topk_group=hf.get("topk_group") or 1,
+    norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+    routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+    dropless=True,
+    activation="silu",
+    load_balance_weight=0.0,
+    z_loss_weight=0.0,
+    bias_update_rate=DEFAULT_BIAS_UPDATE_RATE,
   )
-  return model
+  return ModelConfig.from_config(model, path="model")
 
 
 _V2_KEYS = IMPLEMENTED - {

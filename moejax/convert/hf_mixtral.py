@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import ml_collections
 import numpy as np
 
+from moejax.config import ModelConfig
 from moejax.convert import hf_mapping as mapping
 from moejax.convert.hf_mapping import (
   DECODER_ROWS,
@@ -149,9 +149,9 @@ def hf_config(model_cfg) -> dict[str, Any]:
   }
 
 
-def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
-  """The ``model`` config section (ConfigDict) equivalent to an HF Mixtral config.json;
-  every other option is rejected by name (``moejax.convert.hf_options``)."""
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """The validated ModelConfig equivalent to an HF Mixtral config.json; every other option
+  is rejected by name (``moejax.convert.hf_options``)."""
   if hf.get("model_type") != MODEL_TYPE:
     raise ConversionError(
       f"config.json model_type={hf.get('model_type')!r} is not supported "
@@ -161,22 +161,21 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   rope = hf.get("rope_parameters") or {}
   heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-  model = ml_collections.ConfigDict()
-  model.vocab_size = hf["vocab_size"]
-  model.d_model = hf["hidden_size"]
-  model.num_layers = hf["num_hidden_layers"]
-  model.num_heads = heads
-  model.num_kv_heads = hf.get("num_key_value_heads") or heads
-  model.head_dim = head_dim
-  model.d_ff = hf["intermediate_size"]
-  model.moe_every = 1
-  model.first_moe_layer = 0
-  model.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 1e6)))
-  model.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-5))
-  model.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
-  model.max_len = hf.get("max_position_embeddings", 4096)
-  model.moe = ml_collections.ConfigDict(
-    dict(
+  model = dict(
+    vocab_size=hf["vocab_size"],
+    d_model=hf["hidden_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=head_dim,
+    d_ff=hf["intermediate_size"],
+    moe_every=1,
+    first_moe_layer=0,
+    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6))),
+    rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    max_len=hf.get("max_position_embeddings", 4096),
+    moe=dict(
       num_experts=hf["num_local_experts"],
       expert_d_ff=hf["intermediate_size"],
       router="topk",
@@ -185,9 +184,9 @@ def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       dropless=True,
       activation="silu",
       load_balance_weight=float(hf.get("router_aux_loss_coef", 0.01)),
-    )
+    ),
   )
-  return model
+  return ModelConfig.from_config(model, path="model")
 
 
 def to_hf_tensors(params: dict, model_cfg) -> dict[str, Array]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_collections
-
+from moejax.config import ModelConfig
 from moejax.convert import hf_mapping as mapping
 from moejax.convert import hf_qwen3_moe as qwen
 from moejax.convert.hf_mapping import expand
@@ -48,10 +47,13 @@ RULES = {
 }
 
 
-def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """The validated ModelConfig equivalent to an HF OLMoE config.json."""
   if hf.get("model_type") != MODEL_TYPE:
     raise ConversionError(f"config.json model_type={hf.get('model_type')!r} is not {MODEL_TYPE!r}")
-  return qwen.section_from_hf(hf, "OLMoE", IMPLEMENTED, RULES, "projection")
+  return ModelConfig.from_config(
+    qwen.model_dict_from_hf(hf, "OLMoE", IMPLEMENTED, RULES, "projection"), path="model"
+  )
 
 
 def require_exportable(model_cfg) -> None:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_collections
-
+from moejax.config import ModelConfig
 from moejax.convert import hf_mapping as mapping
 from moejax.convert import hf_qwen3_moe as qwen
 from moejax.convert.hf_mapping import expand
@@ -41,15 +40,18 @@ RULES = {
 }
 
 
-def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """The validated ModelConfig equivalent to an HF Qwen2-MoE config.json."""
   if hf.get("model_type") != MODEL_TYPE:
     raise ConversionError(f"config.json model_type={hf.get('model_type')!r} is not {MODEL_TYPE!r}")
-  model = qwen.section_from_hf(hf, "Qwen2-MoE", IMPLEMENTED, RULES, "none")
-  model.attention_bias = True
-  model.moe.num_shared_experts = 1
-  model.moe.shared_expert_d_ff = hf["shared_expert_intermediate_size"]
-  model.moe.shared_expert_gate = True
-  return model
+  model = qwen.model_dict_from_hf(hf, "Qwen2-MoE", IMPLEMENTED, RULES, "none")
+  model["attention_bias"] = True
+  model["moe"].update(
+    num_shared_experts=1,
+    shared_expert_d_ff=hf["shared_expert_intermediate_size"],
+    shared_expert_gate=True,
+  )
+  return ModelConfig.from_config(model, path="model")
 
 
 def require_exportable(model_cfg) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_collections
 import numpy as np
 
+from moejax.config import ModelConfig
 from moejax.convert import hf_mapping as mapping
 from moejax.convert.hf_mapping import (
   DECODER_ROWS,
@@ -125,8 +125,11 @@ def moe_layout(num_layers: int, step: int, mlp_only) -> tuple[int, int]:
   return first, every
 
 
-def section_from_hf(hf: dict[str, Any], family: str, implemented, rules, qk_norm: str):
-  """The ``model`` section shared by the GQA softmax-MoE families."""
+def model_dict_from_hf(
+  hf: dict[str, Any], family: str, implemented, rules, qk_norm: str
+) -> dict[str, Any]:
+  """The ``model`` section (a plain dict, unvalidated) shared by the GQA softmax-MoE
+  families; every unsupported option is a ConversionError naming it."""
   check_options(hf, family, implemented, rules)
   heads = hf["num_attention_heads"]
   layers = hf["num_hidden_layers"]
@@ -134,24 +137,23 @@ def section_from_hf(hf: dict[str, Any], family: str, implemented, rules, qk_norm
     layers, hf.get("decoder_sparse_step") or 1, hf.get("mlp_only_layers") or []
   )
   rope = hf.get("rope_parameters") or {}
-  model = ml_collections.ConfigDict()
-  model.vocab_size = hf["vocab_size"]
-  model.d_model = hf["hidden_size"]
-  model.num_layers = layers
-  model.num_heads = heads
-  model.num_kv_heads = hf.get("num_key_value_heads") or heads
-  model.head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-  model.d_ff = hf["intermediate_size"]
-  model.moe_every = every
-  model.first_moe_layer = first
-  model.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 1e4)))
-  model.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-6))
-  model.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
-  model.max_len = hf.get("max_position_embeddings", 4096)
-  model.qk_norm = qk_norm
-  model.clip_qkv = hf.get("clip_qkv")
-  model.moe = ml_collections.ConfigDict(
-    dict(
+  return dict(
+    vocab_size=hf["vocab_size"],
+    d_model=hf["hidden_size"],
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+    d_ff=hf["intermediate_size"],
+    moe_every=every,
+    first_moe_layer=first,
+    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
+    rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    max_len=hf.get("max_position_embeddings", 4096),
+    qk_norm=qk_norm,
+    clip_qkv=hf.get("clip_qkv"),
+    moe=dict(
       num_experts=hf.get("num_experts") or hf["num_local_experts"],
       expert_d_ff=hf.get("moe_intermediate_size") or hf["intermediate_size"],
       router="topk",
@@ -160,15 +162,17 @@ def section_from_hf(hf: dict[str, Any], family: str, implemented, rules, qk_norm
       dropless=True,
       activation="silu",
       load_balance_weight=float(hf.get("router_aux_loss_coef", 0.001)),
-    )
+    ),
   )
-  return model
 
 
-def model_section_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """The validated ModelConfig equivalent to an HF Qwen3-MoE config.json."""
   if hf.get("model_type") != MODEL_TYPE:
     raise ConversionError(f"config.json model_type={hf.get('model_type')!r} is not {MODEL_TYPE!r}")
-  return section_from_hf(hf, "Qwen3-MoE", IMPLEMENTED, RULES, "head")
+  return ModelConfig.from_config(
+    model_dict_from_hf(hf, "Qwen3-MoE", IMPLEMENTED, RULES, "head"), path="model"
+  )
 
 
 def check_gqa_moe(model_cfg, family: str, qk_norm: str, clip: bool) -> None:

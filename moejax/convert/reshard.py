@@ -8,19 +8,19 @@ mesh) that ``moejax.train --workdir DST`` resumes.
 
 from __future__ import annotations
 
-from moejax.config import with_overrides
+from moejax.config import ExperimentConfig
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.paths import as_path
 from moejax.training.workdir import restore_state, save_run_config
 
 
-def with_mesh(config, mesh_shape: dict[str, int]):
-  """A copy of `config` whose `mesh` section has the given axis sizes."""
-  return with_overrides(config, {f"mesh.{axis}": int(n) for axis, n in mesh_shape.items()})
+def with_mesh(config: ExperimentConfig, mesh_shape: dict[str, int]) -> ExperimentConfig:
+  """`config` with the given mesh axis sizes."""
+  return config.replace_fields({f"mesh.{axis}": int(n) for axis, n in mesh_shape.items()})
 
 
 def reshard_checkpoint(
-  config, src: str, dst: str, mesh_shape: dict[str, int], step: int | None = None
+  config: ExperimentConfig, src: str, dst: str, mesh_shape: dict[str, int], step: int | None = None
 ) -> int:
   """Restores run `src` (newest step, or `step`) onto `mesh_shape` and writes run `dst`.
 

@@ -6,7 +6,6 @@ import math
 
 import jax
 
-from moejax.config import ExperimentConfig, with_overrides
 from moejax.training.experiment import Experiment
 from moejax.training.workdir import load_run_config, restore_state
 
@@ -28,7 +27,7 @@ def load_run(
   if tokenizer is not None:
     overrides["data.tokenizer"] = tokenizer
   overrides.update({f"data.{k}": v for k, v in (data or {}).items() if v is not None})
-  config = ExperimentConfig.from_config(with_overrides(load_run_config(workdir), overrides))
+  config = load_run_config(workdir).replace_fields(overrides)
   sizes = config.mesh.sizes().values()  # validated once, here; restore_state takes it as is
   devices = None
   if -1 not in sizes and math.prod(sizes) <= jax.device_count():

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moejax.config import with_overrides
+from moejax.config import ExperimentConfig
 
 SCAN_KEY = "scanned_layers"
 
@@ -96,9 +96,7 @@ def _layer_order(key: str):
   return (0 if key == "embed" else 2, 0, key)
 
 
-def unrolled_config(config):
-  """A copy of experiment `config` (an ``ExperimentConfig`` or a ConfigDict) with
-  ``model.scan_layers=False`` (the form the converters and analysis tools read)."""
-  if dataclasses.is_dataclass(config):
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, scan_layers=False))
-  return with_overrides(config, {"model.scan_layers": False})
+def unrolled_config(config: ExperimentConfig) -> ExperimentConfig:
+  """`config` with ``model.scan_layers=False`` (the form the converters and analysis tools
+  read)."""
+  return dataclasses.replace(config, model=dataclasses.replace(config.model, scan_layers=False))

@@ -4,13 +4,11 @@ naming the field; others are listed, with a warning when the LR schedule moves."
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import jax
-import ml_collections
 
-from moejax.config import ExperimentConfig, with_overrides
+from moejax.config import ExperimentConfig
 from moejax.errors import ConfigError
 from moejax.training.state import abstract_params
 
@@ -31,36 +29,32 @@ def _flatten(tree, prefix: str = "") -> dict:
   return out
 
 
-def _as_dict(config) -> dict:
-  if isinstance(config, ExperimentConfig):
-    config = config.to_config_dict()
-  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
-def changed_fields(old, new) -> dict[str, tuple]:
+def changed_fields(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, tuple]:
   """{'model.moe.num_experts': (8, 4), ...} for every dotted field whose value differs."""
-  a, b = _flatten(_as_dict(old)), _flatten(_as_dict(new))
+  a, b = (_flatten(c.to_config_dict().to_dict()) for c in (old, new))
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def param_shapes(config) -> dict[str, tuple]:
-  """{param path: shape} of the model of an experiment config, without allocating."""
+  """{param path: shape} of the model of an experiment config (parsed here if a
+  ConfigDict), without allocating."""
   tree = abstract_params(ExperimentConfig.from_config(config).model)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(p, simple=True, separator="/"): x.shape for p, x in leaves}
 
 
-def _changes_shapes(stored, field: str, value, reference: dict) -> bool:
+def _changes_shapes(stored: ExperimentConfig, field: str, value, reference: dict) -> bool:
   try:
-    return param_shapes(with_overrides(stored, {field: value})) != reference
+    return param_shapes(stored.replace_fields({field: value})) != reference
   except (ConfigError, ValueError, TypeError):  # invalid on its own: it is a model change
     return True
 
 
-def check_compatible(stored, new, what: str = "resume") -> list[str]:
+def check_compatible(
+  stored: ExperimentConfig, new: ExperimentConfig, what: str = "resume"
+) -> list[str]:
   """Raises ConfigError (one line, naming the first field) if `new` changes the parameter
   shapes of the run configured by `stored`; else returns the changed fields, logged."""
-  stored = ml_collections.ConfigDict(copy.deepcopy(_as_dict(stored)))
   changes = changed_fields(stored, new)
   model_changes = {k: v for k, v in changes.items() if k.startswith("model.")}
   reference = param_shapes(stored) if model_changes else None

@@ -33,11 +33,10 @@ def checkpoint_dir(path) -> epath.Path:
   return inner if inner.is_dir() else path
 
 
-def save_run_config(config, workdir) -> None:
-  """Writes `config` (an ExperimentConfig or a ConfigDict) as ``workdir/config.json``."""
-  if isinstance(config, ExperimentConfig):
-    config = config.to_config_dict()
-  write_text_atomic(as_path(workdir) / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
+def save_run_config(config: ExperimentConfig, workdir) -> None:
+  """Writes `config` as ``workdir/config.json`` (its ConfigDict form as JSON)."""
+  cd = config.to_config_dict()
+  write_text_atomic(as_path(workdir) / CONFIG_FILE, cd.to_json(indent=2, sort_keys=True))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -60,9 +59,10 @@ def _merge(base: dict, given: dict) -> dict:
   return out
 
 
-def load_config_json(path) -> ml_collections.ConfigDict:
-  """A run's ``config.json`` over ``base_config()``: fields added since the run was written
-  take their defaults, so older runs keep loading. Errors name the file."""
+def _read_config_json(path) -> tuple[ml_collections.ConfigDict, ExperimentConfig]:
+  """(ConfigDict, parsed config) of a run's ``config.json`` over ``base_config()``: fields
+  added since the run was written take their defaults, so older runs keep loading. Errors
+  name the file."""
   path = as_path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: pass --config with the run's config file")
@@ -74,15 +74,20 @@ def load_config_json(path) -> ml_collections.ConfigDict:
     raise ConfigError(f"{path} is not a valid config.json: not a JSON object")
   config = ml_collections.ConfigDict(_merge(base_config().to_dict(), stored))
   try:
-    ExperimentConfig.from_config(config)
+    return config, ExperimentConfig.from_config(config)
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
-  return config
 
 
-def load_run_config(workdir) -> ml_collections.ConfigDict:
-  """``load_config_json`` of ``workdir/config.json``."""
-  return load_config_json(as_path(workdir) / CONFIG_FILE)
+def load_config_json(path) -> ml_collections.ConfigDict:
+  """A run's ``config.json`` as a validated ConfigDict (a ``--config`` file that
+  command-line overrides apply to; ``_read_config_json``)."""
+  return _read_config_json(path)[0]
+
+
+def load_run_config(workdir) -> ExperimentConfig:
+  """The parsed ``ExperimentConfig`` of ``workdir/config.json`` (``_read_config_json``)."""
+  return _read_config_json(as_path(workdir) / CONFIG_FILE)[1]
 
 
 def restore_state(
@@ -109,7 +114,7 @@ def restore_state(
   finally:
     ckpt.close()
   if unrolled and exp.model_cfg.scan_layers:
-    exp = build_experiment(unrolled_config(config), devices=devices)
+    exp = build_experiment(unrolled_config(exp.config), devices=devices)
     state = jax.device_put(unstack_layers(state, exp.model_cfg), exp.state_shardings)
   return state, meta, step, exp
 
