@@ -13,7 +13,14 @@ from moejax.config import ExperimentConfig, base_config
 from moejax.convert.hf import export_hf, import_hf
 from moejax.convert.reshard import reshard_checkpoint
 from moejax.evaluate import print_before_after
-from moejax.training.workdir import load_config_file, load_run_config, restore_state, write_run
+from moejax.training.paths import as_path
+from moejax.training.workdir import (
+  CONFIG_FILE,
+  load_config_file,
+  load_run_config,
+  restore_state,
+  write_run,
+)
 
 DESCRIPTION = "moejax-convert: reshard, export/import Hugging Face, upcycle, readme-split."
 HELP = """\
@@ -91,12 +98,23 @@ def cmd_import_hf(args) -> None:
   print(f"imported {args.hf_dir} as step {step} of run {args.out}")
 
 
+def _stored_moe_fields(args) -> dict:
+  """The ``model.moe`` fields written in the --config file or the dense run's config.json
+  (a dense model's parsed config has no moe section): upcycling keeps them unless a flag
+  sets them."""
+  path = getattr(args, "config", None) or str(as_path(args.workdir) / CONFIG_FILE)
+  moe = load_config_file(path).model.get("moe")
+  return moe.to_dict() if moe is not None else {}
+
+
 def cmd_upcycle(args) -> None:
   config = _config_file(args)
+  flags = {f: getattr(args, f) for f in UPCYCLE_MOE_FIELDS}
+  stored = {k: v for k, v in _stored_moe_fields(args).items() if k != "expert_d_ff"}
   summary = upcycle_run(
     args.workdir,
     args.out,
-    {f: getattr(args, f) for f in UPCYCLE_MOE_FIELDS},
+    {**stored, **{f: v for f, v in flags.items() if v is not None}},
     args.moe_every,
     args.first_moe_layer,
     args.seed,

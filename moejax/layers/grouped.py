@@ -19,7 +19,8 @@ smallest window L_i = ceil(c_i * A_expected / E) that holds every expert's load 
 case for a balanced router), the rows go to dense [E, L_i, d] windows and run as one batched
 matmul per expert ('eld,edf->elf', the capacity path's kernel, no per-block weight gathers);
 when no window holds the largest load, the exact grouped kernel runs. ``jax.lax.switch``
-executes one branch, so the result is always dropless and exact.
+executes one branch, so the result is always dropless and exact; its backward
+(``switched_ffn``) is one more switch over hand-written gated-FFN gradients.
 
 Rows move by ``permute_rows``: a gather both ways (its transpose is the inverse gather,
 not a scatter-add, which is slow on XLA:CPU).
@@ -394,26 +395,9 @@ def switched_ffn(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, so
   """The fast path's kernels on rows [n, d] laid out for `branch`: window i < len(sizes)
   runs expert e on rows [e L_i, (e + 1) L_i); len(sizes) runs the exact kernel over
   `sorted_rows` (None when a window holds any load). -> [n, d], zero rows unused."""
-  e, n = w_gate.shape[0], rows.shape[0]
-
-  def window(size):
-    def run(rows, w_gate, w_up, w_down):
-      y, _, _ = _over_experts(
-        functools.partial(_ffn_forward, activation=activation),
-        _windows(rows, e, size),
-        w_gate,
-        w_up,
-        w_down,
-      )
-      return _flat_padded(y, n)
-
-    return run
-
-  def exact(rows, w_gate, w_up, w_down):
-    return _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
-
-  branches = [window(size) for size in sizes] + ([exact] if sorted_rows is not None else [])
-  return jax.lax.switch(branch, branches, rows, w_gate, w_up, w_down)
+  return _switched_forward(
+    sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows
+  )[0]
 
 
 def _switched_fwd(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):

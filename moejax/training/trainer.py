@@ -27,7 +27,6 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from moejax.config import ExperimentConfig
 from moejax.data import make_eval_iterator, make_train_iterator
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.experiment import Experiment, build_experiment
@@ -278,7 +277,7 @@ class Trainer:
     run's mesh) and a fresh optimizer state."""
     source_cfg = load_run_config(source)
     check_compatible(source_cfg, self.cfg, what="initialise from")
-    on_this_mesh = dataclasses.replace(ExperimentConfig.from_config(source_cfg), mesh=self.cfg.mesh)
+    on_this_mesh = dataclasses.replace(source_cfg, mesh=self.cfg.mesh)
     state, _, step, _ = restore_state(on_this_mesh, source, devices=self.devices)
     log.info("Initialised from step %d of %s (fresh optimizer state)", step, source)
     return fresh_state(self.exp, state.params)
