@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, TINY_FLAGS
+from tests.helpers import REPO, TINY_FLAGS, xla_flags
 
 REPO_PATH = pathlib.Path(REPO)
 
@@ -19,7 +19,7 @@ def _env(data_dir: str, devices: int) -> dict:
     os.environ,
     MOEJAX_DATA_DIR=data_dir,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=xla_flags(devices),
   )
 
 
@@ -93,7 +93,7 @@ def test_tpu_pod_launcher_prints_one_command_for_every_host():
 @pytest.mark.parametrize("disable_jit", [False, True])
 def test_single_device_debug_launcher_trains(tmp_path, data_dir, disable_jit):
   env = _env(data_dir, 1)
-  env.pop("XLA_FLAGS")
+  env["XLA_FLAGS"] = xla_flags()
   env["PYTHON"] = sys.executable
   if disable_jit:
     env["DISABLE_JIT"] = "1"
