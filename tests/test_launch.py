@@ -37,6 +37,8 @@ def test_two_processes_form_one_mesh_and_agree_on_the_loss(tmp_path, data_dir):
     f"--workdir=file://{workdir}",  # a URI workdir, as on a pod (gs://...)
     "--",
     *TINY_FLAGS,
+    "--config.model.num_layers=1",  # one MoE layer: experts over the 'expert' axis
+    "--config.model.first_moe_layer=0",
     "--config.train.steps=3",
     "--config.train.checkpoint_every=3",
     "--config.mesh.data=2",
