@@ -50,7 +50,8 @@ def run(tmp_path_factory, data_dir) -> str:
   with cfg.unlocked():
     cfg.model.first_moe_layer = 0
     cfg.train.eval_every = 0  # one compile less
-  train(cfg, workdir, show_progress=False)
+  # Trained on one device (a cheaper compile); the tools load it on all 8 (mesh data=-1).
+  train(cfg, workdir, show_progress=False, devices=jax.devices()[:1])
   return workdir
 
 
