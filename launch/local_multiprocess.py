@@ -45,11 +45,10 @@ def launch(
   log_dir = log_dir or default_log_dir(workdir)
   os.makedirs(log_dir, exist_ok=True)
   port = free_port()
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-  )
+  # The caller's other XLA flags are kept; the simulated device count is ours.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
   procs, logs = [], []
   for i in range(num_processes):
     log = open(os.path.join(log_dir, f"process_{i}.log"), "w")

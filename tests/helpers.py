@@ -17,6 +17,15 @@ from moejax.training.workdir import load_config_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a subprocess: the session's fast-compile flags (tests/conftest.py) with
+  the simulated device count set to `devices` (None: the one real CPU device)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  if devices is not None:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return " ".join(flags)
+
+
 def make_moe_cfg(
   router: str = "topk", num_experts: int = 4, expert_d_ff: int = 8, **kw
 ) -> MoEConfig:
@@ -66,9 +75,11 @@ def tiny_config(
   checkpoint_every: int = 4,
   mesh=(1, 1, 1),
   router: str = "topk",
+  eval_every: int | None = None,
   **moe,
 ):
-  """configs/tiny_cpu.py shrunk so a few steps compile and run in seconds."""
+  """configs/tiny_cpu.py shrunk so a few steps compile and run in seconds (one eval at the
+  end unless `eval_every` says otherwise; 0: none, one compile less)."""
   cfg = load_config("tiny_cpu")
   with cfg.unlocked():
     cfg.model.d_model = 32
@@ -93,7 +104,7 @@ def tiny_config(
     cfg.train.learning_rate = learning_rate
     cfg.train.warmup_steps = 2
     cfg.train.log_every = 1
-    cfg.train.eval_every = steps
+    cfg.train.eval_every = steps if eval_every is None else eval_every
     cfg.train.eval_steps = 2
     cfg.train.checkpoint_every = checkpoint_every
     cfg.train.keep_checkpoints = 3
@@ -126,16 +137,19 @@ def assert_same_safetensors(dir_a, dir_b) -> None:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def covering_params(names, shapes, id_of=lambda s: "x".join(map(str, s))):
+def covering_params(names, shapes, id_of=lambda s: "x".join(map(str, s)), fast=None):
   """(name, shape) pytest params for the full matrix; only a covering diagonal (name i with
   shape i mod len(shapes), so every name and every shape appears) runs by default, the rest
   under ``-m slow``. Keeps each property checked for every router and every mesh in the
-  default suite at len(names) compilations instead of len(names) * len(shapes)."""
+  default suite at len(names) compilations instead of len(names) * len(shapes). ``fast``:
+  the (name, shape) pairs to run by default instead of the diagonal."""
   import pytest
 
   names, shapes = list(names), list(shapes)
-  fast = {(n, shapes[i % len(shapes)]) for i, n in enumerate(names)}
-  fast |= {(names[i % len(names)], s) for i, s in enumerate(shapes)}
+  if fast is None:
+    fast = {(n, shapes[i % len(shapes)]) for i, n in enumerate(names)}
+    fast |= {(names[i % len(names)], s) for i, s in enumerate(shapes)}
+  fast = set(fast)
   return [
     pytest.param(n, s, id=f"{n}-{id_of(s)}", marks=() if (n, s) in fast else pytest.mark.slow)
     for n in names

@@ -76,7 +76,7 @@ def mesh_of(shape):
 def random_boxed_params(cfg: MoEConfig, seed: int):
   """model.init's boxed tree with every value replaced by N(0, 1/fan_in) draws; router
   weights 4x larger so routing decisions have clear margins (no near-ties to flip)."""
-  boxed = jax.jit(MoELayer(cfg).init)(jax.random.key(0), jnp.zeros(X_SHAPE, jnp.float32))["params"]
+  boxed = jax.eval_shape(MoELayer(cfg).init, jax.random.key(0), jnp.zeros(X_SHAPE))["params"]
   return random_like(boxed, seed, router_scale=4.0)
 
 
@@ -128,7 +128,20 @@ def assert_close(actual, expected, rtol=1e-5):
   jax.tree_util.tree_map_with_path(check, actual, expected)
 
 
-@pytest.mark.parametrize("name,shape", covering_params(ROUTERS, MESHES))
+@pytest.mark.parametrize(
+  # By default: top-k (capacity drops) on the expert axis alone, expert choice on data x
+  # expert, shared experts (a replicated FFN beside the routed ones) on data x expert x model.
+  "name,shape",
+  covering_params(
+    ROUTERS,
+    MESHES,
+    fast={
+      ("topk_capacity", (1, 8, 1)),
+      ("expert_choice", (4, 2, 1)),
+      ("shared_experts", (2, 2, 2)),
+    },
+  ),
+)
 def test_sharded_layer_equals_unsharded(name, shape):
   cfg = make_cfg(**ROUTERS[name])
   _, _, got = run_sharded(cfg, shape)
@@ -156,7 +169,9 @@ def test_cases_exercise_their_router_features():
   assert "shared" in grads and np.any(grads["shared"]["wi_gate"] != 0)
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 1), (1, 4, 2)], ids=["2x4x1", "1x4x2"])
+@pytest.mark.parametrize(
+  "shape", [pytest.param((2, 4, 1), marks=pytest.mark.slow), (1, 4, 2)], ids=["2x4x1", "1x4x2"]
+)
 def test_several_experts_per_device(shape):
   """E=16 on expert=4: 4 experts per device (and a split hidden width on model=2)."""
   cfg = make_cfg(router="topk", num_experts=16, top_k=2, capacity_factor=1.0, group_size=8)

@@ -49,7 +49,9 @@ def run(tmp_path_factory, data_dir) -> str:
   cfg = tiny_config(data_dir, steps=2, checkpoint_every=2, mesh=(-1, 1, 1), **MIXTRAL_MOE)
   with cfg.unlocked():
     cfg.model.first_moe_layer = 0
-  train(cfg, workdir, show_progress=False)
+    cfg.train.eval_every = 0  # one compile less
+  # Trained on one device (a cheaper compile); the tools load it on all 8 (mesh data=-1).
+  train(cfg, workdir, show_progress=False, devices=jax.devices()[:1])
   return workdir
 
 
@@ -142,10 +144,14 @@ def test_sums_match_a_per_token_reference_with_padding_masked(source):
   "router, extra",
   [
     ("topk", dict(capacity_factor=0.75)),
-    ("top_p", dict(top_p=0.6, capacity_factor=1.0)),
+    pytest.param("top_p", dict(top_p=0.6, capacity_factor=1.0), marks=pytest.mark.slow),
     ("expert_choice", dict(capacity_factor=1.5)),
-    ("null_experts", dict(num_null_experts=2, capacity_factor=1.0)),
-    ("shared_experts", dict(num_shared_experts=1, capacity_factor=1.0)),
+    pytest.param(
+      "null_experts", dict(num_null_experts=2, capacity_factor=1.0), marks=pytest.mark.slow
+    ),
+    pytest.param(
+      "shared_experts", dict(num_shared_experts=1, capacity_factor=1.0), marks=pytest.mark.slow
+    ),
     ("deepseek_v3", dict(dropless=True)),
   ],
 )
@@ -590,8 +596,14 @@ def test_contiguous_merge_without_batches_is_the_uniform_mean_of_index_ranges(
   "sub, flags",
   [
     (None, ["stats", "prune", "merge"]),
-    ("stats", ["--workdir", "--out", "--split", "--batches", "--super_threshold"]),
-    ("prune", ["--keep", "--method", "easy_ep", "premoe", "--mesh"]),
+    pytest.param(
+      "stats",
+      ["--workdir", "--out", "--split", "--batches", "--super_threshold"],
+      marks=pytest.mark.slow,
+    ),
+    pytest.param(
+      "prune", ["--keep", "--method", "easy_ep", "premoe", "--mesh"], marks=pytest.mark.slow
+    ),
     ("merge", ["--num_experts", "--top_k", "--batches", "--method", "mc_smoe", "contiguous"]),
   ],
 )

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, TINY_FLAGS
+from tests.helpers import REPO, TINY_FLAGS, xla_flags
 
 REPO_PATH = pathlib.Path(REPO)
 
@@ -19,7 +19,7 @@ def _env(data_dir: str, devices: int) -> dict:
     os.environ,
     MOEJAX_DATA_DIR=data_dir,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=xla_flags(devices),
   )
 
 
@@ -37,6 +37,8 @@ def test_two_processes_form_one_mesh_and_agree_on_the_loss(tmp_path, data_dir):
     f"--workdir=file://{workdir}",  # a URI workdir, as on a pod (gs://...)
     "--",
     *TINY_FLAGS,
+    "--config.model.num_layers=1",  # one MoE layer: experts over the 'expert' axis
+    "--config.model.first_moe_layer=0",
     "--config.train.steps=3",
     "--config.train.checkpoint_every=3",
     "--config.mesh.data=2",
@@ -93,7 +95,7 @@ def test_tpu_pod_launcher_prints_one_command_for_every_host():
 @pytest.mark.parametrize("disable_jit", [False, True])
 def test_single_device_debug_launcher_trains(tmp_path, data_dir, disable_jit):
   env = _env(data_dir, 1)
-  env.pop("XLA_FLAGS")
+  env["XLA_FLAGS"] = xla_flags()
   env["PYTHON"] = sys.executable
   if disable_jit:
     env["DISABLE_JIT"] = "1"

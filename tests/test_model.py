@@ -347,9 +347,9 @@ def test_param_tree_names_shapes_and_logical_axes(kw):
 def test_aux_losses_are_summed_over_moe_layers():
   cfg = model_cfg(**SWITCH_LIKE)  # MoE layers 1 and 3, dense 0 and 2
   params = init_params(cfg)
-  (_, aux), state = Transformer(cfg).apply(
-    {"params": params}, tokens_for(cfg), capture_intermediates=True
-  )
+  (_, aux), state = jax.jit(
+    lambda p, t: Transformer(cfg).apply({"params": p}, t, capture_intermediates=True)
+  )(params, tokens_for(cfg))
   inter = state["intermediates"]
   per_layer = {i: inter[f"layers_{i}"]["ffn"]["__call__"][0][1] for i in range(cfg.num_layers)}
   for i in (0, 2):
@@ -414,7 +414,7 @@ def test_tied_embeddings_share_the_table():
 
 
 def test_gradients_finite_and_nonzero_for_every_param():
-  cfg = model_cfg(**DEEPSEEK)  # dense layer 0, MoE with shared experts after it
+  cfg = model_cfg(**{**DEEPSEEK, "num_layers": 2})  # dense layer 0, MoE + shared experts
   params = init_params(cfg)
   tokens = tokens_for(cfg, b=4, l=16)
   _, aux = apply(cfg, params, tokens)
@@ -433,8 +433,9 @@ def test_gradients_finite_and_nonzero_for_every_param():
 
 
 def test_remat_matches_plain_forward_and_gradient():
-  cfg = model_cfg(**SWITCH_LIKE)
-  remat_cfg = model_cfg(**SWITCH_LIKE, remat=True)
+  switch_2 = {**SWITCH_LIKE, "num_layers": 2}  # one dense and one MoE block
+  cfg = model_cfg(**switch_2)
+  remat_cfg = model_cfg(**switch_2, remat=True)
   params = init_params(cfg)
   tokens = tokens_for(cfg)
 

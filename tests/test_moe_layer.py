@@ -45,11 +45,17 @@ def make_cfg(**kw) -> MoEConfig:
   return make_moe_cfg(**{"num_experts": E, "expert_d_ff": F, **kw})
 
 
+def default_first(names, default=("topk_drop_silu", "expert_choice")):
+  """`names` as params: plain top-k and expert choice (the most different router) run by
+  default, the other routers' variants under ``-m slow``."""
+  return [n if n in default else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 def init_params(layer, x, seed, router_scale=1.0):
   """`layer`'s parameters replaced by random N(0, 1/fan_in) draws (larger router weights than
   the default init, so routing decisions have clear margins)."""
   return random_like(
-    nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"]), seed, router_scale
+    nn.unbox(jax.eval_shape(layer.init, jax.random.key(0), x)["params"]), seed, router_scale
   )
 
 
@@ -109,20 +115,20 @@ def test_shared_experts_output_is_shared_ffn_plus_routed():
   layer = MoELayer(cfg)
   x = random_x(3)
   params = init_params(layer, x, seed=3)
-  y, _ = layer.apply({"params": params}, x)
+  y, _ = jax.jit(layer.apply)({"params": params}, x)
   sh = params["shared"]
   chex.assert_shape(sh["wi_gate"], (D, 2 * F))  # num_shared_experts * expert_d_ff wide
   shared = gated_ffn(x, sh["wi_gate"], sh["wi_up"], sh["wo"], cfg.activation)
   # The routed part alone: the same layer with the shared FFN zeroed out.
   zero_shared = dict(params, shared=jax.tree_util.tree_map(jnp.zeros_like, sh))
-  routed, _ = layer.apply({"params": zero_shared}, x)
+  routed, _ = jax.jit(layer.apply)({"params": zero_shared}, x)
   chex.assert_trees_all_close(y, shared + routed, rtol=1e-5, atol=1e-6)
   # ... and the routed part is a top-k layer over the fine-grained experts.
   topk_layer = MoELayer(
     make_cfg(**dict(CASES["shared_experts"], router="topk", num_shared_experts=0))
   )
   no_shared = {k: v for k, v in params.items() if k != "shared"}
-  topk_y, _ = topk_layer.apply({"params": no_shared}, x)
+  topk_y, _ = jax.jit(topk_layer.apply)({"params": no_shared}, x)
   chex.assert_trees_all_close(routed, topk_y, rtol=1e-5, atol=1e-6)
   assert float(jnp.max(jnp.abs(shared))) > 0.1
 
@@ -138,7 +144,7 @@ def test_tokens_routed_only_to_null_experts_get_zero_output():
   router = np.asarray(params["router"]).copy()
   router[0, E:] = 20.0  # +20 on both null logits for flagged tokens, -20 for the others
   params["router"] = jnp.asarray(router)
-  y, aux = layer.apply({"params": params}, jnp.asarray(x))
+  y, aux = jax.jit(layer.apply)({"params": params}, jnp.asarray(x))
   y = np.asarray(y)
   assert np.all(y[null_tokens] == 0.0)
   assert np.all(np.abs(y[~null_tokens]).sum(-1) > 0)
@@ -149,7 +155,11 @@ def test_tokens_routed_only_to_null_experts_get_zero_output():
 
 
 @pytest.mark.parametrize(
-  "name", ["topk_drop_silu", "expert_choice", "null_experts", "shared_experts", "top_p"]
+  "name",
+  default_first(
+    ["topk_drop_silu", "expert_choice", "null_experts", "shared_experts", "top_p"],
+    default=("topk_drop_silu", "expert_choice", "shared_experts"),  # + the shared FFN's grads
+  ),
 )
 def test_gradients_flow(name):
   cfg = make_cfg(**CASES[name])
@@ -181,7 +191,8 @@ def test_gradients_flow(name):
 
 
 @pytest.mark.parametrize(
-  "name", ["topk_drop_silu", "topk_renorm_gelu", "expert_choice", "null_experts", "top_p"]
+  "name",
+  default_first(["topk_drop_silu", "topk_renorm_gelu", "expert_choice", "null_experts", "top_p"]),
 )
 def test_gradient_matches_finite_differences(name):
   cfg = make_cfg(**dict(CASES[name], load_balance_weight=0.1, z_loss_weight=0.1))
@@ -242,7 +253,9 @@ def test_gradient_matches_finite_differences(name):
     assert abs(fd) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["topk_drop_silu", "expert_choice", "shared_experts", "top_p"])
+@pytest.mark.parametrize(
+  "name", default_first(["topk_drop_silu", "expert_choice", "shared_experts", "top_p"])
+)
 def test_jit_matches_eager(name):
   cfg = make_cfg(**CASES[name])
   layer = MoELayer(cfg)
@@ -254,7 +267,8 @@ def test_jit_matches_eager(name):
 
 
 @pytest.mark.parametrize(
-  "name", ["topk_drop_silu", "expert_choice", "null_experts", "shared_experts", "top_p"]
+  "name",
+  default_first(["topk_drop_silu", "expert_choice", "null_experts", "shared_experts", "top_p"]),
 )
 def test_bf16_compute_is_close_to_f32(name):
   cfg = make_cfg(**CASES[name])

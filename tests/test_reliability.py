@@ -19,7 +19,7 @@ import pytest
 from moejax.errors import ConfigError
 from moejax.training.checkpoint import Checkpointer, CheckpointError
 from moejax.training.trainer import TrainingDiverged, train
-from tests.helpers import REPO, TINY_FLAGS, tiny_config
+from tests.helpers import REPO, TINY_FLAGS, tiny_config, xla_flags
 
 STEPS = 40
 CKPT_EVERY = 5
@@ -27,7 +27,7 @@ CKPT_EVERY = 5
 
 def _env(data_dir: str, **extra) -> dict:
   env = dict(os.environ, MOEJAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu", **extra)
-  env.pop("XLA_FLAGS", None)  # one CPU device, the same program in every run
+  env["XLA_FLAGS"] = xla_flags()  # one CPU device, the same program in every run
   env.pop("MOEJAX_CRASH_AT", None)
   env.update(extra)
   return env
@@ -258,7 +258,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, data_dir, re
 
 
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path, data_dir):
-  cfg = tiny_config(data_dir, steps=2, checkpoint_every=2)
+  cfg = tiny_config(data_dir, steps=2, checkpoint_every=2, eval_every=0)
   one = jax.devices()[:1]
   train(cfg, str(tmp_path / "run"), show_progress=False, devices=one)
   import shutil

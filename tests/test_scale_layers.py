@@ -182,10 +182,16 @@ def test_save_a2a_policy_removes_replayed_all_to_alls(scan, policies):
 
 
 @pytest.mark.parametrize(
-  "policy", ["full", "minimal", pytest.param("save_a2a", marks=pytest.mark.slow)]
+  # 'full' (= remat=True) is also checked by default in test_model.py.
+  "policy",
+  [
+    pytest.param("full", marks=pytest.mark.slow),
+    "minimal",
+    pytest.param("save_a2a", marks=pytest.mark.slow),
+  ],
 )
 def test_remat_policies_keep_gradients(policy):
-  model_cfg = cfg(num_layers=3, moe_every=1, first_moe_layer=0)
+  model_cfg = cfg(num_layers=2, moe_every=1, first_moe_layer=0)
   tokens = _tokens()
   params = jax.jit(Transformer(model_cfg).init)(jax.random.key(1), tokens)["params"]
   loss = lambda c, p: jnp.mean(Transformer(c).apply({"params": p}, tokens)[0] ** 2)

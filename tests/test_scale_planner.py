@@ -12,7 +12,7 @@ import pytest
 
 from moejax.planning import TARGETS_GIB, format_plan, plan_memory
 from moejax.training.state import count_params
-from tests.helpers import REPO, tiny_config
+from tests.helpers import REPO, TINY_FLAGS, tiny_config, xla_flags
 
 GIB = 2**30
 
@@ -43,8 +43,10 @@ def test_plan_bytes_match_hand_computation(fsdp):
   assert "total_bytes" in format_plan(plan)
 
 
-def _tool(*args, timeout=1200):
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
+def _tool(*args, timeout=1200, fast_compile=False):
+  """The CLI's stdout; `fast_compile`: the tests' XLA flags (for runs not about the plan's
+  numbers), else XLA's defaults."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags() if fast_compile else "", PYTHONPATH=REPO)
   out = subprocess.run(
     [sys.executable, os.path.join(REPO, "tools", "plan_memory.py"), *args],
     capture_output=True,
@@ -88,7 +90,18 @@ def test_deepseek_fits_per_device_budget():
 
 def test_cli_plans_a_small_config_on_the_requested_devices_and_rejects_bad_fields():
   config = os.path.join(REPO, "configs", "tiny_cpu.py")
-  plan = json.loads(_tool("--config", config, "--devices", "2", "--config.mesh.data=2", "--json"))
+  plan = json.loads(
+    _tool(
+      "--config",
+      config,
+      "--devices",
+      "2",
+      "--config.mesh.data=2",
+      *TINY_FLAGS,
+      "--json",
+      fast_compile=True,
+    )
+  )
   assert plan["devices"] == 2 and plan["mesh"] == {"data": 2, "expert": 1, "model": 1}
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
   bad = subprocess.run(

@@ -51,18 +51,28 @@ def _batches(cfg, n):
   return out
 
 
+_INITIAL_PARAMS = {}  # (unrolled model, seed, seq_len) -> params: built once per worker
+
+
+def _initial_params(ref_cfg):
+  key = (repr(ref_cfg.model), ref_cfg.train.seed, ref_cfg.data.seq_len)
+  if key not in _INITIAL_PARAMS:
+    ref = build_experiment(ref_cfg, devices=jax.devices()[:1])
+    init = create_train_state(
+      ref.model, ref.tx, ref_cfg.data.seq_len, ref_cfg.train.seed, ref.state_shardings
+    )
+    _INITIAL_PARAMS[key] = jax.device_get(init.params)
+  return _INITIAL_PARAMS[key]
+
+
 def _run(cfg, batches, devices=None):
   """(losses, final params (unrolled), experiment) after len(batches) steps."""
   exp = build_experiment(cfg, devices=devices)
   # The same initial params for every run: the unrolled model's, stacked when scanned.
   one_device = {"mesh.data": 1, "mesh.expert": 1, "mesh.model": 1}
   ref_cfg = unrolled_config(exp.config).replace_fields(one_device)
-  ref = build_experiment(ref_cfg, devices=jax.devices()[:1])
-  init = create_train_state(
-    ref.model, ref.tx, cfg.data.seq_len, cfg.train.seed, ref.state_shardings
-  )
   params = jax.device_put(
-    stack_layers(jax.device_get(init.params), exp.model_cfg), exp.state_shardings.params
+    stack_layers(_initial_params(ref_cfg), exp.model_cfg), exp.state_shardings.params
   )
   opt_state = jax.jit(exp.tx.init, out_shardings=exp.state_shardings.opt_state)(params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
@@ -120,7 +130,7 @@ def test_microbatches_split_rows_locally():
   ],
 )
 def test_microbatches_equal_one_big_batch(case):
-  kw = dict(batch=16)
+  kw = dict(batch=16, num_layers=2)  # a dense and an MoE block
   if case == "dense":
     kw.update(model__moe_every=0)
   mesh, devices = ((2, 4, 1), None) if case == "sharded_fsdp" else ((1, 1, 1), jax.devices()[:1])

@@ -37,7 +37,7 @@ def test_few_steps_reduce_loss_and_write_checkpoint(tmp_path, data_dir):
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path, data_dir):
-  cfg = tiny_config(data_dir, steps=8, checkpoint_every=4)
+  cfg = tiny_config(data_dir, steps=8, checkpoint_every=4, eval_every=0)
   one = jax.devices()[:1]
   full = train(cfg, str(tmp_path / "full"), show_progress=False, devices=one)
   first = train(cfg, str(tmp_path / "split"), show_progress=False, max_steps=4, devices=one)
@@ -51,9 +51,9 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, data_dir):
 
 
 def test_sharded_training_matches_single_device(tmp_path, data_dir):
-  cfg1 = tiny_config(data_dir, steps=4, checkpoint_every=100, mesh=(1, 1, 1))
+  cfg1 = tiny_config(data_dir, steps=4, checkpoint_every=100, mesh=(1, 1, 1), eval_every=0)
   single = train(cfg1, str(tmp_path / "one"), show_progress=False, devices=jax.devices()[:1])
-  cfg8 = tiny_config(data_dir, steps=4, checkpoint_every=100, mesh=(2, 4, 1))
+  cfg8 = tiny_config(data_dir, steps=4, checkpoint_every=100, mesh=(2, 4, 1), eval_every=0)
   sharded = train(cfg8, str(tmp_path / "eight"), show_progress=False)
   np.testing.assert_allclose(_losses(sharded), _losses(single), rtol=2e-4, atol=2e-4)
 
@@ -68,7 +68,7 @@ def test_bad_config_rejected_before_training(tmp_path, data_dir):
 
 
 def test_existing_checkpoints_without_resume_refused(tmp_path, data_dir):
-  cfg = tiny_config(data_dir, steps=2, checkpoint_every=2)
+  cfg = tiny_config(data_dir, steps=2, checkpoint_every=2, eval_every=0)
   train(cfg, str(tmp_path / "run"), show_progress=False, devices=jax.devices()[:1])
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
     train(cfg, str(tmp_path / "run"), resume=False, show_progress=False, devices=jax.devices()[:1])
