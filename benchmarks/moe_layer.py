@@ -12,7 +12,7 @@ Layers (SwiGLU experts, routing groups of --group-size tokens, d_model = D, widt
 so every variant does the same useful FFN FLOPs per token. MoE variants (impl column):
   dropless      dropless=True, the sorted grouped matmul (expert_impl='auto': 'blocked' on
                 CPU and GPU, 'ragged_dot' on TPU) behind its fast path (dense [E, L, d]
-                windows when every load fits L = 1.125, 1.25 or 1.5 x the mean); on 8
+                windows when every load fits L = 1.125, 1.25, 1.375 or 1.5 x the mean); on 8
                 devices the row exchange
   dropless_exact  the same without the fast path (dropless_windows=()): the cost
                 when a load exceeds L

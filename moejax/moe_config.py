@@ -125,7 +125,7 @@ class MoEConfig:
   bias_update_rate: float = 0.0
   expert_impl: str = "auto"
   expert_block_size: int | None = None
-  dropless_windows: tuple = (0.5, 0.625, 0.75, 0.875, 1.125, 1.25, 1.5)
+  dropless_windows: tuple = (0.5, 0.625, 0.75, 0.875, 1.125, 1.25, 1.375, 1.5)
   ep_exchange: str = "auto"
   ragged_buffer_factor: float = 1.25
   ragged_buffer_min_rows: int = 128

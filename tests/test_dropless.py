@@ -194,7 +194,7 @@ def test_windows_below_the_mean_serve_only_variable_k_routers():
   default = MoEConfig().dropless_windows
   assert min(default) < 1
   assert make_cfg("topk").resolved_dropless_windows() == tuple(c for c in default if c >= 1)
-  assert make_cfg("shared_experts").resolved_dropless_windows() == (1.125, 1.25, 1.5)
+  assert make_cfg("shared_experts").resolved_dropless_windows() == (1.125, 1.25, 1.375, 1.5)
   for name in ("null_experts", "top_p"):
     assert make_cfg(name).resolved_dropless_windows() == default
   assert make_cfg("topk", num_compressed_experts=2).resolved_dropless_windows() == default
