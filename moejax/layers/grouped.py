@@ -35,7 +35,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.ffn import ACTIVATIONS
+from moejax.layers.ffn import ACTIVATIONS, gated_ffn_2d, gated_ffn_2d_grads
 
 
 def rank_in_group(group: jax.Array, valid: jax.Array, num_groups: int):
@@ -303,31 +303,6 @@ def _vary_alike(*arrays):
   return tuple(cast(a) if axes - vma(a) else a for a in arrays)
 
 
-def _ffn_forward(x, w_gate, w_up, w_down, activation):
-  """One expert, 2-D: y = (act(x W_g) * (x W_u)) W_d; also returns a_g = x W_g, a_u = x W_u."""
-  a_gate = jnp.einsum("ld,df->lf", x, w_gate)
-  a_up = jnp.einsum("ld,df->lf", x, w_up)
-  h = ACTIVATIONS[activation](a_gate) * a_up
-  return jnp.einsum("lf,fd->ld", h, w_down), a_gate, a_up
-
-
-def _ffn_backward(x, a_gate, a_up, w_gate, w_up, w_down, dy, activation):
-  """Gradients of one expert's gated FFN from its saved pre-activations (6 matmuls):
-  dh = dy W_d^T,  da_u = dh * act(a_g),  da_g = dh * a_u * act'(a_g),
-  dW_d = h^T dy,  dW_g = x^T da_g,  dW_u = x^T da_u,  dx = da_g W_g^T + da_u W_u^T.
-  """
-  act_gate, act_vjp = jax.vjp(ACTIVATIONS[activation], a_gate)
-  h = act_gate * a_up
-  dh = jnp.einsum("ld,fd->lf", dy, w_down)
-  (da_gate,) = act_vjp(dh * a_up)
-  da_up = dh * act_gate
-  dx = jnp.einsum("lf,df->ld", da_gate, w_gate) + jnp.einsum("lf,df->ld", da_up, w_up)
-  dw_gate = jnp.einsum("ld,lf->df", x, da_gate)
-  dw_up = jnp.einsum("ld,lf->df", x, da_up)
-  dw_down = jnp.einsum("lf,ld->fd", h, dy)
-  return dx, dw_gate, dw_up, dw_down
-
-
 def _over_experts(fn, *args):
   """fn applied to each expert's slice of args (leading axis E), outputs stacked on axis 0.
 
@@ -371,7 +346,7 @@ def _switched_forward(sizes, impl, activation, branch, rows, w_gate, w_up, w_dow
   def window(size):
     def run(rows, w_gate, w_up, w_down):
       y, a_gate, a_up = _over_experts(
-        functools.partial(_ffn_forward, activation=activation),
+        functools.partial(gated_ffn_2d, activation=activation),
         _windows(rows, e, size),
         w_gate,
         w_up,
@@ -414,7 +389,7 @@ def _switched_bwd(sizes, impl, activation, res, dout):
   def window(size):
     def run(rows, a_gate, a_up, w_gate, w_up, w_down, dout):
       dx, dw_gate, dw_up, dw_down = _over_experts(
-        functools.partial(_ffn_backward, activation=activation),
+        functools.partial(gated_ffn_2d_grads, activation=activation),
         _windows(rows, e, size),
         _windows(a_gate, e, size),
         _windows(a_up, e, size),
