@@ -166,11 +166,7 @@ class MoEConfig:
   def variable_k(self) -> bool:
     """True when some (token, choice) picks run no expert FFN: null experts, top-p's
     unselected choices, compressed-expert columns."""
-    return (
-      self.router in VARIABLE_K_ROUTERS
-      or self.num_null_experts > 0
-      or self.num_compressed_experts > 0
-    )
+    return self.router in VARIABLE_K_ROUTERS or self.num_compressed_experts > 0
 
   def resolved_dropless_windows(self) -> tuple:
     """dropless_windows without the factors < 1 for fixed-k routers: their A assignments
