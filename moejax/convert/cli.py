@@ -98,19 +98,16 @@ def cmd_import_hf(args) -> None:
   print(f"imported {args.hf_dir} as step {step} of run {args.out}")
 
 
-def _stored_moe_fields(args) -> dict:
-  """The ``model.moe`` fields written in the --config file or the dense run's config.json
-  (a dense model's parsed config has no moe section): upcycling keeps them unless a flag
-  sets them."""
-  path = getattr(args, "config", None) or str(as_path(args.workdir) / CONFIG_FILE)
-  moe = load_config_file(path).model.get("moe")
-  return moe.to_dict() if moe is not None else {}
-
-
 def cmd_upcycle(args) -> None:
-  config = _config_file(args)
+  # The --config file (else the dense run's config.json), read once: parsed for the run,
+  # and its written ``model.moe`` fields kept (a dense model's parsed config has none)
+  # unless a flag sets them.
+  raw = load_config_file(args.config or str(as_path(args.workdir) / CONFIG_FILE))
+  config = ExperimentConfig.from_config(raw)
+  moe = raw.model.get("moe")
+  stored = moe.to_dict() if moe is not None else {}
+  stored.pop("expert_d_ff", None)
   flags = {f: getattr(args, f) for f in UPCYCLE_MOE_FIELDS}
-  stored = {k: v for k, v in _stored_moe_fields(args).items() if k != "expert_d_ff"}
   summary = upcycle_run(
     args.workdir,
     args.out,
