@@ -142,9 +142,15 @@ def torch_fns(args, x_np, ct_np) -> dict:
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
   except ImportError:
     return {}
+  import jax
+
+  # On a GPU run, torch runs on the GPU too, synchronised so the wall time covers its kernels.
+  cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+  device = "cuda" if cuda else "cpu"
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
   fns = {}
-  x = torch.tensor(x_np.reshape(-1, x_np.shape[-1])[None])
-  ct = torch.tensor(ct_np.reshape(-1, ct_np.shape[-1])[None])
+  x = torch.tensor(x_np.reshape(-1, x_np.shape[-1])[None], device=device)
+  ct = torch.tensor(ct_np.reshape(-1, ct_np.shape[-1])[None], device=device)
   for impl in ("eager", "grouped_mm"):
     cfg = MixtralConfig(
       hidden_size=args.d_model,
@@ -154,11 +160,13 @@ def torch_fns(args, x_np, ct_np) -> dict:
       experts_implementation=impl,
     )
     torch.manual_seed(0)
-    block = MixtralSparseMoeBlock(cfg).float().train()
+    block = MixtralSparseMoeBlock(cfg).float().train().to(device)
 
     def fwd(block=block):
       with torch.no_grad():
-        return block(x)
+        out = block(x)
+      sync()
+      return out
 
     def fwd_bwd(block=block):
       block.zero_grad(set_to_none=True)
@@ -166,6 +174,7 @@ def torch_fns(args, x_np, ct_np) -> dict:
       out = block(xg)
       out = out[0] if isinstance(out, tuple) else out
       (out * ct).sum().backward()
+      sync()
       return xg.grad
 
     fns[(f"torch_{impl}", "fwd")] = fwd

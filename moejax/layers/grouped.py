@@ -271,8 +271,8 @@ def grouped_ffn(
     layouts.append((exact.row_source, exact.row))
   n = max(source.shape[0] for source, _ in layouts)
   branch = fast_path_branch(counts, sizes)
-  if branch_axes:
-    branch = jax.lax.pmax(branch, branch_axes)
+  if branch_axes:  # JAX >= 0.11 refuses a pmax over axes its input does not vary over
+    branch = jax.lax.pmax(_vary_over(branch, branch_axes), branch_axes)
   source = jnp.stack([_pad_index(s, n, a) for s, _ in layouts])[branch]  # [n]
   dest = jnp.where(valid, jnp.stack([d for _, d in layouts])[branch], n)  # [A]
   rows = permute_rows(x, source, dest)  # [n, d]
@@ -292,15 +292,24 @@ def grouped_ffn(
 # ------------------------------------------------------------------------------------------
 
 
+def _varying_axes(a: jax.Array) -> frozenset:
+  """The mesh axes `a` varies over inside ``shard_map`` (empty outside)."""
+  return jax.typeof(a).mat.varying
+
+
+def _vary_over(a: jax.Array, axes) -> jax.Array:
+  """`a` cast to vary over `axes` as well (``lax.pcast``; no-op where it already does)."""
+  missing = tuple(sorted(frozenset(axes) - _varying_axes(a)))
+  return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
 def _vary_alike(*arrays):
   """Inside ``shard_map``: each array cast to vary over the union of the arrays' varying
   mesh axes (no-op outside). A custom VJP's gradients must have its inputs' types, and
   these products vary over all of them; the casts' transposes (psums) then sum the partial
   gradients, as autodiff would (e.g. dx over a model-sharded expert width)."""
-  vma = lambda a: jax.typeof(a).mat.varying
-  axes = frozenset().union(*map(vma, arrays))
-  cast = lambda a: jax.lax.pcast(a, tuple(sorted(axes - vma(a))), to="varying")
-  return tuple(cast(a) if axes - vma(a) else a for a in arrays)
+  axes = frozenset().union(*map(_varying_axes, arrays))
+  return tuple(_vary_over(a, axes) for a in arrays)
 
 
 def _over_experts(fn, *args):
