@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 from moejax.errors import ConfigError
+from moejax.layers import grouped
 from moejax.layers.expert_parallel import rows_per_device
 from moejax.layers.grouped import (
+  blocked_chunk,
   fast_path_branch,
   grouped_ffn,
   rank_in_group,
@@ -186,6 +188,38 @@ def test_fast_path_windows_equal_the_exact_kernel(load):
   want = run(())
   assert_close(run(windows), want)
   assert_close(run((float(e),)), want)  # a window of A rows: always the fast path
+
+
+def test_blocked_kernel_in_steps_equals_one_shot_with_bounded_weight_gathers(monkeypatch):
+  """With the gathered block weights capped (as for large experts), ``blocked_ffn`` runs
+  c blocks per ``lax.scan`` step: outputs and gradients equal the one-shot kernel, and the
+  compiled step's temporary memory no longer holds the [NB, d, f] weight gathers."""
+  rng = np.random.default_rng(4)
+  a, e, d, f, block = 200, 4, 64, 96, 8
+  expert = jnp.asarray(rng.integers(0, e, a), jnp.int32)
+  valid = jnp.asarray(rng.random(a) < 0.9)
+  x, ct = (jnp.asarray(rng.standard_normal((a, d)), jnp.float32) for _ in range(2))
+  w = [jnp.asarray(rng.standard_normal(s) / 8, jnp.float32) for s in ((e, d, f),) * 2]
+  w.append(jnp.asarray(rng.standard_normal((e, f, d)) / 8, jnp.float32))
+
+  def compiled():
+    def loss(x, *w):
+      return jnp.sum(grouped_ffn(x, expert, valid, *w, "silu", "blocked", block) * ct)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(x, *w).compile()
+
+  one_shot = compiled()
+  num_blocks = (a + e * (block - 1)) // block
+  per_block = 3 * d * f * 4
+  assert blocked_chunk(num_blocks, w[0]) == num_blocks
+  monkeypatch.setattr(grouped, "BLOCKED_WEIGHT_BYTES", 3 * per_block)
+  assert blocked_chunk(num_blocks, w[0]) == 3 and num_blocks % 3 != 0  # a padded last step
+  stepped = compiled()
+  assert_close(stepped(x, *w), one_shot(x, *w))
+  gathers = num_blocks * per_block
+  temp = lambda c: c.memory_analysis().temp_size_in_bytes
+  assert temp(one_shot) > gathers
+  assert temp(stepped) < temp(one_shot) - gathers // 2
 
 
 def test_windows_below_the_mean_serve_only_variable_k_routers():
