@@ -22,7 +22,8 @@ so every variant does the same useful FFN FLOPs per token. MoE variants (impl co
 Passes: 'fwd' = y = layer(x); 'fwd+bwd' = grads of sum(y * ct) (+ aux losses) w.r.t.
 params and x. Each is one jitted function; after a warm-up call (compilation) the median
 of --steps timed calls is reported (``block_until_ready``), all functions of a layer
-timed in alternation so that load changes hit every variant alike.
+timed in alternation (blocks of 5 calls after an untimed one, see ``measure``) so that load
+changes hit every variant alike.
 
 a2a_bytes_over_min: from the compiled HLO of the 8-device step, the bytes the all-to-alls
 of one device carry (results, summed over the ops of the pass: 2 forward, 4 forward +
@@ -97,22 +98,27 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------
 
 
-def measure(fns: dict, steps: int) -> dict:
+def measure(fns: dict, steps: int, block: int = 5) -> dict:
   """Median wall time in ms of each zero-argument fn, after one warm-up (compiling) call.
 
-  The fns are timed in alternation (one step of each per round), so a change in machine
-  load during the run affects all of them alike.
+  The fns are timed in alternation, so that a change in machine load during the run
+  affects all of them alike, in blocks: each turn of a fn is one untimed call, then `block`
+  timed calls. A framework's worker threads keep spinning for a while after a call; timed
+  right after another framework's call, torch measured 15-25% slower on this 2-core CPU
+  (XLA did not), so the untimed call lets them settle.
   """
   import jax
 
   for fn in fns.values():
     jax.block_until_ready(fn())
   times = {k: [] for k in fns}
-  for _ in range(steps):
+  for _ in range(-(-steps // block)):
     for k, fn in fns.items():
-      t = time.perf_counter()
       jax.block_until_ready(fn())
-      times[k].append(time.perf_counter() - t)
+      for _ in range(block):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[k].append(time.perf_counter() - t)
   return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
