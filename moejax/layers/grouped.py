@@ -16,16 +16,14 @@ Megablox / ``ragged_dot``). Invalid assignments sort to the end and take no row.
 
 Both sit behind a fast path (``moe.dropless_windows`` = (c_1 < c_2 < ...)): for the
 smallest window L_i = ceil(c_i * A_expected / E) that holds every expert's load (the usual
-case for a balanced router), each expert gathers its rows into a dense [L_i, d] window and
-runs a plain matmul ('eld,edf->elf', the capacity path's kernel, no per-block weight
-gathers); when no window holds the largest load, the exact grouped kernel runs.
-``jax.lax.switch`` executes one branch, so the result is always dropless and exact. Every
-branch returns its rows in assignment order ([A, d]), so no buffer is sized by the largest
-window; its backward (``switched_ffn``) is one more switch over hand-written gated-FFN
-gradients.
+case for a balanced router), the rows go to dense [E, L_i, d] windows and run as one batched
+matmul per expert ('eld,edf->elf', the capacity path's kernel, no per-block weight gathers);
+when no window holds the largest load, the exact grouped kernel runs. ``jax.lax.switch``
+executes one branch, so the result is always dropless and exact; its backward
+(``switched_ffn``) is one more switch over hand-written gated-FFN gradients.
 
-Rows move by gathers both ways (``permute_rows``: the transpose of a gather is the inverse
-gather, not a scatter-add, which is slow on XLA:CPU).
+Rows move by ``permute_rows``: a gather both ways (its transpose is the inverse gather,
+not a scatter-add, which is slow on XLA:CPU).
 """
 
 from __future__ import annotations
@@ -243,18 +241,12 @@ def window_slots(
   return slot, row_sources(slot, num_experts * window)
 
 
-@flax.struct.dataclass
-class Assignments:
-  """The (token, choice) assignments a layout is built from, all i32/bool[A] but counts.
+def _pad_rows(x: jax.Array, n: int) -> jax.Array:
+  return jnp.pad(x, ((0, n - x.shape[0]), (0, 0))) if n > x.shape[0] else x
 
-  expert: the expert of each assignment; valid: real, selected assignments (the others
-  take no row); rank: ``rank_in_group`` rank within its expert; counts: i32[E] loads.
-  """
 
-  expert: jax.Array
-  valid: jax.Array
-  rank: jax.Array
-  counts: jax.Array
+def _pad_index(index: jax.Array, n: int, fill: int) -> jax.Array:
+  return jnp.pad(index, (0, n - index.shape[0]), constant_values=fill)
 
 
 def grouped_ffn(
@@ -293,43 +285,40 @@ def grouped_ffn(
     block = 1
   else:
     raise ValueError(f"grouped_ffn: unknown impl {impl!r} (allowed: 'blocked', 'ragged_dot')")
-  assign = Assignments(expert, valid, *rank_in_group(expert, valid, e))
+  rank, counts = ranked = rank_in_group(expert, valid, e)
   sizes = window_sizes(windows, expected_rows or a, e, a)
   if not sizes:  # the exact kernel alone
-    return _exact_assignments(x, w_gate, w_up, w_down, assign, (impl, block), activation)
-  branch = fast_path_branch(assign.counts, sizes)
+    sorted_rows = sort_rows(expert, valid, e, block, ranked)
+    source, dest = sorted_rows.row_source, sorted_rows.row
+    rows = permute_rows(x, source, dest)
+    out = _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
+    return permute_rows(out, dest, source)
+  # One layout per branch, all indexing one row buffer of n rows: (source [n], dest [A]).
+  layouts = [window_slots(expert, valid, rank, size, e)[::-1] for size in sizes]
+  exact = None
+  if sizes[-1] < a:  # a load no window holds is possible: the exact kernel is a branch
+    exact = sort_rows(expert, valid, e, block, ranked)
+    layouts.append((exact.row_source, exact.row))
+  n = max(source.shape[0] for source, _ in layouts)
+  branch = fast_path_branch(counts, sizes)
   if branch_axes:  # JAX >= 0.11 refuses a pmax over axes its input does not vary over
     branch = jax.lax.pmax(_vary_over(branch, branch_axes), branch_axes)
-  x, w_gate, w_up, w_down = _vary_alike(x, w_gate, w_up, w_down)
-  # A load no window holds is possible: the exact kernel is the last branch.
-  exact = (impl, block) if sizes[-1] < a else None
-  return switched_ffn(tuple(sizes), activation, exact, branch, x, w_gate, w_up, w_down, assign)
-
-
-def _exact_assignments(x, w_gate, w_up, w_down, assign, exact, activation):
-  """The exact grouped kernel, exact = (impl, block), on assignment rows x [A, d] -> [A, d]
-  (sorted by expert, run, unsorted; differentiable through ``permute_rows``)."""
-  (impl, block), e = exact, w_gate.shape[0]
-  sorted_rows = sort_rows(assign.expert, assign.valid, e, block, (assign.rank, assign.counts))
-  source, dest = sorted_rows.row_source, sorted_rows.row
-  rows = permute_rows(x, source, dest)
-  if impl == "blocked":
-    out = blocked_ffn(rows, sorted_rows, w_gate, w_up, w_down, activation)
-  else:
-    out = ragged_ffn(rows, sorted_rows.counts, w_gate, w_up, w_down, activation)
+  source = jnp.stack([_pad_index(s, n, a) for s, _ in layouts])[branch]  # [n]
+  dest = jnp.where(valid, jnp.stack([d for _, d in layouts])[branch], n)  # [A]
+  rows = permute_rows(x, source, dest)  # [n, d]
+  rows, w_gate, w_up, w_down = _vary_alike(rows, w_gate, w_up, w_down)
+  out = switched_ffn(tuple(sizes), impl, activation, branch, rows, w_gate, w_up, w_down, exact)
   return permute_rows(out, dest, source)
 
 
 # ------------------------------------------------------------------------------------------
 # The fast path's switch, with one backward for all branches.
 #
-# Each branch builds its own layout: window i gathers expert e's rows [e L_i, (e + 1) L_i)
-# straight from the assignment-ordered inputs and returns its results in assignment order
-# ([A, .]), so no buffer is sized by the largest window and only the taken branch computes
-# its slots. Differentiating ``lax.switch`` would make every branch's residuals outputs that
-# every branch must fill; ``switched_ffn`` instead saves one set, the taken window's
-# pre-activations a_gate, a_up in assignment order [A, f], and its backward is a second
-# switch over hand-written gated-FFN gradients (the exact kernel recomputes).
+# Differentiating ``lax.switch`` makes every branch's residuals outputs that every branch
+# must fill (zeros when not taken): with three windows that is three sets of [E L_i, f]
+# activations written per step. ``switched_ffn`` instead saves one set, the taken window's
+# pre-activations a_gate, a_up in a common [E L_max, f] buffer, and its backward is a
+# second switch over hand-written gated-FFN gradients (the exact kernel recomputes).
 # ------------------------------------------------------------------------------------------
 
 
@@ -353,104 +342,113 @@ def _vary_alike(*arrays):
   return tuple(_vary_over(a, axes) for a in arrays)
 
 
-def _over_experts(fn, size, slot_source, rows, weights):
-  """fn(*rows_e, *weights_e) for each expert e, outputs stacked on axis 0.
+def _over_experts(fn, *args):
+  """fn applied to each expert's slice of args (leading axis E), outputs stacked on axis 0.
 
-  rows: [A, c] arrays in assignment order; expert e's window gathers rows
-  slot_source[e L, (e + 1) L) of each (zeros where empty). weights: [E, ...] arrays.
-  On CPU with few experts, one 2-D matmul per expert, its operands gathered directly (no
-  slices of a common buffer): XLA:CPU runs 2-D matmuls faster than batched ones (measured
-  10-15% on the layer's step for 8 experts, 50% slower for 64); elsewhere one batched
-  matmul per einsum ('eld,edf->elf', via vmap).
+  On CPU with few experts, one 2-D matmul per expert: XLA:CPU runs 2-D weight gradients
+  faster than batched ones (measured 13% faster for 8 experts, 50% slower for 64);
+  elsewhere one batched matmul per einsum ('eld,edf->elf', via vmap).
   """
-  e = weights[0].shape[0]
+  e = args[0].shape[0]
   if e <= 16 and jax.default_backend() == "cpu":
-    outs = [
-      fn(
-        *(_gather(r, slot_source[i * size : (i + 1) * size]) for r in rows),
-        *(w[i] for w in weights),
-      )
-      for i in range(e)
-    ]
+    outs = [fn(*(arg[i] for arg in args)) for i in range(e)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-  windows = [_gather(r, slot_source).reshape(e, size, r.shape[-1]) for r in rows]
-  return jax.vmap(fn)(*windows, *weights)
+  return jax.vmap(fn)(*args)
 
 
-def _to_assignments(windows: jax.Array, slot: jax.Array) -> jax.Array:
-  """[E, L, c] window rows -> [A, c]: the row of each assignment (0 for invalid ones)."""
-  return _gather(windows.reshape(-1, windows.shape[-1]), slot)
+def _windows(rows, e, size):
+  """The first E * size rows [.., d] as per-expert windows [E, size, d]."""
+  return rows[: e * size].reshape(e, size, rows.shape[-1])
 
 
-def _switched_forward(sizes, activation, exact, branch, x, w_gate, w_up, w_down, assign):
-  """(y [A, d], a_gate [A, f], a_up [A, f]) of the taken branch: window i < len(sizes)
-  (the pre-activations saved), else the exact kernel (zeros saved)."""
-  e, f, a = w_gate.shape[0], w_gate.shape[-1], x.shape[0]
+def _flat_padded(x, n):
+  """[E, L, c] -> [n, c], zero rows past E * L."""
+  return _pad_rows(x.reshape(-1, x.shape[-1]), n)
+
+
+def _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation):
+  """The exact grouped kernel on the first NB * B of rows [n, d] -> [n, d]."""
+  rows_in = rows[: sorted_rows.row_source.shape[0]]
+  if impl == "blocked":
+    out = blocked_ffn(rows_in, sorted_rows, w_gate, w_up, w_down, activation)
+  else:
+    out = ragged_ffn(rows_in, sorted_rows.counts, w_gate, w_up, w_down, activation)
+  return _pad_rows(out, rows.shape[0])
+
+
+def _switched_forward(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):
+  """(out [n, d], a_gate [E L_max, f], a_up [E L_max, f]) of the taken branch: window
+  i < len(sizes) (the pre-activations saved), else the exact kernel (zeros saved)."""
+  e, f, n = w_gate.shape[0], w_gate.shape[-1], rows.shape[0]
+  saved = e * sizes[-1]
 
   def window(size):
-    def run(x, w_gate, w_up, w_down, assign):
-      slot, slot_source = window_slots(assign.expert, assign.valid, assign.rank, size, e)
-      outs = _over_experts(
+    def run(rows, w_gate, w_up, w_down):
+      y, a_gate, a_up = _over_experts(
         functools.partial(gated_ffn_2d, activation=activation),
-        size,
-        slot_source,
-        (x,),
-        (w_gate, w_up, w_down),
+        _windows(rows, e, size),
+        w_gate,
+        w_up,
+        w_down,
       )
-      return tuple(_to_assignments(t, slot) for t in outs)
+      return _flat_padded(y, n), _flat_padded(a_gate, saved), _flat_padded(a_up, saved)
 
     return run
 
-  def run_exact(x, w_gate, w_up, w_down, assign):
-    y = _exact_assignments(x, w_gate, w_up, w_down, assign, exact, activation)
-    zeros, _ = _vary_alike(jnp.zeros((a, f), y.dtype), y)
-    return y, zeros, zeros
+  def exact(rows, w_gate, w_up, w_down):
+    out = _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
+    zeros, _ = _vary_alike(jnp.zeros((saved, f), out.dtype), out)
+    return out, zeros, zeros
 
-  branches = [window(size) for size in sizes] + ([run_exact] if exact is not None else [])
-  return jax.lax.switch(branch, branches, x, w_gate, w_up, w_down, assign)
+  branches = [window(size) for size in sizes] + ([exact] if sorted_rows is not None else [])
+  return jax.lax.switch(branch, branches, rows, w_gate, w_up, w_down)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def switched_ffn(sizes, activation, exact, branch, x, w_gate, w_up, w_down, assign):
-  """The fast path's kernels on assignment rows x [A, d]: window i < len(sizes) runs expert
-  e on the window of L_i rows its assignments rank into; len(sizes) runs the exact kernel,
-  exact = (impl, block) (None when a window holds any load). -> [A, d], zero rows for
-  invalid assignments."""
-  return _switched_forward(sizes, activation, exact, branch, x, w_gate, w_up, w_down, assign)[0]
+def switched_ffn(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):
+  """The fast path's kernels on rows [n, d] laid out for `branch`: window i < len(sizes)
+  runs expert e on rows [e L_i, (e + 1) L_i); len(sizes) runs the exact kernel over
+  `sorted_rows` (None when a window holds any load). -> [n, d], zero rows unused."""
+  return _switched_forward(
+    sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows
+  )[0]
 
 
-def _switched_fwd(sizes, activation, exact, branch, x, w_gate, w_up, w_down, assign):
-  y, a_gate, a_up = _switched_forward(
-    sizes, activation, exact, branch, x, w_gate, w_up, w_down, assign
+def _switched_fwd(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):
+  out, a_gate, a_up = _switched_forward(
+    sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows
   )
-  return y, (branch, x, a_gate, a_up, w_gate, w_up, w_down, assign)
+  return out, (branch, rows, a_gate, a_up, w_gate, w_up, w_down, sorted_rows)
 
 
-def _switched_bwd(sizes, activation, exact, res, dy):
-  branch, x, a_gate, a_up, w_gate, w_up, w_down, assign = res
-  e = w_gate.shape[0]
-
-  def grads(x, a_gate, a_up, dy, w_gate, w_up, w_down):
-    return gated_ffn_2d_grads(x, a_gate, a_up, w_gate, w_up, w_down, dy, activation)
+def _switched_bwd(sizes, impl, activation, res, dout):
+  branch, rows, a_gate, a_up, w_gate, w_up, w_down, sorted_rows = res
+  e, n = w_gate.shape[0], rows.shape[0]
 
   def window(size):
-    def run(x, a_gate, a_up, w_gate, w_up, w_down, dy, assign):
-      slot, slot_source = window_slots(assign.expert, assign.valid, assign.rank, size, e)
+    def run(rows, a_gate, a_up, w_gate, w_up, w_down, dout):
       dx, dw_gate, dw_up, dw_down = _over_experts(
-        grads, size, slot_source, (x, a_gate, a_up, dy), (w_gate, w_up, w_down)
+        functools.partial(gated_ffn_2d_grads, activation=activation),
+        _windows(rows, e, size),
+        _windows(a_gate, e, size),
+        _windows(a_up, e, size),
+        w_gate,
+        w_up,
+        w_down,
+        _windows(dout, e, size),
       )
-      return _to_assignments(dx, slot), dw_gate, dw_up, dw_down
+      return _flat_padded(dx, n), dw_gate, dw_up, dw_down
 
     return run
 
-  def run_exact(x, a_gate, a_up, w_gate, w_up, w_down, dy, assign):
-    fn = functools.partial(_exact_assignments, assign=assign, exact=exact, activation=activation)
-    _, vjp = jax.vjp(fn, x, w_gate, w_up, w_down)
-    return vjp(dy)
+  def exact(rows, a_gate, a_up, w_gate, w_up, w_down, dout):
+    fn = functools.partial(_exact_ffn, sorted_rows=sorted_rows, impl=impl, activation=activation)
+    _, vjp = jax.vjp(fn, rows, w_gate, w_up, w_down)
+    return vjp(dout)
 
-  branches = [window(size) for size in sizes] + ([run_exact] if exact is not None else [])
-  grads_out = jax.lax.switch(branch, branches, x, a_gate, a_up, w_gate, w_up, w_down, dy, assign)
-  return (None, *grads_out, None)
+  branches = [window(size) for size in sizes] + ([exact] if sorted_rows is not None else [])
+  grads = jax.lax.switch(branch, branches, rows, a_gate, a_up, w_gate, w_up, w_down, dout)
+  return (None, *grads, None)
 
 
 switched_ffn.defvjp(_switched_fwd, _switched_bwd)
