@@ -11,8 +11,10 @@ Megablox / ``ragged_dot``). Invalid assignments sort to the end and take no row.
   'blocked'     each expert's rows padded to a multiple of B and cut into blocks of B
                 rows that belong to one expert: [NB, B, d] x W[expert_of_block]
                 ('nbd,ndf->nbf'); NB = (A + E (B - 1)) // B bounds sum_e ceil(n_e / B).
-                XLA:CPU has no ragged_dot kernel (its generic lowering multiplies every
-                row by every expert), so this is the CPU path.
+                Large experts run in ``lax.scan`` steps of at most
+                ``BLOCKED_WEIGHT_BYTES`` of gathered weights. XLA:CPU has no ragged_dot
+                kernel (its generic lowering multiplies every row by every expert), so
+                this is the CPU path.
 
 Both sit behind a fast path (``moe.dropless_windows`` = (c_1 < c_2 < ...)): for the
 smallest window L_i = ceil(c_i * A_expected / E) that holds every expert's load (the usual
