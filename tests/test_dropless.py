@@ -24,10 +24,10 @@ from moejax.layers import grouped
 from moejax.layers.expert_parallel import rows_per_device
 from moejax.layers.grouped import (
   blocked_chunk,
-  fast_path_branch,
   grouped_ffn,
   rank_in_group,
   sort_rows,
+  window_index,
   window_sizes,
 )
 from moejax.layers.moe import MoELayer
@@ -158,10 +158,11 @@ def test_grouped_ffn_matches_per_row_loop():
 
 @pytest.mark.parametrize("load", ["balanced", "sparse", "skewed"])
 def test_fast_path_windows_equal_the_exact_kernel(load):
-  """The fast path (dense windows for the smallest L_i holding every load, else the exact
-  kernel) == the exact kernel alone, outputs and gradients; balanced loads take a window,
-  sparse ones (few valid picks, as under null experts or top-p) a window below the mean
-  A / E, a load past the largest window the exact kernel."""
+  """The fast path (main windows of L = c_1 A / E rows per expert, the overflow past them
+  in a loop over blocks) == the exact kernel alone, outputs and gradients: sparse loads
+  (few valid picks, as under null experts or top-p) fit the main windows (the loop takes
+  no step), balanced ones overflow the default's smallest window (c_1 = 0.5),
+  skewed ones take several loop steps; with a window of A rows there is no loop."""
   rng = np.random.default_rng(1)
   a, e, d, f = 96, 4, 6, 8
   expert = rng.integers(0, e, a) if load != "skewed" else np.where(rng.random(a) < 0.7, 2, 0)
@@ -180,14 +181,13 @@ def test_fast_path_windows_equal_the_exact_kernel(load):
 
   windows = MoEConfig().dropless_windows
   sizes = window_sizes(windows, a, e, a)
-  branch = int(fast_path_branch(rank_in_group(expert, valid, e)[1], sizes))
-  if load == "skewed":
-    assert branch == len(sizes)
-  else:
-    assert branch < len(sizes) and (sizes[branch] < a / e) == (load == "sparse")
+  index = window_index(expert, valid, rank_in_group(expert, valid, e), sizes, 8)
+  steps = -(-int(index.over_blocks) // index.steps_block)
+  assert {"sparse": steps == 0, "balanced": steps >= 1, "skewed": steps >= 2}[load], steps
   want = run(())
   assert_close(run(windows), want)
-  assert_close(run((float(e),)), want)  # a window of A rows: always the fast path
+  assert window_index(expert, valid, rank_in_group(expert, valid, e), [a], 8).over is None
+  assert_close(run((float(e),)), want)  # a window of A rows: no overflow loop
 
 
 def test_blocked_kernel_in_steps_equals_one_shot_with_bounded_weight_gathers(monkeypatch):

@@ -277,7 +277,6 @@ def dropless_expert_parallel(
     cfg.expert_block_size,
     cfg.resolved_dropless_windows(),
     expected_rows=a,
-    branch_axes=TOKEN_AXES + ((model_axis,) if model_axis is not None else ()),
   )  # [P_src * R, d]
   if model_axis is not None:
     y_rows = jax.lax.psum(y_rows, model_axis)

@@ -16,13 +16,18 @@ Megablox / ``ragged_dot``). Invalid assignments sort to the end and take no row.
                 kernel (its generic lowering multiplies every row by every expert), so
                 this is the CPU path.
 
-Both sit behind a fast path (``moe.dropless_windows`` = (c_1 < c_2 < ...)): for the
-smallest window L_i = ceil(c_i * A_expected / E) that holds every expert's load (the usual
-case for a balanced router), the rows go to dense [E, L_i, d] windows and run as one batched
-matmul per expert ('eld,edf->elf', the capacity path's kernel, no per-block weight gathers);
-when no window holds the largest load, the exact grouped kernel runs. ``jax.lax.switch``
-executes one branch, so the result is always dropless and exact; its backward
-(``switched_ffn``) is one more switch over hand-written gated-FFN gradients.
+The fast path (``moe.dropless_windows`` = (c_1 < c_2 < ...)) covers the usual, balanced
+case without either kernel: every expert's first L = ceil(c_1 A_expected / E) rows (its
+*main window*) run as dense per-expert matmuls ('ld,df->lf' per expert on CPU with few
+experts, else one batched 'eld,edf->elf'); their hand-written backward
+(``windowed_ffn``) reuses the pre-activations as the matmuls wrote them (no buffer is
+padded or copied for it). The rows past L (the overflow: a load above
+c_1 times the mean) run in a ``lax.while_loop`` over blocks of B rows of one expert
+(the 'blocked' layout), E (L_2 - L) rows per step; the loop takes zero steps when every
+load fits, and its backward recomputes each step's pre-activations. The result is always
+dropless and exact. The inputs are gathered straight from the tokens (assignment a reads
+token a // K): no [A, d] copy of them, and every slice a matmul reads is its own gather
+(XLA:CPU copies each slice of a buffer that feeds a matmul).
 
 Rows move by ``permute_rows``: a gather both ways (its transpose is the inverse gather,
 not a scatter-add, which is slow on XLA:CPU).
@@ -225,24 +230,6 @@ def window_sizes(windows: tuple, expected_rows: int, num_experts: int, num_rows:
   return [size for size in sizes if size < num_rows] + full[:1]
 
 
-def fast_path_branch(counts: jax.Array, sizes: list) -> jax.Array:
-  """i32 index of the smallest window in `sizes` holding max(counts); len(sizes) (the exact
-  kernel) when none does."""
-  return jnp.sum(jnp.asarray(sizes, jnp.int32) < jnp.max(counts)).astype(jnp.int32)
-
-
-def window_slots(
-  expert: jax.Array, valid: jax.Array, rank: jax.Array, window: int, num_experts: int
-):
-  """Assignment a -> row expert[a] * L + rank[a] of the [E * L] window rows.
-
-  Returns (slot i32[A] (E * L for invalid assignments), slot_source i32[E * L] (the
-  assignment in each row, A where empty)). Exact only when every count is <= L.
-  """
-  slot = jnp.where(valid, expert * window + rank, num_experts * window).astype(jnp.int32)
-  return slot, row_sources(slot, num_experts * window)
-
-
 def _pad_rows(x: jax.Array, n: int) -> jax.Array:
   return jnp.pad(x, ((0, n - x.shape[0]), (0, 0))) if n > x.shape[0] else x
 
@@ -263,64 +250,211 @@ def grouped_ffn(
   block_size: int | None = None,
   windows: tuple = (),
   expected_rows: int | None = None,
-  branch_axes: tuple = (),
+  repeat: int = 1,
 ) -> jax.Array:
   """Runs each valid assignment's input through its expert; no work for invalid ones.
 
   Args:
-    x: [A, d], each assignment's input.
+    x: [A / repeat, d]: assignment a's input is x[a // repeat] (repeat = K when x holds
+      the tokens of K-choice assignments: no [A, d] copy of them is made).
     expert: i32[A] in [0, E); valid: bool[A]; weights [E, d, f], [E, d, f], [E, f, d].
-    impl: 'blocked' or 'ragged_dot'; block_size: B of 'blocked' (None: automatic).
-    windows: the fast path's factors c_i (module docstring); () disables it.
-    expected_rows: A_expected, the mean number of valid rows the windows are sized for
+    impl: 'blocked' or 'ragged_dot' (the exact kernel); block_size: B of 'blocked' and
+      of the overflow blocks (None: automatic).
+    windows: the fast path's factors (module docstring); () disables it.
+    expected_rows: A_expected, the mean number of valid rows the window is sized for
       (default A; the expert-parallel layer passes its local assignment count).
-    branch_axes: inside ``shard_map``, every mesh axis: all devices then take the same
-      branch (the largest any needs), so collectives XLA or JAX's transpose place inside a
-      branch are entered by every device (different branches deadlock).
   Returns:
-    [A, d]: FFN_{expert[a]}(x[a]) where valid, 0 elsewhere.
+    [A, d]: FFN_{expert[a]}(x[a // repeat]) where valid, 0 elsewhere.
   """
   a, e = expert.shape[0], w_gate.shape[0]
   if impl == "blocked":
     block = block_size or auto_block_size(a, e)
   elif impl == "ragged_dot":
-    block = 1
+    block = block_size or auto_block_size(a, e)
   else:
     raise ValueError(f"grouped_ffn: unknown impl {impl!r} (allowed: 'blocked', 'ragged_dot')")
-  rank, counts = ranked = rank_in_group(expert, valid, e)
+  ranked = rank_in_group(expert, valid, e)
   sizes = window_sizes(windows, expected_rows or a, e, a)
   if not sizes:  # the exact kernel alone
-    sorted_rows = sort_rows(expert, valid, e, block, ranked)
+    x_assign = _repeat_rows(x, repeat)
+    sorted_rows = sort_rows(expert, valid, e, block if impl == "blocked" else 1, ranked)
     source, dest = sorted_rows.row_source, sorted_rows.row
-    rows = permute_rows(x, source, dest)
+    rows = permute_rows(x_assign, source, dest)
     out = _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
     return permute_rows(out, dest, source)
-  # One layout per branch, all indexing one row buffer of n rows: (source [n], dest [A]).
-  layouts = [window_slots(expert, valid, rank, size, e)[::-1] for size in sizes]
-  exact = None
-  if sizes[-1] < a:  # a load no window holds is possible: the exact kernel is a branch
-    exact = sort_rows(expert, valid, e, block, ranked)
-    layouts.append((exact.row_source, exact.row))
-  n = max(source.shape[0] for source, _ in layouts)
-  branch = fast_path_branch(counts, sizes)
-  if branch_axes:  # JAX >= 0.11 refuses a pmax over axes its input does not vary over
-    branch = jax.lax.pmax(_vary_over(branch, branch_axes), branch_axes)
-  source = jnp.stack([_pad_index(s, n, a) for s, _ in layouts])[branch]  # [n]
-  dest = jnp.where(valid, jnp.stack([d for _, d in layouts])[branch], n)  # [A]
-  rows = permute_rows(x, source, dest)  # [n, d]
-  rows, w_gate, w_up, w_down = _vary_alike(rows, w_gate, w_up, w_down)
-  out = switched_ffn(tuple(sizes), impl, activation, branch, rows, w_gate, w_up, w_down, exact)
-  return permute_rows(out, dest, source)
+  index = window_index(expert, valid, ranked, sizes, block)
+  x, w_gate, w_up, w_down = _vary_alike(x, w_gate, w_up, w_down)
+  return windowed_ffn(activation, repeat, x, w_gate, w_up, w_down, index)
+
+
+def _repeat_rows(x: jax.Array, repeat: int) -> jax.Array:
+  """[N, d] -> [N * repeat, d], row i = x[i // repeat]."""
+  if repeat == 1:
+    return x
+  return jnp.broadcast_to(x[:, None], (x.shape[0], repeat, x.shape[-1])).reshape(-1, x.shape[-1])
+
+
+@flax.struct.dataclass
+class WindowIndex:
+  """Where each assignment runs on the fast path (``window_index``).
+
+  main_slot: i32[A], row expert * L + rank in the main windows (E * L: not there).
+  main_source: i32[E * L], the assignment in each main row (A: empty).
+  over: the overflow (rank >= L) sorted by expert in blocks (``sort_rows``), its row and
+    block arrays padded to a whole number of loop steps (padding blocks are empty).
+  over_blocks: i32[], the blocks the overflow fills (0 in the common case).
+  steps_block: blocks per overflow loop step.
+  """
+
+  main_slot: jax.Array
+  main_source: jax.Array
+  over: SortedRows | None
+  over_blocks: jax.Array | None
+  window: int = flax.struct.field(pytree_node=False)
+  steps_block: int = flax.struct.field(pytree_node=False)
+
+
+def window_index(expert, valid, ranked, sizes, block) -> WindowIndex:
+  """The fast path's layout: main windows of L = sizes[0] rows per expert; the rows past
+  them (ranks >= L) in blocks of `block` rows, E (sizes[1] - L) rows per loop step (E L / 4
+  with one window), when some load can exceed L."""
+  a = expert.shape[0]
+  rank, counts = ranked
+  e, window = counts.shape[0], sizes[0]
+  in_main = valid & (rank < window)
+  main_slot = jnp.where(in_main, expert * window + rank, e * window).astype(jnp.int32)
+  main_source = row_sources(main_slot, e * window)
+  if window >= a:  # the window holds any load: no overflow
+    return WindowIndex(main_slot, main_source, None, None, window, 1)
+  over = valid & (rank >= window)
+  over_counts = jnp.maximum(counts - window, 0)
+  over_rows = sort_rows(expert, over, e, block, (jnp.where(over, rank - window, 0), over_counts))
+  num_blocks = over_rows.block_expert.shape[0]
+  step_rows = e * (sizes[1] - window) if len(sizes) > 1 else max(block, e * window // 4)
+  steps_block = max(1, min(num_blocks, step_rows // block))
+  padded = -(-num_blocks // steps_block) * steps_block
+  over_rows = over_rows.replace(
+    row_source=_pad_index(over_rows.row_source, padded * block, a),
+    block_expert=_pad_index(over_rows.block_expert, padded, e - 1),
+  )
+  over_blocks = jnp.sum((over_counts + block - 1) // block)
+  return WindowIndex(main_slot, main_source, over_rows, over_blocks, window, steps_block)
 
 
 # ------------------------------------------------------------------------------------------
-# The fast path's switch, with one backward for all branches.
-#
-# Differentiating ``lax.switch`` makes every branch's residuals outputs that every branch
-# must fill (zeros when not taken): with three windows that is three sets of [E L_i, f]
-# activations written per step. ``switched_ffn`` instead saves one set, the taken window's
-# pre-activations a_gate, a_up in a common [E L_max, f] buffer, and its backward is a
-# second switch over hand-written gated-FFN gradients (the exact kernel recomputes).
+# The fast path: main windows (always run, residuals are the matmul outputs) and an overflow
+# loop (a ``lax.while_loop`` over the overflow blocks: zero steps when every load fits).
+# ------------------------------------------------------------------------------------------
+
+
+def _per_expert_2d(num_experts: int) -> bool:
+  """One 2-D matmul per expert rather than one batched matmul: on CPU with few experts
+  (XLA:CPU runs 2-D weight gradients faster: 13% for 8 experts; batched wins for 64)."""
+  return num_experts <= 16 and jax.default_backend() == "cpu"
+
+
+def _main_sources(index: WindowIndex, e: int) -> list:
+  """The main rows' assignments, one piece per expert (2-D matmuls) or one [E L] piece."""
+  if _per_expert_2d(e):
+    w = index.window
+    return [index.main_source[i * w : (i + 1) * w] for i in range(e)]
+  return [index.main_source]
+
+
+def _over_experts_pieces(fn, pieces, *weights):
+  """fn(rows [L, d], W_e...) for each expert: per piece (2-D) or vmapped over [E, L, d]."""
+  e = weights[0].shape[0]
+  if len(pieces) == e and _per_expert_2d(e):
+    return [fn(p, *(w[i] for w in weights)) for i, p in enumerate(pieces)]
+  (flat,) = pieces
+  outs = jax.vmap(fn)(flat.reshape(e, -1, flat.shape[-1]), *weights)
+  return [jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]) if o.ndim == 3 else o, outs)]
+
+
+def _over_chunk(index: WindowIndex, step, repeat, x):
+  """Rows of overflow loop step `step`: (assignments i32[c B], expert per block i32[c],
+  rows [c, B, d])."""
+  c, b = index.steps_block, index.over.block
+  assign = jax.lax.dynamic_slice_in_dim(index.over.row_source, step * c * b, c * b)
+  block_expert = jax.lax.dynamic_slice_in_dim(index.over.block_expert, step * c, c)
+  rows = _gather(x, assign // repeat).reshape(c, b, x.shape[-1])
+  return assign, block_expert, rows
+
+
+def _over_steps(index: WindowIndex) -> jax.Array:
+  return -(-index.over_blocks // index.steps_block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def windowed_ffn(activation, repeat, x, w_gate, w_up, w_down, index):
+  """The fast path: x [A / repeat, d] -> [A, d] (``grouped_ffn``), exact for any load."""
+  return _windowed_fwd(activation, repeat, x, w_gate, w_up, w_down, index)[0]
+
+
+def _windowed_fwd(activation, repeat, x, w_gate, w_up, w_down, index):
+  e = w_gate.shape[0]
+  sources = _main_sources(index, e)
+  rows = [_gather(x, source // repeat) for source in sources]  # fill A -> A / repeat
+  ffn = functools.partial(gated_ffn_2d, activation=activation)
+  outs = _over_experts_pieces(ffn, rows, w_gate, w_up, w_down)
+  out = _gather(jnp.concatenate([y for y, _, _ in outs]), index.main_slot)  # [A, d]
+  if index.over is not None:
+
+    def step(carry):
+      i, out = carry
+      assign, be, xb = _over_chunk(index, i, repeat, x)
+      y = jax.vmap(ffn)(xb, w_gate[be], w_up[be], w_down[be])[0]
+      return i + 1, out.at[assign].set(y.reshape(assign.shape[0], -1), mode="drop")
+
+    steps = _over_steps(index)
+    _, out = jax.lax.while_loop(lambda c: c[0] < steps, step, (jnp.zeros((), jnp.int32), out))
+  residuals = (x, w_gate, w_up, w_down, index, rows, [(g, u) for _, g, u in outs])
+  return out, residuals
+
+
+def _windowed_bwd(activation, repeat, residuals, dout):
+  x, w_gate, w_up, w_down, index, rows, pre = residuals
+  e = w_gate.shape[0]
+  grads = functools.partial(gated_ffn_2d_grads, activation=activation)
+  douts = [_gather(dout, source) for source in _main_sources(index, e)]
+  if len(rows) == e and _per_expert_2d(e):
+    per = [
+      grads(r, g, u, w_gate[i], w_up[i], w_down[i], dy)
+      for i, (r, (g, u), dy) in enumerate(zip(rows, pre, douts))
+    ]
+    dx_rows = jnp.concatenate([p[0] for p in per])
+    dw = [jnp.stack([p[j] for p in per]) for j in (1, 2, 3)]
+  else:
+    ((g, u),), (r,), (dy,) = pre, rows, douts
+    win = lambda t: t.reshape(e, -1, t.shape[-1])
+    dx, *dw = jax.vmap(grads)(win(r), win(g), win(u), w_gate, w_up, w_down, win(dy))
+    dx_rows = dx.reshape(-1, dx.shape[-1])
+  dx_assign = _gather(dx_rows, index.main_slot)  # [A, d]
+  if index.over is not None:
+
+    def step(carry):
+      i, dx_assign, dwg, dwu, dwd = carry
+      assign, be, xb = _over_chunk(index, i, repeat, x)
+      dyb = _gather(dout, assign).reshape(xb.shape)
+      ffn = functools.partial(gated_ffn_2d, activation=activation)
+      _, g, u = jax.vmap(ffn)(xb, w_gate[be], w_up[be], w_down[be])
+      dxb, g_g, g_u, g_d = jax.vmap(grads)(xb, g, u, w_gate[be], w_up[be], w_down[be], dyb)
+      dx_assign = dx_assign.at[assign].add(dxb.reshape(assign.shape[0], -1), mode="drop")
+      return i + 1, dx_assign, dwg.at[be].add(g_g), dwu.at[be].add(g_u), dwd.at[be].add(g_d)
+
+    steps = _over_steps(index)
+    carry = (jnp.zeros((), jnp.int32), dx_assign, *dw)
+    _, dx_assign, *dw = jax.lax.while_loop(lambda c: c[0] < steps, step, carry)
+  if repeat > 1:
+    dx_assign = dx_assign.reshape(-1, repeat, dx_assign.shape[-1]).sum(1)
+  return (dx_assign, *dw, None)
+
+
+windowed_ffn.defvjp(_windowed_fwd, _windowed_bwd)
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers.
 # ------------------------------------------------------------------------------------------
 
 
@@ -344,30 +478,6 @@ def _vary_alike(*arrays):
   return tuple(_vary_over(a, axes) for a in arrays)
 
 
-def _over_experts(fn, *args):
-  """fn applied to each expert's slice of args (leading axis E), outputs stacked on axis 0.
-
-  On CPU with few experts, one 2-D matmul per expert: XLA:CPU runs 2-D weight gradients
-  faster than batched ones (measured 13% faster for 8 experts, 50% slower for 64);
-  elsewhere one batched matmul per einsum ('eld,edf->elf', via vmap).
-  """
-  e = args[0].shape[0]
-  if e <= 16 and jax.default_backend() == "cpu":
-    outs = [fn(*(arg[i] for arg in args)) for i in range(e)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-  return jax.vmap(fn)(*args)
-
-
-def _windows(rows, e, size):
-  """The first E * size rows [.., d] as per-expert windows [E, size, d]."""
-  return rows[: e * size].reshape(e, size, rows.shape[-1])
-
-
-def _flat_padded(x, n):
-  """[E, L, c] -> [n, c], zero rows past E * L."""
-  return _pad_rows(x.reshape(-1, x.shape[-1]), n)
-
-
 def _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation):
   """The exact grouped kernel on the first NB * B of rows [n, d] -> [n, d]."""
   rows_in = rows[: sorted_rows.row_source.shape[0]]
@@ -376,81 +486,3 @@ def _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation):
   else:
     out = ragged_ffn(rows_in, sorted_rows.counts, w_gate, w_up, w_down, activation)
   return _pad_rows(out, rows.shape[0])
-
-
-def _switched_forward(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):
-  """(out [n, d], a_gate [E L_max, f], a_up [E L_max, f]) of the taken branch: window
-  i < len(sizes) (the pre-activations saved), else the exact kernel (zeros saved)."""
-  e, f, n = w_gate.shape[0], w_gate.shape[-1], rows.shape[0]
-  saved = e * sizes[-1]
-
-  def window(size):
-    def run(rows, w_gate, w_up, w_down):
-      y, a_gate, a_up = _over_experts(
-        functools.partial(gated_ffn_2d, activation=activation),
-        _windows(rows, e, size),
-        w_gate,
-        w_up,
-        w_down,
-      )
-      return _flat_padded(y, n), _flat_padded(a_gate, saved), _flat_padded(a_up, saved)
-
-    return run
-
-  def exact(rows, w_gate, w_up, w_down):
-    out = _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
-    zeros, _ = _vary_alike(jnp.zeros((saved, f), out.dtype), out)
-    return out, zeros, zeros
-
-  branches = [window(size) for size in sizes] + ([exact] if sorted_rows is not None else [])
-  return jax.lax.switch(branch, branches, rows, w_gate, w_up, w_down)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def switched_ffn(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):
-  """The fast path's kernels on rows [n, d] laid out for `branch`: window i < len(sizes)
-  runs expert e on rows [e L_i, (e + 1) L_i); len(sizes) runs the exact kernel over
-  `sorted_rows` (None when a window holds any load). -> [n, d], zero rows unused."""
-  return _switched_forward(
-    sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows
-  )[0]
-
-
-def _switched_fwd(sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows):
-  out, a_gate, a_up = _switched_forward(
-    sizes, impl, activation, branch, rows, w_gate, w_up, w_down, sorted_rows
-  )
-  return out, (branch, rows, a_gate, a_up, w_gate, w_up, w_down, sorted_rows)
-
-
-def _switched_bwd(sizes, impl, activation, res, dout):
-  branch, rows, a_gate, a_up, w_gate, w_up, w_down, sorted_rows = res
-  e, n = w_gate.shape[0], rows.shape[0]
-
-  def window(size):
-    def run(rows, a_gate, a_up, w_gate, w_up, w_down, dout):
-      dx, dw_gate, dw_up, dw_down = _over_experts(
-        functools.partial(gated_ffn_2d_grads, activation=activation),
-        _windows(rows, e, size),
-        _windows(a_gate, e, size),
-        _windows(a_up, e, size),
-        w_gate,
-        w_up,
-        w_down,
-        _windows(dout, e, size),
-      )
-      return _flat_padded(dx, n), dw_gate, dw_up, dw_down
-
-    return run
-
-  def exact(rows, a_gate, a_up, w_gate, w_up, w_down, dout):
-    fn = functools.partial(_exact_ffn, sorted_rows=sorted_rows, impl=impl, activation=activation)
-    _, vjp = jax.vjp(fn, rows, w_gate, w_up, w_down)
-    return vjp(dout)
-
-  branches = [window(size) for size in sizes] + ([exact] if sorted_rows is not None else [])
-  grads = jax.lax.switch(branch, branches, rows, a_gate, a_up, w_gate, w_up, w_down, dout)
-  return (None, *grads, None)
-
-
-switched_ffn.defvjp(_switched_fwd, _switched_bwd)

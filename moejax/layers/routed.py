@@ -49,9 +49,8 @@ def sorted_experts(
   """All E experts on this device, over expert-sorted assignments: x [G, S, d] -> [G, S, d]."""
   g, s, d = x.shape
   k = routing.expert_index.shape[-1]
-  x_assign = jnp.broadcast_to(x[:, :, None], (g, s, k, d)).reshape(g * s * k, d)
   y_assign = grouped_ffn(
-    x_assign,
+    x.reshape(g * s, d),  # assignment a's input: token a // k
     routing.expert_index.reshape(-1),
     routing.valid.reshape(-1),
     w_gate,
@@ -61,6 +60,7 @@ def sorted_experts(
     cfg.resolved_expert_impl(),
     cfg.expert_block_size,
     cfg.resolved_dropless_windows(),
+    repeat=k,
   )
   return combine_assignments(y_assign.reshape(g, s, k, d), routing, routing.valid)
 
