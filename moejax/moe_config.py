@@ -71,13 +71,15 @@ class MoEConfig:
       tokens, asked for 174 GiB; benchmarks/README.md).
     expert_block_size: rows per block of the 'blocked' impl; None picks a power of two in
       [8, 256] whose padding is at most 1/4 of the rows.
-    dropless_windows: the sorted dropless layer's fast path, factors c_1 < c_2 < ...: with
-      L_i = ceil(c_i * A / E) rows per expert (A assignments on the device), the experts
-      run as one dense [E, L_i, d] batched matmul for the smallest L_i that holds every
-      expert's load, and `expert_impl` runs when none does (``jax.lax.switch``: one branch
-      executes; always exact). () disables it. Factors below 1 serve routers whose number
-      of real experts per token varies (null experts, top-p, compressed experts); the
-      others always have a load >= A / E, so ``resolved_dropless_windows`` drops them.
+    dropless_windows: the sorted dropless layer's fast path, factors c_1 < c_2 < ...: every
+      expert's first L_1 = ceil(c_1 * A / E) rows (A assignments on the device) run as
+      dense per-expert matmuls; rows past L_1 (a load above c_1 times the mean) run in a
+      ``lax.while_loop`` over blocks of `expert_block_size` rows, E (L_2 - L_1) rows per
+      step (E L_1 / 4 with one factor), zero steps when every load fits; always exact.
+      Factors past c_2 change nothing (older configs list up to eight). () disables the
+      fast path: `expert_impl` runs alone. Factors below 1 serve routers whose number of
+      real experts per token varies (null experts, top-p, compressed experts); the others
+      always have a load >= A / E, so ``resolved_dropless_windows`` drops them.
     ep_exchange: dropless expert-parallel exchange. 'ragged_all_to_all': exactly the routed
       rows (gpu/tpu only; XLA:CPU rejects the op); 'padded_all_to_all': a fixed
       [devices, rows_per_device] buffer per device (the CPU fallback); 'auto' picks by backend.

@@ -282,8 +282,8 @@ def grouped_ffn(
     rows = permute_rows(x_assign, source, dest)
     out = _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
     return permute_rows(out, dest, source)
-  index = window_index(expert, valid, ranked, sizes, block)
-  x, w_gate, w_up, w_down = _vary_alike(x, w_gate, w_up, w_down)
+  index = window_index(expert, valid, ranked, sizes, block, w_gate)
+  x, w_gate, w_up, w_down = _vary_alike(*map(jnp.asarray, (x, w_gate, w_up, w_down)))
   return windowed_ffn(activation, repeat, x, w_gate, w_up, w_down, index)
 
 
@@ -314,10 +314,11 @@ class WindowIndex:
   steps_block: int = flax.struct.field(pytree_node=False)
 
 
-def window_index(expert, valid, ranked, sizes, block) -> WindowIndex:
+def window_index(expert, valid, ranked, sizes, block, w_gate=None) -> WindowIndex:
   """The fast path's layout: main windows of L = sizes[0] rows per expert; the rows past
   them (ranks >= L) in blocks of `block` rows, E (sizes[1] - L) rows per loop step (E L / 4
-  with one window), when some load can exceed L."""
+  with one window) and at most ``BLOCKED_WEIGHT_BYTES`` of gathered weights of `w_gate`'s
+  shape, when some load can exceed L."""
   a = expert.shape[0]
   rank, counts = ranked
   e, window = counts.shape[0], sizes[0]
@@ -332,6 +333,8 @@ def window_index(expert, valid, ranked, sizes, block) -> WindowIndex:
   num_blocks = over_rows.block_expert.shape[0]
   step_rows = e * (sizes[1] - window) if len(sizes) > 1 else max(block, e * window // 4)
   steps_block = max(1, min(num_blocks, step_rows // block))
+  if w_gate is not None:
+    steps_block = min(steps_block, blocked_chunk(num_blocks, w_gate))
   padded = -(-num_blocks // steps_block) * steps_block
   over_rows = over_rows.replace(
     row_source=_pad_index(over_rows.row_source, padded * block, a),
