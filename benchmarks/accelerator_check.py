@@ -9,11 +9,12 @@ jax picks, against the paths the suite does test (float32 matmuls at 'highest' p
   ragged_dot      dropless layer, expert_impl='ragged_dot' (native grouped matmul) vs the
                   C = S slot path: output, aux losses and gradients, for every token-choice
                   router (variable k included); the exact kernel alone
-                  (dropless_windows=()) and the dense fast-path windows alone
-                  (dropless_windows=(E,): every load fits).
+                  (dropless_windows=()), the fast path's main windows alone
+                  (dropless_windows=(E,): every load fits) and main windows of the
+                  mean load with the overflow loop (dropless_windows=(1, 1.0625)).
   ragged_a2a      the expert-parallel row exchange with ep_exchange='ragged_all_to_all' on
                   a mesh of all local devices (data=1, expert=N) vs the unsharded layer:
-                  the exact kernel alone and the fast-path windows alone.
+                  the exact kernel alone, the fast-path windows alone and with the loop.
   cudnn           attention_impl='cudnn' vs the float32 reference, bf16 inputs, GQA,
                   output and gradients (tolerance of bf16 rounding).
 
@@ -90,7 +91,11 @@ def check_ragged_dot(x, ct):
       x,
       ct,
     )
-    for label, fast in (("ragged_dot", ()), ("fast_window", (float(E),))):
+    for label, fast in (
+      ("ragged_dot", ()),
+      ("fast_window", (float(E),)),
+      ("fast_window_loop", (1.0, 1.0625)),
+    ):
       cfg = moe_cfg(name, expert_impl="ragged_dot", dropless_windows=fast)
       got = loss_and_grads(MoELayer(cfg), params_for(cfg), x, ct)
       yield f"{label}[{name}]", max_rel_err(got, want), 1e-4
@@ -102,7 +107,11 @@ def check_ragged_a2a(x, ct):
   for name in ROUTERS:
     base = moe_cfg(name, expert_impl="capacity")
     want = loss_and_grads(MoELayer(base), params_for(base), x, ct)
-    for label, fast in (("ragged_a2a", ()), ("ragged_a2a_window", (float(E),))):
+    for label, fast in (
+      ("ragged_a2a", ()),
+      ("ragged_a2a_window", (float(E),)),
+      ("ragged_a2a_window_loop", (1.0, 1.0625)),
+    ):
       cfg = moe_cfg(name, ep_exchange="ragged_all_to_all", dropless_windows=fast)
       params = nn.meta.unbox(shard_params(params_for(cfg, boxed=True), mesh))
       got = loss_and_grads(MoELayer(cfg, mesh=mesh), params, x, ct)
