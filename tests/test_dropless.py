@@ -406,6 +406,16 @@ def test_sharded_dropless_equals_unsharded(name, shape):
   assert float(got[0][1][1]["metrics"]["dropped_fraction"]) == 0.0
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 1)])
+def test_sharded_overflow_loop_equals_unsharded(shape):
+  """Main windows of exactly the mean load (c_1 = 1): every device's heavier experts
+  overflow into the loop, each device taking its own number of steps (no collective in
+  the loop; the model axis' partial sums are reduced after it). Outputs, aux losses,
+  metrics and gradients == the unsharded C = S layer."""
+  cfg = make_cfg("topk", dropless_windows=(1.0, 1.0625))
+  assert_close(run_sharded(cfg, shape), capacity_result("topk"))
+
+
 def test_rows_per_device_bound():
   cfg = make_cfg("topk", ragged_buffer_factor=1.25, ragged_buffer_min_rows=16)
   assert rows_per_device(2048, 8, cfg) == 320  # ceil(1.25 * 2048 / 8)

@@ -267,12 +267,9 @@ def grouped_ffn(
     [A, d]: FFN_{expert[a]}(x[a // repeat]) where valid, 0 elsewhere.
   """
   a, e = expert.shape[0], w_gate.shape[0]
-  if impl == "blocked":
-    block = block_size or auto_block_size(a, e)
-  elif impl == "ragged_dot":
-    block = block_size or auto_block_size(a, e)
-  else:
+  if impl not in ("blocked", "ragged_dot"):
     raise ValueError(f"grouped_ffn: unknown impl {impl!r} (allowed: 'blocked', 'ragged_dot')")
+  block = block_size or auto_block_size(a, e)
   ranked = rank_in_group(expert, valid, e)
   sizes = window_sizes(windows, expected_rows or a, e, a)
   if not sizes:  # the exact kernel alone
