@@ -25,6 +25,7 @@ from moejax.layers.expert_parallel import rows_per_device
 from moejax.layers.grouped import (
   blocked_chunk,
   grouped_ffn,
+  overflow_steps,
   rank_in_group,
   sort_rows,
   window_index,
@@ -182,7 +183,7 @@ def test_fast_path_windows_equal_the_exact_kernel(load):
   windows = MoEConfig().dropless_windows
   sizes = window_sizes(windows, a, e, a)
   index = window_index(expert, valid, rank_in_group(expert, valid, e), sizes, 8)
-  steps = -(-int(index.over_blocks) // index.steps_block)
+  steps = int(overflow_steps(index))
   assert {"sparse": steps == 0, "balanced": steps >= 1, "skewed": steps >= 2}[load], steps
   want = run(())
   assert_close(run(windows), want)

@@ -299,14 +299,12 @@ class WindowIndex:
   main_source: i32[E * L], the assignment in each main row (A: empty).
   over: the overflow (rank >= L) sorted by expert in blocks (``sort_rows``), its row and
     block arrays padded to a whole number of loop steps (padding blocks are empty).
-  over_blocks: i32[], the blocks the overflow fills (0 in the common case).
   steps_block: blocks per overflow loop step.
   """
 
   main_slot: jax.Array
   main_source: jax.Array
   over: SortedRows | None
-  over_blocks: jax.Array | None
   window: int = flax.struct.field(pytree_node=False)
   steps_block: int = flax.struct.field(pytree_node=False)
 
@@ -323,7 +321,7 @@ def window_index(expert, valid, ranked, sizes, block, w_gate=None) -> WindowInde
   main_slot = jnp.where(in_main, expert * window + rank, e * window).astype(jnp.int32)
   main_source = row_sources(main_slot, e * window)
   if window >= a:  # the window holds any load: no overflow
-    return WindowIndex(main_slot, main_source, None, None, window, 1)
+    return WindowIndex(main_slot, main_source, None, window, 1)
   over = valid & (rank >= window)
   over_counts = jnp.maximum(counts - window, 0)
   over_rows = sort_rows(expert, over, e, block, (jnp.where(over, rank - window, 0), over_counts))
@@ -337,8 +335,7 @@ def window_index(expert, valid, ranked, sizes, block, w_gate=None) -> WindowInde
     row_source=_pad_index(over_rows.row_source, padded * block, a),
     block_expert=_pad_index(over_rows.block_expert, padded, e - 1),
   )
-  over_blocks = jnp.sum((over_counts + block - 1) // block)
-  return WindowIndex(main_slot, main_source, over_rows, over_blocks, window, steps_block)
+  return WindowIndex(main_slot, main_source, over_rows, window, steps_block)
 
 
 # ------------------------------------------------------------------------------------------
@@ -361,28 +358,31 @@ def _main_sources(index: WindowIndex, e: int) -> list:
   return [index.main_source]
 
 
-def _over_experts_pieces(fn, pieces, *weights):
-  """fn(rows [L, d], W_e...) for each expert: per piece (2-D) or vmapped over [E, L, d]."""
-  e = weights[0].shape[0]
-  if len(pieces) == e and _per_expert_2d(e):
-    return [fn(p, *(w[i] for w in weights)) for i, p in enumerate(pieces)]
-  (flat,) = pieces
-  outs = jax.vmap(fn)(flat.reshape(e, -1, flat.shape[-1]), *weights)
-  return [jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]) if o.ndim == 3 else o, outs)]
+def _by_expert(rows: jax.Array, e: int) -> jax.Array:
+  """[E L, c] -> [E, L, c]."""
+  return rows.reshape(e, -1, rows.shape[-1])
 
 
-def _over_chunk(index: WindowIndex, step, repeat, x):
-  """Rows of overflow loop step `step`: (assignments i32[c B], expert per block i32[c],
-  rows [c, B, d])."""
+def _flat(rows: jax.Array) -> jax.Array:
+  """[E, L, c] -> [E L, c]."""
+  return rows.reshape(-1, rows.shape[-1])
+
+
+def _over_chunk(index: WindowIndex, step, repeat, x, weights):
+  """Overflow loop step `step`: (assignments i32[c B], expert per block i32[c], rows
+  [c, B, d], the weights of each block's expert ([c, d, f], [c, d, f], [c, f, d]))."""
   c, b = index.steps_block, index.over.block
   assign = jax.lax.dynamic_slice_in_dim(index.over.row_source, step * c * b, c * b)
   block_expert = jax.lax.dynamic_slice_in_dim(index.over.block_expert, step * c, c)
   rows = _gather(x, assign // repeat).reshape(c, b, x.shape[-1])
-  return assign, block_expert, rows
+  return assign, block_expert, rows, tuple(w[block_expert] for w in weights)
 
 
-def _over_steps(index: WindowIndex) -> jax.Array:
-  return -(-index.over_blocks // index.steps_block)
+def overflow_steps(index: WindowIndex) -> jax.Array:
+  """i32[]: overflow loop steps, ceil(sum_e ceil(over_e / B) / c) (0 when every load fits)."""
+  b = index.over.block
+  blocks = jnp.sum((index.over.counts + b - 1) // b)
+  return -(-blocks // index.steps_block)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -392,21 +392,25 @@ def windowed_ffn(activation, repeat, x, w_gate, w_up, w_down, index):
 
 
 def _windowed_fwd(activation, repeat, x, w_gate, w_up, w_down, index):
-  e = w_gate.shape[0]
+  e, weights = w_gate.shape[0], (w_gate, w_up, w_down)
   sources = _main_sources(index, e)
   rows = [_gather(x, source // repeat) for source in sources]  # fill A -> A / repeat
   ffn = functools.partial(gated_ffn_2d, activation=activation)
-  outs = _over_experts_pieces(ffn, rows, w_gate, w_up, w_down)
+  if _per_expert_2d(e):  # (y, a_gate, a_up) per expert
+    outs = [ffn(r, *(w[i] for w in weights)) for i, r in enumerate(rows)]
+  else:
+    (flat,) = rows
+    outs = [tuple(map(_flat, jax.vmap(ffn)(_by_expert(flat, e), *weights)))]
   out = _gather(jnp.concatenate([y for y, _, _ in outs]), index.main_slot)  # [A, d]
   if index.over is not None:
 
     def step(carry):
       i, out = carry
-      assign, be, xb = _over_chunk(index, i, repeat, x)
-      y = jax.vmap(ffn)(xb, w_gate[be], w_up[be], w_down[be])[0]
+      assign, _, xb, wb = _over_chunk(index, i, repeat, x, weights)
+      y = jax.vmap(ffn)(xb, *wb)[0]
       return i + 1, out.at[assign].set(y.reshape(assign.shape[0], -1), mode="drop")
 
-    steps = _over_steps(index)
+    steps = overflow_steps(index)
     _, out = jax.lax.while_loop(lambda c: c[0] < steps, step, (jnp.zeros((), jnp.int32), out))
   residuals = (x, w_gate, w_up, w_down, index, rows, [(g, u) for _, g, u in outs])
   return out, residuals
@@ -414,35 +418,35 @@ def _windowed_fwd(activation, repeat, x, w_gate, w_up, w_down, index):
 
 def _windowed_bwd(activation, repeat, residuals, dout):
   x, w_gate, w_up, w_down, index, rows, pre = residuals
-  e = w_gate.shape[0]
+  e, weights = w_gate.shape[0], (w_gate, w_up, w_down)
+  ffn = functools.partial(gated_ffn_2d, activation=activation)
   grads = functools.partial(gated_ffn_2d_grads, activation=activation)
   douts = [_gather(dout, source) for source in _main_sources(index, e)]
-  if len(rows) == e and _per_expert_2d(e):
+  if _per_expert_2d(e):  # (dx, dW_gate, dW_up, dW_down) per expert
     per = [
-      grads(r, g, u, w_gate[i], w_up[i], w_down[i], dy)
+      grads(r, g, u, *(w[i] for w in weights), dy)
       for i, (r, (g, u), dy) in enumerate(zip(rows, pre, douts))
     ]
     dx_rows = jnp.concatenate([p[0] for p in per])
     dw = [jnp.stack([p[j] for p in per]) for j in (1, 2, 3)]
   else:
     ((g, u),), (r,), (dy,) = pre, rows, douts
-    win = lambda t: t.reshape(e, -1, t.shape[-1])
-    dx, *dw = jax.vmap(grads)(win(r), win(g), win(u), w_gate, w_up, w_down, win(dy))
-    dx_rows = dx.reshape(-1, dx.shape[-1])
+    win = functools.partial(_by_expert, e=e)
+    dx, *dw = jax.vmap(grads)(win(r), win(g), win(u), *weights, win(dy))
+    dx_rows = _flat(dx)
   dx_assign = _gather(dx_rows, index.main_slot)  # [A, d]
   if index.over is not None:
 
     def step(carry):
-      i, dx_assign, dwg, dwu, dwd = carry
-      assign, be, xb = _over_chunk(index, i, repeat, x)
+      i, dx_assign, *dw = carry
+      assign, be, xb, wb = _over_chunk(index, i, repeat, x, weights)
       dyb = _gather(dout, assign).reshape(xb.shape)
-      ffn = functools.partial(gated_ffn_2d, activation=activation)
-      _, g, u = jax.vmap(ffn)(xb, w_gate[be], w_up[be], w_down[be])
-      dxb, g_g, g_u, g_d = jax.vmap(grads)(xb, g, u, w_gate[be], w_up[be], w_down[be], dyb)
+      _, g, u = jax.vmap(ffn)(xb, *wb)  # recomputed, not saved
+      dxb, *dwb = jax.vmap(grads)(xb, g, u, *wb, dyb)
       dx_assign = dx_assign.at[assign].add(dxb.reshape(assign.shape[0], -1), mode="drop")
-      return i + 1, dx_assign, dwg.at[be].add(g_g), dwu.at[be].add(g_u), dwd.at[be].add(g_d)
+      return i + 1, dx_assign, *(d.at[be].add(db) for d, db in zip(dw, dwb))
 
-    steps = _over_steps(index)
+    steps = overflow_steps(index)
     carry = (jnp.zeros((), jnp.int32), dx_assign, *dw)
     _, dx_assign, *dw = jax.lax.while_loop(lambda c: c[0] < steps, step, carry)
   if repeat > 1:
@@ -458,24 +462,15 @@ windowed_ffn.defvjp(_windowed_fwd, _windowed_bwd)
 # ------------------------------------------------------------------------------------------
 
 
-def _varying_axes(a: jax.Array) -> frozenset:
-  """The mesh axes `a` varies over inside ``shard_map`` (empty outside)."""
-  return jax.typeof(a).mat.varying
-
-
-def _vary_over(a: jax.Array, axes) -> jax.Array:
-  """`a` cast to vary over `axes` as well (``lax.pcast``; no-op where it already does)."""
-  missing = tuple(sorted(frozenset(axes) - _varying_axes(a)))
-  return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-
 def _vary_alike(*arrays):
   """Inside ``shard_map``: each array cast to vary over the union of the arrays' varying
   mesh axes (no-op outside). A custom VJP's gradients must have its inputs' types, and
   these products vary over all of them; the casts' transposes (psums) then sum the partial
   gradients, as autodiff would (e.g. dx over a model-sharded expert width)."""
-  axes = frozenset().union(*map(_varying_axes, arrays))
-  return tuple(_vary_over(a, axes) for a in arrays)
+  vma = lambda a: jax.typeof(a).mat.varying
+  axes = frozenset().union(*map(vma, arrays))
+  cast = lambda a: jax.lax.pcast(a, tuple(sorted(axes - vma(a))), to="varying")
+  return tuple(cast(a) if axes - vma(a) else a for a in arrays)
 
 
 def _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation):
