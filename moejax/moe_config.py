@@ -74,12 +74,14 @@ class MoEConfig:
     dropless_windows: the sorted dropless layer's fast path, factors c_1 < c_2 < ...: every
       expert's first L_1 = ceil(c_1 * A / E) rows (A assignments on the device) run as
       dense per-expert matmuls; rows past L_1 (a load above c_1 times the mean) run in a
-      ``lax.while_loop`` over blocks of `expert_block_size` rows, E (L_2 - L_1) rows per
-      step (E L_1 / 4 with one factor), zero steps when every load fits; always exact.
-      Factors past c_2 change nothing (older configs list up to eight). () disables the
-      fast path: `expert_impl` runs alone. Factors below 1 serve routers whose number of
-      real experts per token varies (null experts, top-p, compressed experts); the others
-      always have a load >= A / E, so ``resolved_dropless_windows`` drops them.
+      ``lax.while_loop``, one block of B = L_2 - L_1 rows of one expert per step (L_1 / 4
+      with one factor), zero steps when every load fits; always exact. Factors past c_2
+      change nothing. () disables the fast path: `expert_impl` runs alone. Factors below 1
+      serve routers whose number of real experts per token varies (null experts, top-p,
+      compressed experts); the others always have a load >= A / E, so
+      ``resolved_dropless_windows`` drops them. The default's (1, 1.0625) computes exactly
+      the A rows of a balanced load; each overflowing expert adds its overflow rounded up to
+      A / (16 E) rows.
     ep_exchange: dropless expert-parallel exchange. 'ragged_all_to_all': exactly the routed
       rows (gpu/tpu only; XLA:CPU rejects the op); 'padded_all_to_all': a fixed
       [devices, rows_per_device] buffer per device (the CPU fallback); 'auto' picks by backend.
@@ -127,7 +129,7 @@ class MoEConfig:
   bias_update_rate: float = 0.0
   expert_impl: str = "auto"
   expert_block_size: int | None = None
-  dropless_windows: tuple = (0.5, 0.625, 0.75, 0.875, 1.125, 1.25, 1.375, 1.5)
+  dropless_windows: tuple = (0.5, 0.5625, 1.0, 1.0625)
   ep_exchange: str = "auto"
   ragged_buffer_factor: float = 1.25
   ragged_buffer_min_rows: int = 128
@@ -328,7 +330,7 @@ def validate_moe_config(cfg: MoEConfig) -> None:
     isinstance(windows, tuple)
     and all(_is_finite_number(c) and c > 0 for c in windows)
     and all(a < b for a, b in zip(windows, windows[1:])),
-    "must be a tuple of increasing numbers > 0, e.g. (1.125, 1.25, 1.5); () for no fast path",
+    "must be a tuple of increasing numbers > 0, e.g. (1.0, 1.0625); () for no fast path",
   )
   _check(cfg, "ep_exchange", cfg.ep_exchange in EP_EXCHANGES, f"allowed: {EP_EXCHANGES}")
   _check(

@@ -183,11 +183,11 @@ def test_fast_path_windows_equal_the_exact_kernel(load):
   windows = MoEConfig().dropless_windows
   sizes = window_sizes(windows, a, e, a)
   ranked = rank_in_group(expert, valid, e)
-  steps = int(overflow_steps(window_index(expert, valid, ranked, sizes, 8)))
+  steps = int(overflow_steps(window_index(expert, valid, ranked, sizes)))
   assert {"sparse": steps == 0, "balanced": steps >= 1, "skewed": steps >= 2}[load], steps
   want = run(())
   assert_close(run(windows), want)
-  assert window_index(expert, valid, ranked, [a], 8).over is None
+  assert window_index(expert, valid, ranked, [a]).over is None
   assert_close(run((float(e),)), want)  # a window of A rows: no overflow loop
 
 
@@ -229,7 +229,7 @@ def test_windows_below_the_mean_serve_only_variable_k_routers():
   default = MoEConfig().dropless_windows
   assert min(default) < 1
   assert make_cfg("topk").resolved_dropless_windows() == tuple(c for c in default if c >= 1)
-  assert make_cfg("shared_experts").resolved_dropless_windows() == (1.125, 1.25, 1.375, 1.5)
+  assert make_cfg("shared_experts").resolved_dropless_windows() == (1.0, 1.0625)
   for name in ("null_experts", "top_p"):
     assert make_cfg(name).resolved_dropless_windows() == default
   assert make_cfg("topk", num_compressed_experts=2).resolved_dropless_windows() == default
@@ -329,7 +329,7 @@ def test_route_without_slots_gives_the_same_assignments_and_metrics():
 # ------------------------------------------------------------------------------------------
 
 # G = 6 groups of S = 40 tokens, K = 2: S*K = 80, G*S = 240, A = 480 assignments; the fast
-# path's windows hold L = 1.125..1.5 x A / E = 72..96 rows per expert, sized by assignments.
+# path's main windows hold L = A / E = 60 rows per expert (c_1 = 1), sized by assignments.
 HLO_X = (6, 40, D)
 
 

@@ -22,10 +22,12 @@ case without either kernel: every expert's first L = ceil(c_1 A_expected / E) ro
 experts, else one batched 'eld,edf->elf'); their hand-written backward
 (``windowed_ffn``) reuses the pre-activations as the matmuls wrote them (no buffer is
 padded or copied for it). The rows past L (the overflow: a load above
-c_1 times the mean) run in a ``lax.while_loop`` over blocks of B rows of one expert
-(the 'blocked' layout), E (L_2 - L) rows per step; the loop takes zero steps when every
-load fits, and its backward recomputes each step's pre-activations. The result is always
-dropless and exact. The inputs are gathered straight from the tokens (assignment a reads
+c_1 times the mean) run in a ``lax.while_loop``, one block of B = L_2 - L rows of one
+expert per step ('ld,df->lf' with that expert's weights), sum_e ceil(over_e / B) steps:
+zero when every load fits. Its backward recomputes each step's pre-activations. With
+c_1 = 1 the main windows hold exactly the A_expected rows of a balanced load, and an
+unbalanced one costs its overflow rounded up to blocks of B, not E (L - A / E) padded
+rows. The result is always dropless and exact. The inputs are gathered straight from the tokens (assignment a reads
 token a // K): no [A, d] copy of them, and every slice a matmul reads is its own gather
 (XLA:CPU copies each slice of a buffer that feeds a matmul).
 
@@ -234,10 +236,6 @@ def _pad_rows(x: jax.Array, n: int) -> jax.Array:
   return jnp.pad(x, ((0, n - x.shape[0]), (0, 0))) if n > x.shape[0] else x
 
 
-def _pad_index(index: jax.Array, n: int, fill: int) -> jax.Array:
-  return jnp.pad(index, (0, n - index.shape[0]), constant_values=fill)
-
-
 def grouped_ffn(
   x: jax.Array,
   expert: jax.Array,
@@ -258,8 +256,8 @@ def grouped_ffn(
     x: [A / repeat, d]: assignment a's input is x[a // repeat] (repeat = K when x holds
       the tokens of K-choice assignments: no [A, d] copy of them is made).
     expert: i32[A] in [0, E); valid: bool[A]; weights [E, d, f], [E, d, f], [E, f, d].
-    impl: 'blocked' or 'ragged_dot' (the exact kernel); block_size: B of 'blocked' and
-      of the overflow blocks (None: automatic).
+    impl: 'blocked' or 'ragged_dot' (the exact kernel); block_size: B of 'blocked'
+      (None: automatic).
     windows: the fast path's factors (module docstring); () disables it.
     expected_rows: A_expected, the mean number of valid rows the window is sized for
       (default A; the expert-parallel layer passes its local assignment count).
@@ -269,17 +267,17 @@ def grouped_ffn(
   a, e = expert.shape[0], w_gate.shape[0]
   if impl not in ("blocked", "ragged_dot"):
     raise ValueError(f"grouped_ffn: unknown impl {impl!r} (allowed: 'blocked', 'ragged_dot')")
-  block = block_size or auto_block_size(a, e)
   ranked = rank_in_group(expert, valid, e)
   sizes = window_sizes(windows, expected_rows or a, e, a)
   if not sizes:  # the exact kernel alone
+    block = block_size or auto_block_size(a, e)
     x_assign = _repeat_rows(x, repeat)
     sorted_rows = sort_rows(expert, valid, e, block if impl == "blocked" else 1, ranked)
     source, dest = sorted_rows.row_source, sorted_rows.row
     rows = permute_rows(x_assign, source, dest)
     out = _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation)
     return permute_rows(out, dest, source)
-  index = window_index(expert, valid, ranked, sizes, block, w_gate)
+  index = window_index(expert, valid, ranked, sizes)
   x, w_gate, w_up, w_down = _vary_alike(*map(jnp.asarray, (x, w_gate, w_up, w_down)))
   return windowed_ffn(activation, repeat, x, w_gate, w_up, w_down, index)
 
@@ -297,23 +295,28 @@ class WindowIndex:
 
   main_slot: i32[A], row expert * L + rank in the main windows (E * L: not there).
   main_source: i32[E * L], the assignment in each main row (A: empty).
-  over: the overflow (rank >= L) sorted by expert in blocks (``sort_rows``), its row and
-    block arrays padded to a whole number of loop steps (padding blocks are empty).
-  steps_block: blocks per overflow loop step.
+  over: the overflow (rank >= L) sorted by expert in blocks of one expert's rows
+    (``sort_rows``), one block per loop step; None when no load can exceed L.
   """
 
   main_slot: jax.Array
   main_source: jax.Array
   over: SortedRows | None
   window: int = flax.struct.field(pytree_node=False)
-  steps_block: int = flax.struct.field(pytree_node=False)
 
 
-def window_index(expert, valid, ranked, sizes, block, w_gate=None) -> WindowIndex:
+def overflow_block(sizes) -> int:
+  """B, the overflow loop's rows per step: L_2 - L_1, or L_1 / 4 (a multiple of 8) with one
+  window size."""
+  if len(sizes) > 1:
+    return sizes[1] - sizes[0]
+  return max(8, sizes[0] // 32 * 8)
+
+
+def window_index(expert, valid, ranked, sizes) -> WindowIndex:
   """The fast path's layout: main windows of L = sizes[0] rows per expert; the rows past
-  them (ranks >= L) in blocks of `block` rows, E (sizes[1] - L) rows per loop step (E L / 4
-  with one window) and at most ``BLOCKED_WEIGHT_BYTES`` of gathered weights of `w_gate`'s
-  shape, when some load can exceed L."""
+  them (ranks >= L) in blocks of ``overflow_block(sizes)`` rows of one expert, when some
+  load can exceed L."""
   a = expert.shape[0]
   rank, counts = ranked
   e, window = counts.shape[0], sizes[0]
@@ -321,26 +324,17 @@ def window_index(expert, valid, ranked, sizes, block, w_gate=None) -> WindowInde
   main_slot = jnp.where(in_main, expert * window + rank, e * window).astype(jnp.int32)
   main_source = row_sources(main_slot, e * window)
   if window >= a:  # the window holds any load: no overflow
-    return WindowIndex(main_slot, main_source, None, window, 1)
+    return WindowIndex(main_slot, main_source, None, window)
   over = valid & (rank >= window)
   over_counts = jnp.maximum(counts - window, 0)
+  block = overflow_block(sizes)
   over_rows = sort_rows(expert, over, e, block, (jnp.where(over, rank - window, 0), over_counts))
-  num_blocks = over_rows.block_expert.shape[0]
-  step_rows = e * (sizes[1] - window) if len(sizes) > 1 else max(block, e * window // 4)
-  steps_block = max(1, min(num_blocks, step_rows // block))
-  if w_gate is not None:
-    steps_block = min(steps_block, blocked_chunk(num_blocks, w_gate))
-  padded = -(-num_blocks // steps_block) * steps_block
-  over_rows = over_rows.replace(
-    row_source=_pad_index(over_rows.row_source, padded * block, a),
-    block_expert=_pad_index(over_rows.block_expert, padded, e - 1),
-  )
-  return WindowIndex(main_slot, main_source, over_rows, window, steps_block)
+  return WindowIndex(main_slot, main_source, over_rows, window)
 
 
 # ------------------------------------------------------------------------------------------
 # The fast path: main windows (always run, residuals are the matmul outputs) and an overflow
-# loop (a ``lax.while_loop`` over the overflow blocks: zero steps when every load fits).
+# loop (a ``lax.while_loop``, one overflow block per step: zero steps when every load fits).
 # ------------------------------------------------------------------------------------------
 
 
@@ -368,21 +362,20 @@ def _flat(rows: jax.Array) -> jax.Array:
   return rows.reshape(-1, rows.shape[-1])
 
 
-def _over_chunk(index: WindowIndex, step, repeat, x, weights):
-  """Overflow loop step `step`: (assignments i32[c B], expert per block i32[c], rows
-  [c, B, d], the weights of each block's expert ([c, d, f], [c, d, f], [c, f, d]))."""
-  c, b = index.steps_block, index.over.block
-  assign = jax.lax.dynamic_slice_in_dim(index.over.row_source, step * c * b, c * b)
-  block_expert = jax.lax.dynamic_slice_in_dim(index.over.block_expert, step * c, c)
-  rows = _gather(x, assign // repeat).reshape(c, b, x.shape[-1])
-  return assign, block_expert, rows, tuple(w[block_expert] for w in weights)
+def _over_block(index: WindowIndex, step, repeat, x, weights):
+  """Overflow loop step `step`: (assignments i32[B], its expert i32[], rows [B, d], the
+  expert's weights ([d, f], [d, f], [f, d]))."""
+  b = index.over.block
+  assign = jax.lax.dynamic_slice_in_dim(index.over.row_source, step * b, b)
+  expert = index.over.block_expert[step]
+  rows = _gather(x, assign // repeat)
+  return assign, expert, rows, tuple(jax.lax.dynamic_index_in_dim(w, expert, 0, False) for w in weights)
 
 
 def overflow_steps(index: WindowIndex) -> jax.Array:
-  """i32[]: overflow loop steps, ceil(sum_e ceil(over_e / B) / c) (0 when every load fits)."""
+  """i32[]: overflow loop steps, sum_e ceil(over_e / B) (0 when every load fits)."""
   b = index.over.block
-  blocks = jnp.sum((index.over.counts + b - 1) // b)
-  return -(-blocks // index.steps_block)
+  return jnp.sum((index.over.counts + b - 1) // b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -406,9 +399,8 @@ def _windowed_fwd(activation, repeat, x, w_gate, w_up, w_down, index):
 
     def step(carry):
       i, out = carry
-      assign, _, xb, wb = _over_chunk(index, i, repeat, x, weights)
-      y = jax.vmap(ffn)(xb, *wb)[0]
-      return i + 1, out.at[assign].set(y.reshape(assign.shape[0], -1), mode="drop")
+      assign, _, xb, wb = _over_block(index, i, repeat, x, weights)
+      return i + 1, out.at[assign].set(ffn(xb, *wb)[0], mode="drop")
 
     steps = overflow_steps(index)
     _, out = jax.lax.while_loop(lambda c: c[0] < steps, step, (jnp.zeros((), jnp.int32), out))
@@ -439,12 +431,11 @@ def _windowed_bwd(activation, repeat, residuals, dout):
 
     def step(carry):
       i, dx_assign, *dw = carry
-      assign, be, xb, wb = _over_chunk(index, i, repeat, x, weights)
-      dyb = _gather(dout, assign).reshape(xb.shape)
-      _, g, u = jax.vmap(ffn)(xb, *wb)  # recomputed, not saved
-      dxb, *dwb = jax.vmap(grads)(xb, g, u, *wb, dyb)
-      dx_assign = dx_assign.at[assign].add(dxb.reshape(assign.shape[0], -1), mode="drop")
-      return i + 1, dx_assign, *(d.at[be].add(db) for d, db in zip(dw, dwb))
+      assign, expert, xb, wb = _over_block(index, i, repeat, x, weights)
+      _, g, u = ffn(xb, *wb)  # recomputed, not saved
+      dxb, *dwb = grads(xb, g, u, *wb, _gather(dout, assign))
+      dx_assign = dx_assign.at[assign].add(dxb, mode="drop")
+      return i + 1, dx_assign, *(_add_at(d, expert, db) for d, db in zip(dw, dwb))
 
     steps = overflow_steps(index)
     carry = (jnp.zeros((), jnp.int32), dx_assign, *dw)
@@ -460,6 +451,12 @@ windowed_ffn.defvjp(_windowed_fwd, _windowed_bwd)
 # ------------------------------------------------------------------------------------------
 # Helpers.
 # ------------------------------------------------------------------------------------------
+
+
+def _add_at(stacked: jax.Array, i: jax.Array, value: jax.Array) -> jax.Array:
+  """stacked with value added to stacked[i] (a dynamic slice and update, not a scatter)."""
+  current = jax.lax.dynamic_index_in_dim(stacked, i, 0, False)
+  return jax.lax.dynamic_update_index_in_dim(stacked, current + value, i, 0)
 
 
 def _vary_alike(*arrays):
