@@ -11,7 +11,8 @@ jax picks, against the paths the suite does test (float32 matmuls at 'highest' p
                   router (variable k included); the exact kernel alone
                   (dropless_windows=()), the fast path's main windows alone
                   (dropless_windows=(E,): every load fits) and main windows of the
-                  mean load with the overflow loop (dropless_windows=(1, 1.0625)).
+                  mean load with the overflow loop (dropless_windows=(1, 1.0625), the
+                  default).
   ragged_a2a      the expert-parallel row exchange with ep_exchange='ragged_all_to_all' on
                   a mesh of all local devices (data=1, expert=N) vs the unsharded layer:
                   the exact kernel alone, the fast-path windows alone and with the loop.

@@ -12,8 +12,8 @@ Layers (SwiGLU experts, routing groups of --group-size tokens, d_model = D, widt
 so every variant does the same useful FFN FLOPs per token. MoE variants (impl column):
   dropless      dropless=True, the sorted grouped matmul (expert_impl='auto': 'blocked' on
                 CPU and GPU, 'ragged_dot' on TPU) behind its fast path (every expert's
-                first L = 1.125 x the mean rows as dense matmuls, rows past L in a loop
-                over blocks); on 8 devices the row exchange
+                first L = the mean rows as dense matmuls, rows past L in a loop
+                of one block per step); on 8 devices the row exchange
   dropless_exact  the grouped kernel alone, without the fast path (dropless_windows=())
   dropless_cs   dropless=True, expert_impl='capacity': the old C = S slot buffers
   capacity      capacity_factor=1.25 slot buffers (GShard/Switch, drops overflow)
