@@ -27,9 +27,9 @@ expert per step ('ld,df->lf' with that expert's weights), sum_e ceil(over_e / B)
 zero when every load fits. Its backward recomputes each step's pre-activations. With
 c_1 = 1 the main windows hold exactly the A_expected rows of a balanced load, and an
 unbalanced one costs its overflow rounded up to blocks of B, not E (L - A / E) padded
-rows. The result is always dropless and exact. The inputs are gathered straight from the tokens (assignment a reads
-token a // K): no [A, d] copy of them, and every slice a matmul reads is its own gather
-(XLA:CPU copies each slice of a buffer that feeds a matmul).
+rows. The result is always dropless and exact. The inputs are gathered straight from the
+tokens (assignment a reads token a // K): no [A, d] copy of them, and every slice a matmul
+reads is its own gather (XLA:CPU copies each slice of a buffer that feeds a matmul).
 
 Rows move by ``permute_rows``: a gather both ways (its transpose is the inverse gather,
 not a scatter-add, which is slow on XLA:CPU).
@@ -368,8 +368,8 @@ def _over_block(index: WindowIndex, step, repeat, x, weights):
   b = index.over.block
   assign = jax.lax.dynamic_slice_in_dim(index.over.row_source, step * b, b)
   expert = index.over.block_expert[step]
-  rows = _gather(x, assign // repeat)
-  return assign, expert, rows, tuple(jax.lax.dynamic_index_in_dim(w, expert, 0, False) for w in weights)
+  weights = tuple(jax.lax.dynamic_index_in_dim(w, expert, 0, False) for w in weights)
+  return assign, expert, _gather(x, assign // repeat), weights
 
 
 def overflow_steps(index: WindowIndex) -> jax.Array:
