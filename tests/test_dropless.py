@@ -25,6 +25,7 @@ from moejax.layers.expert_parallel import rows_per_device
 from moejax.layers.grouped import (
   blocked_chunk,
   grouped_ffn,
+  overflow_block,
   overflow_steps,
   rank_in_group,
   sort_rows,
@@ -185,6 +186,10 @@ def test_fast_path_windows_equal_the_exact_kernel(load):
   ranked = rank_in_group(expert, valid, e)
   steps = int(overflow_steps(window_index(expert, valid, ranked, sizes)))
   assert {"sparse": steps == 0, "balanced": steps >= 1, "skewed": steps >= 2}[load], steps
+  # One block of B = L_2 - L_1 rows of one expert per step: sum_e ceil(over_e / B) steps.
+  loads = np.bincount(np.asarray(expert)[np.asarray(valid)], minlength=e)
+  over, block = np.maximum(loads - sizes[0], 0), overflow_block(sizes)
+  assert block == sizes[1] - sizes[0] and steps == int(np.sum(-(-over // block)))
   want = run(())
   assert_close(run(windows), want)
   assert window_index(expert, valid, ranked, [a]).over is None
