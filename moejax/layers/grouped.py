@@ -232,10 +232,6 @@ def window_sizes(windows: tuple, expected_rows: int, num_experts: int, num_rows:
   return [size for size in sizes if size < num_rows] + full[:1]
 
 
-def _pad_rows(x: jax.Array, n: int) -> jax.Array:
-  return jnp.pad(x, ((0, n - x.shape[0]), (0, 0))) if n > x.shape[0] else x
-
-
 def grouped_ffn(
   x: jax.Array,
   expert: jax.Array,
@@ -473,10 +469,7 @@ def _vary_alike(*arrays):
 
 
 def _exact_ffn(rows, w_gate, w_up, w_down, sorted_rows, impl, activation):
-  """The exact grouped kernel on the first NB * B of rows [n, d] -> [n, d]."""
-  rows_in = rows[: sorted_rows.row_source.shape[0]]
+  """The exact grouped kernel on the sorted rows [NB * B, d] -> [NB * B, d]."""
   if impl == "blocked":
-    out = blocked_ffn(rows_in, sorted_rows, w_gate, w_up, w_down, activation)
-  else:
-    out = ragged_ffn(rows_in, sorted_rows.counts, w_gate, w_up, w_down, activation)
-  return _pad_rows(out, rows.shape[0])
+    return blocked_ffn(rows, sorted_rows, w_gate, w_up, w_down, activation)
+  return ragged_ffn(rows, sorted_rows.counts, w_gate, w_up, w_down, activation)
