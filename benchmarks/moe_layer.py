@@ -38,6 +38,10 @@ When torch and transformers are installed, the 1-device run also times transform
 ``MixtralSparseMoeBlock`` (``experts_implementation`` 'eager' and 'grouped_mm') on the
 top2_of_8 shapes, in the same alternation, and prints moejax dropless / torch. Timings are
 printed, never asserted.
+
+Each child process first sets ``moejax.host_allocator`` (--host-allocator, default auto:
+on the CPU, freed host memory is kept for reuse, as ``moejax.train`` does); torch runs in
+the same process, so both frameworks allocate alike.
 """
 
 from __future__ import annotations
@@ -79,6 +83,13 @@ def parse_args(argv=None):
     "--skip-exact",
     action="store_true",
     help="skip the dropless_exact rows (the grouped kernel without the fast path)",
+  )
+  p.add_argument(
+    "--host-allocator",
+    choices=("auto", "keep", "system"),
+    default="auto",
+    help="moejax.host_allocator mode of each child process (both frameworks share it); "
+    "auto: keep freed host memory on the CPU",
   )
   p.add_argument("--json", action="store_true", help="print one JSON object per row")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -317,6 +328,8 @@ def child_argv(args, num_devices: int) -> list[str]:
     str(args.group_size),
     "--dropless-impls",
     args.dropless_impls,
+    "--host-allocator",
+    args.host_allocator,
   ]
   argv += ["--skip-cs"] if args.skip_cs else []
   argv += ["--skip-exact"] if args.skip_exact else []
@@ -327,7 +340,7 @@ def format_table(rows: list[dict], args) -> str:
   lines = [
     f"tokens/step={args.tokens}  d_model={args.d_model}  top-2 expert_d_ff="
     f"{args.expert_d_ff}  group_size={args.group_size}  f32  median of {args.steps} "
-    f"steps",
+    f"steps  host allocator: {args.host_allocator}",
     "",
     "| layer      | devices | pass    | impl                     |     ms | /dense | /capacity "
     "| a2a bytes/min |",
@@ -357,6 +370,10 @@ def format_table(rows: list[dict], args) -> str:
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.child:  # exactly one device count, XLA flags already in the environment
+    sys.path.insert(0, REPO)
+    from moejax import host_allocator
+
+    host_allocator.configure(args.host_allocator)  # before any framework starts threads
     rows = run_device_count(args.devices[0], args)
     print("RESULT " + json.dumps(rows))
     return

@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 # Importing these initialises no backend, so jax.distributed.initialize() below still runs
 # before any computation.
+from moejax import host_allocator
 from moejax.config import base_config
 from moejax.errors import ConfigError
 from moejax.training.checkpoint import CheckpointError
@@ -50,6 +51,14 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
   "cpu_collectives", "gloo", "CPU collectives backend for multi-process CPU runs."
 )
+_HOST_ALLOCATOR = flags.DEFINE_enum(
+  "host_allocator",
+  "auto",
+  host_allocator.MODES,
+  "keep: reuse freed host memory (XLA:CPU's per-step temporaries are not page-faulted "
+  "afresh each step; see moejax/host_allocator.py); system: glibc's defaults; auto: keep "
+  "when JAX runs on the CPU.",
+)
 _DEBUG_NANS = flags.DEFINE_bool("debug_nans", False, "jax_debug_nans: raise at the first NaN.")
 _DISABLE_JIT = flags.DEFINE_bool("disable_jit", False, "Run op by op (slow; for debugging).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (else log lines).")
@@ -70,7 +79,9 @@ _REPORT_LOSSES = flags.DEFINE_bool(
 
 
 def initialize_runtime() -> None:
-  """Debug switches and multi-process initialisation, before any computation."""
+  """Host allocator, debug switches and multi-process initialisation, before any
+  computation."""
+  host_allocator.configure(_HOST_ALLOCATOR.value)
   if _DEBUG_NANS.value:
     jax.config.update("jax_debug_nans", True)
   if _DISABLE_JIT.value:
