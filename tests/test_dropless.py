@@ -422,6 +422,71 @@ def test_sharded_overflow_loop_equals_unsharded(shape):
   assert_close(run_sharded(cfg, shape), capacity_result("topk"))
 
 
+def ragged_all_to_all_reference(
+  operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name, **kw
+):
+  """``jax.lax.ragged_all_to_all`` as its docstring defines it (the SEND / RECEIVE
+  pseudocode), built from all_gather and all_to_all, which XLA:CPU runs: slice i of a
+  caller goes to device i // (N / P); a receiver writes the slice from source i // (N / P)
+  at the offset the *sender* gave for it (its output_offsets, exchanged by all_to_all),
+  recv_sizes[i] rows. The documented precondition send_sizes == all_to_all(recv_sizes)
+  is checked: where it fails anywhere, every device's result is poisoned (NaN, or the
+  dtype's minimum). Lets the CPU suite run the ragged exchange's offsets and sizes on
+  several devices (only the op's GPU/TPU lowering stays untested here)."""
+  assert not kw.get("axis_index_groups")
+  n = input_offsets.shape[0]
+  per = n // jax.lax.axis_size(axis_name)
+  operands = jax.lax.all_gather(operand, axis_name)  # [P, rows, ...]: every sender's operand
+  # Entry i: what source i // per gave for the slice it sends to me.
+  in_off = jax.lax.all_to_all(input_offsets, axis_name, 0, 0, tiled=True)
+  out_off = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+  rows = jnp.arange(output.shape[0])
+  result = output
+  for i in range(n):
+    inside = (rows >= out_off[i]) & (rows < out_off[i] + recv_sizes[i])
+    take = jnp.clip(in_off[i] + rows - out_off[i], 0, operand.shape[0] - 1)
+    received = operands[i // per][take]
+    result = jnp.where(inside.reshape((-1,) + (1,) * (output.ndim - 1)), received, result)
+  agree = send_sizes == jax.lax.all_to_all(recv_sizes, axis_name, 0, 0, tiled=True)
+  agree = jax.lax.pmin(jnp.all(agree).astype(jnp.int32), axis_name)
+  floating = jnp.issubdtype(output.dtype, jnp.floating)
+  poison = jnp.nan if floating else jnp.iinfo(output.dtype).min
+  return jnp.where(agree > 0, result, jnp.asarray(poison, output.dtype))
+
+
+def test_ragged_all_to_all_reference_gives_the_documented_example():
+  """The example in ``jax.lax.ragged_all_to_all``'s docstring, on 2 devices."""
+  mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+  per_device = dict(
+    operand=[[1, 2, 2], [3, 4, 0]],
+    output=[[0, 0, 0, 0], [0, 0, 0, 0]],
+    input_offsets=[[0, 1], [0, 1]],
+    send_sizes=[[1, 2], [1, 1]],
+    output_offsets=[[0, 0], [1, 2]],
+    recv_sizes=[[1, 1], [2, 1]],
+  )
+  args = [jnp.asarray(v, jnp.int32).reshape(-1) for v in per_device.values()]
+  args = [jax.device_put(a, jax.NamedSharding(mesh, jax.P("x"))) for a in args]
+  fn = jax.shard_map(
+    functools.partial(ragged_all_to_all_reference, axis_name="x"),
+    mesh=mesh,
+    in_specs=(jax.P("x"),) * 6,
+    out_specs=jax.P("x"),
+  )
+  np.testing.assert_array_equal(np.asarray(jax.jit(fn)(*args)), [1, 3, 0, 0, 2, 2, 4, 0])
+
+
+@pytest.mark.parametrize("name,shape", [("topk", (1, 8, 1)), ("top_p", (2, 2, 2))])
+def test_ragged_exchange_equals_unsharded(name, shape, monkeypatch):
+  """ep_exchange='ragged_all_to_all' (the GPU/TPU exchange: only the used rows move) with
+  the op replaced by its documented semantics: == the unsharded C = S layer (outputs, aux
+  losses, metrics, gradients), nothing dropped."""
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", ragged_all_to_all_reference)
+  got = run_sharded(make_cfg(name, ep_exchange="ragged_all_to_all"), shape)
+  assert_close(got, capacity_result(name))
+  assert float(got[0][1][1]["metrics"]["dropped_fraction"]) == 0.0
+
+
 def test_rows_per_device_bound():
   cfg = make_cfg("topk", ragged_buffer_factor=1.25, ragged_buffer_min_rows=16)
   assert rows_per_device(2048, 8, cfg) == 320  # ceil(1.25 * 2048 / 8)
@@ -470,10 +535,14 @@ def expected_overflow(cfg: MoEConfig, params, x, shape):
 @pytest.mark.parametrize(
   "shape", [pytest.param((1, 8, 1), marks=pytest.mark.slow), (2, 2, 2)], ids=["1x8x1", "2x2x2"]
 )
-def test_exchange_overflow_is_dropped_and_counted(shape):
+@pytest.mark.parametrize("exchange", ["padded_all_to_all", "ragged_all_to_all"])
+def test_exchange_overflow_is_dropped_and_counted(shape, exchange, monkeypatch):
   """A buffer bound smaller than the routing needs: the overflowing assignments (and only
-  they) are dropped, and 'dropped_fraction' counts them exactly; never silent."""
-  cfg = make_cfg("topk", ragged_buffer_factor=0.75, ragged_buffer_min_rows=1)
+  they) are dropped, and 'dropped_fraction' counts them exactly; never silent. The ragged
+  exchange runs with the op's documented semantics (``ragged_all_to_all_reference``)."""
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", ragged_all_to_all_reference)
+  bound = dict(ragged_buffer_factor=0.75, ragged_buffer_min_rows=1, ep_exchange=exchange)
+  cfg = make_cfg("topk", **bound)
   params = random_params(cfg)
   x, ct = inputs()
   (_, (y, aux)), _ = run_sharded(cfg, shape)
@@ -482,7 +551,8 @@ def test_exchange_overflow_is_dropped_and_counted(shape):
   np.testing.assert_allclose(float(aux["metrics"]["dropped_fraction"]), want_dropped, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-4, atol=1e-5)
   # With a bound that cannot bind, nothing is dropped: the overflow is the bound's doing.
-  (_, (_, aux_ok)), _ = run_sharded(make_cfg("topk", ragged_buffer_factor=8.0), shape)
+  loose = make_cfg("topk", ragged_buffer_factor=8.0, ep_exchange=exchange)
+  (_, (_, aux_ok)), _ = run_sharded(loose, shape)
   assert float(aux_ok["metrics"]["dropped_fraction"]) == 0.0
 
 

@@ -194,7 +194,8 @@ def padded_exchange(send: jax.Array, send_sizes: jax.Array, axis: str):
 def ragged_exchange(send: jax.Array, send_sizes: jax.Array, axis: str):
   """gpu/tpu: ``jax.lax.ragged_all_to_all`` fills the same [P_src * R, d] layout as
   ``padded_exchange`` but moves only the used rows (XLA:CPU rejects the op; checked on one
-  GPU by ``benchmarks/accelerator_check.py``).
+  GPU by ``benchmarks/accelerator_check.py``; the CPU tests run this function on 4 and 8
+  devices with the op replaced by its documented semantics).
 
   Block q of `send` (rows [q R, q R + send_sizes[q])) lands at rows [me R, ...) of device
   q's buffer; the sizes are exchanged first with a small all_to_all.
