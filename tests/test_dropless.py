@@ -476,7 +476,11 @@ def test_ragged_all_to_all_reference_gives_the_documented_example():
   np.testing.assert_array_equal(np.asarray(jax.jit(fn)(*args)), [1, 3, 0, 0, 2, 2, 4, 0])
 
 
-@pytest.mark.parametrize("name,shape", [("topk", (1, 8, 1)), ("top_p", (2, 2, 2))])
+@pytest.mark.parametrize(
+  # By default: top-k on the expert axis alone; top-p over data, expert and model axes.
+  "name,shape",
+  covering_params(ROUTERS, MESHES, fast={("topk", (1, 8, 1)), ("top_p", (2, 2, 2))}),
+)
 def test_ragged_exchange_equals_unsharded(name, shape, monkeypatch):
   """ep_exchange='ragged_all_to_all' (the GPU/TPU exchange: only the used rows move) with
   the op replaced by its documented semantics: == the unsharded C = S layer (outputs, aux
