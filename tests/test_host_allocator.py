@@ -65,7 +65,8 @@ def test_auto_follows_the_platform():
   assert host_allocator._cpu_only("cpu")
   assert not host_allocator._cpu_only("cuda,cpu")
   assert host_allocator._cpu_only()  # the tests set JAX_PLATFORMS=cpu (conftest)
-  # In this test process jax already ran: auto and keep change nothing and say so.
+  # In this test process jax already ran: auto (which would keep on the CPU) and keep
+  # change nothing and say so.
   jax.devices()
+  assert host_allocator.configure("auto") is False
   assert host_allocator.configure("keep") is False
-  assert host_allocator.configure("system") is False
